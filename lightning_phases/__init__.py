@@ -1,0 +1,52 @@
+"""lightning_phases: the phases of SGD learning with mislabeled data, as Lightning callbacks.
+
+The pure tensor math lives in :mod:`lightning_phases.functional` and never
+imports Lightning; importing this top-level package does not import Lightning
+either (sub-packages that need it are loaded on first attribute access).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from lightning_phases.errors import (
+    DegenerateInputError,
+    LightningPhasesError,
+    ParameterSelectionError,
+    PhaseStatisticsWarning,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "__version__",
+    "functional",
+    "LightningPhasesError",
+    "ParameterSelectionError",
+    "UnsupportedModelError",
+    "DegenerateInputError",
+    "PhaseStatisticsWarning",
+]
+
+# Public names served lazily: {name: module that defines it}. Sub-packages that
+# import Lightning register here so that `import lightning_phases.functional`
+# works without Lightning installed.
+_LAZY: dict[str, str] = {
+    "functional": "lightning_phases.functional",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'lightning_phases' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,67 @@
+"""Pure tensor math of lightning_phases: per-sample gradients and every statistic of SPEC.md.
+
+This sub-package depends on torch, numpy, scikit-learn and torchmetrics only;
+it never imports Lightning, so it can be used from any training loop.
+"""
+
+from lightning_phases.functional.ensemble import (
+    OrderParameters,
+    effective_dimension,
+    make_generator,
+    minibatch_variance_factor,
+    noise_spectrum,
+    order_parameters,
+)
+from lightning_phases.functional.mixture import (
+    DetectionMetrics,
+    LossMixture,
+    detection_metrics,
+    fit_loss_mixture,
+    mixture_threshold,
+)
+from lightning_phases.functional.noise_split import (
+    SegmentGradients,
+    SplitOrderParameters,
+    segment_gradients,
+    segment_statistics,
+    single_logit_loss,
+    split_order_parameters,
+)
+from lightning_phases.functional.per_sample import (
+    LossFn,
+    ParamSelection,
+    default_loss,
+    eval_mode,
+    gradient_gram,
+    per_sample_grads,
+    per_sample_grads_and_losses,
+    select_parameters,
+)
+
+__all__ = [
+    "LossFn",
+    "ParamSelection",
+    "default_loss",
+    "eval_mode",
+    "select_parameters",
+    "per_sample_grads",
+    "per_sample_grads_and_losses",
+    "gradient_gram",
+    "OrderParameters",
+    "order_parameters",
+    "noise_spectrum",
+    "effective_dimension",
+    "minibatch_variance_factor",
+    "make_generator",
+    "SplitOrderParameters",
+    "split_order_parameters",
+    "SegmentGradients",
+    "segment_statistics",
+    "segment_gradients",
+    "single_logit_loss",
+    "LossMixture",
+    "fit_loss_mixture",
+    "mixture_threshold",
+    "DetectionMetrics",
+    "detection_metrics",
+]

@@ -1,0 +1,282 @@
+"""Order parameters of the minibatch-gradient ensemble (SPEC.md §1; Feng & Tu 2021, section 2).
+
+Everything here is a pure function of the n×n per-sample-gradient Gram matrix
+``G_ij = g_i · g_j`` of a probe set (see
+:func:`lightning_phases.functional.gradient_gram`). The *minibatch ensemble*
+is every subset of ``B`` distinct probe samples, each equally likely; its
+gradient is ``g^μ = (1/B) Σ_{i∈μ} g_i``. With ``g = mean_i g_i``,
+``S = mean_i ‖g_i − g‖²`` and ``c_B = (n − B) / (B (n − 1))`` (sampling without
+replacement) the ensemble averages have closed forms:
+
+* ``A0 = ‖g‖²``, ``D = Tr C = c_B · S``, ``A = ⟨‖g^μ‖²⟩ = A0 + D``;
+* ``λ_μ = g^μ·g/‖g‖²``, ``sigma2_lambda = Var(λ_μ) = c_B · mean_i((g_i − g)·g)² / ‖g‖⁴``;
+* ``A_parallel = (1 + sigma2_lambda)·A0``, ``A_perp = A − A_parallel``,
+  ``D_parallel = sigma2_lambda·A0``;
+* ``R = ⟨ĝ^μ·ĝ^ν⟩`` over distinct minibatches has no closed form and is
+  estimated from sampled minibatches.
+
+All arithmetic is done in float64. Structural problems (``n < 2``,
+``B > n``, a non-square Gram matrix) raise :class:`DegenerateInputError`;
+numerical ones (NaN/inf entries, a zero mean gradient) give NaN fields and one
+:class:`PhaseStatisticsWarning`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_phases.errors import DegenerateInputError, PhaseStatisticsWarning
+
+__all__ = [
+    "OrderParameters",
+    "order_parameters",
+    "noise_spectrum",
+    "effective_dimension",
+    "minibatch_variance_factor",
+    "make_generator",
+]
+
+
+@dataclass(frozen=True)
+class OrderParameters:
+    """Order parameters of the minibatch-gradient ensemble (SPEC.md §1).
+
+    Attributes:
+        A: Total activity ``⟨‖g^μ‖²⟩``.
+        A0: Directed activity ``‖g‖²``.
+        A_parallel: ``⟨λ_μ²⟩‖g‖² = (1 + sigma2_lambda)·A0``.
+        A_perp: ``⟨‖g^μ − λ_μ g‖²⟩ = A − A_parallel``.
+        D: Total noise ``Tr C = A − A0``.
+        D_parallel: Noise along ``g``: ``sigma2_lambda·A0``.
+        R: Mean cosine between distinct minibatch gradients (Monte-Carlo).
+        sigma2_lambda: Variance of the projection ``λ_μ = g^μ·g/‖g‖²``.
+    """
+
+    A: float
+    A0: float
+    A_parallel: float
+    A_perp: float
+    D: float
+    D_parallel: float
+    R: float
+    sigma2_lambda: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a plain ``{name: value}`` dict (names as in SPEC.md)."""
+        return asdict(self)
+
+
+def make_generator(generator: torch.Generator | int | None, default_seed: int = 0) -> torch.Generator:
+    """A CPU ``torch.Generator`` from a generator, a seed, or ``None`` (``default_seed``).
+
+    Never touches the global random state.
+    """
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None:
+        generator = default_seed
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None; got {generator!r}.")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(generator)
+    return gen
+
+
+def minibatch_variance_factor(n: int, batch_size: int) -> float:
+    """``c_B = (n − B) / (B (n − 1))``: variance of a without-replacement mean of ``B`` of ``n`` items.
+
+    ``Var(mean over a minibatch) = c_B · (population variance)``; zero when ``B = n``.
+    """
+    if n < 2:
+        return 0.0
+    return (n - batch_size) / (batch_size * (n - 1))
+
+
+def _check_batch_size(batch_size: int, n: int, what: str = "probe set") -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise DegenerateInputError(f"batch_size must be an int; got {batch_size!r}.")
+    if batch_size < 1:
+        raise DegenerateInputError(f"batch_size must be >= 1; got {batch_size}.")
+    if batch_size > n:
+        raise DegenerateInputError(
+            f"batch_size={batch_size} is larger than the {what} (n={n}): a minibatch of distinct "
+            "samples cannot be drawn. Use a larger probe set or a smaller batch_size."
+        )
+
+
+def _as_gram(gram: Tensor) -> Tensor:
+    """Validate a Gram matrix and return it as float64 (on CPU if the device lacks float64)."""
+    if not isinstance(gram, Tensor):
+        raise DegenerateInputError(f"gram must be a torch.Tensor; got {type(gram).__name__}.")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise DegenerateInputError(f"gram must be a square [n, n] matrix; got shape {tuple(gram.shape)}.")
+    n = gram.shape[0]
+    if n < 2:
+        raise DegenerateInputError(
+            f"The probe set has n={n} sample(s); ensemble statistics need at least 2."
+        )
+    if gram.device.type == "mps":
+        gram = gram.cpu()
+    return gram.to(torch.float64)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PhaseStatisticsWarning, stacklevel=3)
+
+
+def _nan_order_parameters() -> OrderParameters:
+    nan = math.nan
+    return OrderParameters(nan, nan, nan, nan, nan, nan, nan, nan)
+
+
+def _sample_minibatches(n: int, batch_size: int, num: int, generator: torch.Generator) -> Tensor:
+    """``num`` uniformly random minibatches of ``batch_size`` distinct indices: ``[num, B]``."""
+    return torch.rand(num, n, generator=generator).argsort(dim=1)[:, :batch_size]
+
+
+def _alignment_R(gram: Tensor, batch_size: int, num_minibatches: int, generator: torch.Generator) -> float:
+    """Monte-Carlo ``R``: mean cosine over ordered pairs of distinct sampled minibatches."""
+    n = gram.shape[0]
+    idx = _sample_minibatches(n, batch_size, num_minibatches, generator).to(gram.device)
+    member = torch.zeros(num_minibatches, n, dtype=torch.float64, device=gram.device)
+    member.scatter_(1, idx, 1.0)
+    mb_gram = member @ gram @ member.T / batch_size**2  # g^μ · g^ν
+    norms = mb_gram.diagonal().clamp_min(0).sqrt()
+    overlap = member @ member.T
+    valid = overlap < batch_size - 0.5  # distinct subsets only (also drops μ = ν)
+    valid &= (norms > 0)[:, None] & (norms > 0)[None, :]
+    if not bool(valid.any()):
+        return math.nan
+    cos = mb_gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(cos[valid].mean())
+
+
+def order_parameters(
+    gram: Tensor,
+    batch_size: int,
+    *,
+    num_minibatches: int = 256,
+    generator: torch.Generator | int | None = None,
+) -> OrderParameters:
+    """Order parameters ``A, A0, A_parallel, A_perp, D, D_parallel, R, sigma2_lambda``.
+
+    All fields but ``R`` are exact for the minibatch ensemble (SPEC.md §1 closed
+    forms, float64). ``R`` is the mean of ``ĝ^μ·ĝ^ν`` over the ordered pairs of
+    distinct minibatches among ``num_minibatches`` sampled ones (pairs that
+    happen to draw the same subset are excluded).
+
+    Args:
+        gram: Per-sample-gradient Gram matrix, shape ``[n, n]``.
+        batch_size: Training minibatch size ``B`` (``1 <= B <= n``).
+        num_minibatches: Number ``M >= 2`` of sampled minibatches for ``R``.
+        generator: ``torch.Generator`` or int seed for sampling ``R``'s
+            minibatches; ``None`` means seed 0. Global RNG state is untouched.
+
+    Returns:
+        :class:`OrderParameters`. With NaN/inf in ``gram`` every field is NaN;
+        with a zero mean gradient ``sigma2_lambda``, ``A_parallel``, ``A_perp``
+        and ``D_parallel`` are NaN; ``R`` is NaN when no two distinct
+        minibatches exist (``B = n``). Each case warns once.
+
+    Raises:
+        DegenerateInputError: ``n < 2``, ``B`` outside ``[1, n]``, a non-square
+            ``gram``, or ``num_minibatches < 2``.
+    """
+    g = _as_gram(gram)
+    n = g.shape[0]
+    _check_batch_size(batch_size, n)
+    if isinstance(num_minibatches, bool) or not isinstance(num_minibatches, int) or num_minibatches < 2:
+        raise DegenerateInputError(f"num_minibatches must be an int >= 2; got {num_minibatches!r}.")
+    if not bool(torch.isfinite(g).all()):
+        _warn("The gradient Gram matrix contains NaN or inf (NaN loss or gradient?); order parameters are NaN.")
+        return _nan_order_parameters()
+    c_b = minibatch_variance_factor(n, batch_size)
+    row_mean = g.mean(dim=1)  # g_i · g
+    a0 = float(row_mean.mean())  # ‖g‖²
+    spread = float(g.diagonal().mean()) - a0  # S = mean ‖g_i − g‖²
+    d = c_b * max(spread, 0.0)
+    a = a0 + d
+    if a0 > 0:
+        sigma2 = c_b * float(((row_mean - a0) ** 2).mean()) / a0**2
+        a_par = (1.0 + sigma2) * a0
+        a_perp = a - a_par
+        d_par = sigma2 * a0
+    else:
+        _warn("The mean gradient is zero; sigma2_lambda, A_parallel, A_perp and D_parallel are NaN.")
+        sigma2 = a_par = a_perp = d_par = math.nan
+    r = _alignment_R(g, batch_size, num_minibatches, make_generator(generator))
+    if math.isnan(r):
+        _warn(
+            f"R is undefined: no two distinct non-zero minibatch gradients (n={n}, B={batch_size}); R is NaN."
+        )
+    return OrderParameters(
+        A=a, A0=a0, A_parallel=a_par, A_perp=a_perp, D=d, D_parallel=d_par, R=r, sigma2_lambda=sigma2
+    )
+
+
+def noise_spectrum(gram: Tensor, batch_size: int) -> Tensor:
+    """Eigenvalues of the minibatch-noise covariance ``C``, in descending order.
+
+    ``C = c_B · Σ`` with ``Σ = mean_i (g_i − g)(g_i − g)ᵀ``; the non-zero
+    eigenvalues of ``Σ`` are those of the centred Gram matrix
+    ``K = (1/n) H G H`` (``H = I − 11ᵀ/n``), so no ``P×P`` matrix is formed.
+    ``K`` always has the eigenvector ``1`` with eigenvalue 0, which is dropped.
+
+    Args:
+        gram: Per-sample-gradient Gram matrix, shape ``[n, n]``.
+        batch_size: Training minibatch size ``B``.
+
+    Returns:
+        float64 tensor of shape ``[n − 1]``, descending, clamped at 0; its sum
+        is ``D``. NaN-filled (with a warning) if ``gram`` is not finite.
+
+    Raises:
+        DegenerateInputError: ``n < 2``, ``B`` outside ``[1, n]``, non-square ``gram``.
+    """
+    g = _as_gram(gram)
+    n = g.shape[0]
+    _check_batch_size(batch_size, n)
+    if not bool(torch.isfinite(g).all()):
+        _warn("The gradient Gram matrix contains NaN or inf; the noise spectrum is NaN.")
+        return torch.full((n - 1,), math.nan, dtype=torch.float64, device=g.device)
+    row = g.mean(dim=1, keepdim=True)
+    centred = g - row - row.T + g.mean()
+    centred = (centred + centred.T) / 2
+    eig = torch.linalg.eigvalsh(centred / n)  # ascending
+    eig = eig.flip(0)[: n - 1].clamp_min(0.0)
+    return eig * minibatch_variance_factor(n, batch_size)
+
+
+def effective_dimension(eigenvalues: Tensor, fraction: float = 0.9) -> int:
+    """Effective dimension ``D_s(f)``: the smallest ``k`` with ``e_1 + … + e_k ≥ f·D``.
+
+    Args:
+        eigenvalues: Noise spectrum (any order; sorted descending here), shape ``[m]``.
+        fraction: ``f`` in ``(0, 1]``; default 0.9 as in Feng & Tu 2021.
+
+    Returns:
+        ``k`` (0 when the spectrum is all zeros).
+
+    Raises:
+        DegenerateInputError: ``fraction`` outside ``(0, 1]``, or non-finite or
+            negative eigenvalues.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise DegenerateInputError(f"fraction must be in (0, 1]; got {fraction!r}.")
+    e = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1)
+    if e.numel() == 0:
+        return 0
+    if not bool(torch.isfinite(e).all()):
+        raise DegenerateInputError("eigenvalues contain NaN or inf; the effective dimension is undefined.")
+    if bool((e < 0).any()):
+        raise DegenerateInputError("eigenvalues of a covariance cannot be negative; got a negative value.")
+    cum = torch.sort(e, descending=True).values.cumsum(0)
+    total = float(cum[-1])
+    if total <= 0:
+        return 0
+    return int(torch.searchsorted(cum, torch.tensor([fraction * total], dtype=torch.float64)).item()) + 1

@@ -1,0 +1,275 @@
+"""Two-component loss mixture, cleansing threshold and detection metrics.
+
+SPEC.md §4 (Feng & Tu 2021, section 5). The per-sample training losses are
+fitted with ``l ~ (1−r)·N(m_c, s_c²) + r·N(m_w, s_w²)`` (scikit-learn's
+``GaussianMixture``); the component with the larger mean is the mislabeled
+one and ``ΔL = m_w − m_c``. The threshold ``l_c`` is where the two weighted
+densities are equal between the means (falling back to ``(m_c + m_w)/2``);
+samples with loss above it are flagged.
+
+Following DivideMix (Li et al. 2020), losses are min–max normalised before the
+fit by default (``reg_covar`` then acts on a fixed scale); the fitted means,
+spreads and threshold are reported in the original loss units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_phases.errors import DegenerateInputError
+from lightning_phases.functional.ensemble import _warn
+
+__all__ = [
+    "LossMixture",
+    "fit_loss_mixture",
+    "mixture_threshold",
+    "DetectionMetrics",
+    "detection_metrics",
+]
+
+
+@dataclass(frozen=True)
+class LossMixture:
+    """A fitted two-component loss mixture (SPEC.md §4).
+
+    Attributes:
+        weight_noisy: Mixing weight ``r`` of the mislabeled (higher-mean) component.
+        mean_clean: ``m_c``.
+        mean_noisy: ``m_w``.
+        std_clean: ``s_c``.
+        std_noisy: ``s_w``.
+        threshold: ``l_c``, where the weighted densities cross between the means.
+        posterior: Per-sample posterior probability of the mislabeled component, ``[n]``.
+        flags: Per-sample ``loss > threshold``, bool ``[n]``.
+        converged: Whether EM converged.
+    """
+
+    weight_noisy: float
+    mean_clean: float
+    mean_noisy: float
+    std_clean: float
+    std_noisy: float
+    threshold: float
+    posterior: Tensor
+    flags: Tensor
+    converged: bool
+
+    @property
+    def delta_L(self) -> float:
+        """``ΔL = m_w − m_c``."""
+        return self.mean_noisy - self.mean_clean
+
+    @property
+    def separation(self) -> float:
+        """Ashman's D ``= √2·|m_w − m_c| / √(s_c² + s_w²)``; D > 2 means clearly bimodal."""
+        spread = math.sqrt(self.std_clean**2 + self.std_noisy**2)
+        return math.sqrt(2.0) * abs(self.delta_L) / spread if spread > 0 else math.nan
+
+    @property
+    def num_flagged(self) -> int:
+        """Number of flagged samples."""
+        return int(self.flags.sum())
+
+
+def _gauss_logpdf(x: float, mean: float, std: float) -> float:
+    return -0.5 * ((x - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+def mixture_threshold(
+    weight_noisy: float, mean_clean: float, mean_noisy: float, std_clean: float, std_noisy: float
+) -> float:
+    """Loss ``l_c`` between the means where ``(1−r)N(l; m_c, s_c) = r N(l; m_w, s_w)``.
+
+    Solves the quadratic ``log((1−r)N_c) = log(r N_w)`` and returns its root in
+    ``[m_c, m_w]`` (the smaller one if both are); falls back to
+    ``(m_c + m_w)/2`` when there is none.
+    """
+    r, mc, mw, sc, sw = weight_noisy, mean_clean, mean_noisy, std_clean, std_noisy
+    mid = 0.5 * (mc + mw)
+    if not (0 < r < 1 and sc > 0 and sw > 0 and mw > mc):
+        return mid
+    a = 1 / (2 * sw**2) - 1 / (2 * sc**2)
+    b = mc / sc**2 - mw / sw**2
+    c = mw**2 / (2 * sw**2) - mc**2 / (2 * sc**2) + math.log((1 - r) / sc) - math.log(r / sw)
+    if abs(a) < 1e-12 * max(abs(b), 1e-300):
+        roots = [-c / b] if b != 0 else []
+    else:
+        disc = b * b - 4 * a * c
+        if disc < 0:
+            roots = []
+        else:
+            sq = math.sqrt(disc)
+            roots = [(-b - sq) / (2 * a), (-b + sq) / (2 * a)]
+    inside = sorted(x for x in roots if mc <= x <= mw)
+    return inside[0] if inside else mid
+
+
+def _nan_mixture(n: int, device: torch.device) -> LossMixture:
+    nan = math.nan
+    return LossMixture(
+        nan, nan, nan, nan, nan, nan,
+        posterior=torch.full((n,), nan, dtype=torch.float64, device=device),
+        flags=torch.zeros(n, dtype=torch.bool, device=device),
+        converged=False,
+    )
+
+
+def fit_loss_mixture(
+    losses: Tensor,
+    *,
+    normalize: bool = True,
+    clip_percentiles: tuple[float, float] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 5e-4,
+    n_init: int = 1,
+    seed: int = 0,
+) -> LossMixture:
+    """Fit the two-component Gaussian mixture to per-sample losses.
+
+    Args:
+        losses: Per-sample training losses ``[n]``.
+        normalize: Min–max normalise the losses before fitting (DivideMix);
+            results are reported in the original units.
+        clip_percentiles: e.g. ``(5, 95)`` to clip the losses to those
+            percentiles before fitting (Arazo et al. 2019). Posteriors and flags
+            are still computed for every sample.
+        max_iter, tol, reg_covar, n_init: Passed to
+            ``sklearn.mixture.GaussianMixture`` (``reg_covar`` is on the
+            normalised scale when ``normalize``).
+        seed: ``random_state`` of the fit (no global random state is used).
+
+    Returns:
+        :class:`LossMixture`. If the losses contain NaN/inf or are (almost)
+        constant, every float field and the posterior are NaN, nothing is
+        flagged, and one :class:`PhaseStatisticsWarning` says why.
+
+    Raises:
+        DegenerateInputError: ``losses`` is not 1-D or has fewer than 2 samples,
+            or ``clip_percentiles`` is not ``(lo, hi)`` with ``0 <= lo < hi <= 100``.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    t = torch.as_tensor(losses)
+    if t.ndim != 1 or t.shape[0] < 2:
+        raise DegenerateInputError(f"losses must be a 1-D tensor of at least 2 values; got shape {tuple(t.shape)}.")
+    if clip_percentiles is not None:
+        lo_p, hi_p = clip_percentiles
+        if not 0 <= lo_p < hi_p <= 100:
+            raise DegenerateInputError(f"clip_percentiles must be (lo, hi) with 0 <= lo < hi <= 100; got {clip_percentiles!r}.")
+    n = t.shape[0]
+    x = t.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(x).all():
+        _warn("Losses contain NaN or inf; the loss mixture is not fitted (NaN fields, no flags).")
+        return _nan_mixture(n, t.device)
+    fit_x = x
+    if clip_percentiles is not None:
+        lo, hi = np.percentile(x, clip_percentiles)
+        fit_x = np.clip(x, lo, hi)
+    lo_v, hi_v = float(fit_x.min()), float(fit_x.max())
+    scale = hi_v - lo_v
+    if scale <= 1e-12 * max(1.0, abs(hi_v)):
+        _warn("Losses are (almost) constant, so not bimodal; the loss mixture is not fitted (NaN fields, no flags).")
+        return _nan_mixture(n, t.device)
+    shift, unit = (lo_v, scale) if normalize else (0.0, 1.0)
+    z_fit = ((fit_x - shift) / unit).reshape(-1, 1)
+    z_all = ((x - shift) / unit).reshape(-1, 1)
+    gmm = GaussianMixture(
+        n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, random_state=seed
+    )
+    gmm.fit(z_fit)
+    means = gmm.means_.reshape(-1)
+    stds = np.sqrt(gmm.covariances_.reshape(-1))
+    noisy = int(np.argmax(means))
+    clean = 1 - noisy
+    post = gmm.predict_proba(z_all)[:, noisy]
+    mc, mw = shift + unit * float(means[clean]), shift + unit * float(means[noisy])
+    sc, sw = unit * float(stds[clean]), unit * float(stds[noisy])
+    r = float(gmm.weights_[noisy])
+    threshold = mixture_threshold(r, mc, mw, sc, sw)
+    return LossMixture(
+        weight_noisy=r,
+        mean_clean=mc,
+        mean_noisy=mw,
+        std_clean=sc,
+        std_noisy=sw,
+        threshold=threshold,
+        posterior=torch.as_tensor(post, dtype=torch.float64, device=t.device),
+        flags=t.detach().to(torch.float64) > threshold,
+        converged=bool(gmm.converged_),
+    )
+
+
+@dataclass(frozen=True)
+class DetectionMetrics:
+    """Quality of a mislabeled-sample detector against the known noise mask.
+
+    Attributes:
+        precision: Flagged samples that are truly mislabeled / flagged samples (0 if none flagged).
+        recall: Mislabeled samples flagged / mislabeled samples.
+        f1: Harmonic mean of precision and recall.
+        auroc: Area under the ROC curve of the scores (NaN if the mask has one class only).
+    """
+
+    precision: float
+    recall: float
+    f1: float
+    auroc: float
+
+
+def detection_metrics(
+    scores_or_flags: Tensor, true_mask: Tensor, *, threshold: float = 0.5
+) -> DetectionMetrics:
+    """Precision, recall, F1 and AUROC of a detector of mislabeled samples (torchmetrics).
+
+    Args:
+        scores_or_flags: Boolean flags ``[n]``, or float scores ``[n]`` (e.g.
+            the mixture posterior); scores are flagged at ``> threshold`` for
+            precision/recall/F1 and used as they are for AUROC.
+        true_mask: Boolean ``[n]``, True for truly mislabeled samples.
+        threshold: Decision threshold for float scores.
+
+    Returns:
+        :class:`DetectionMetrics`. AUROC is NaN (with one warning) when
+        ``true_mask`` is all True or all False.
+
+    Raises:
+        DegenerateInputError: shapes differ or are not 1-D, or scores are not finite.
+    """
+    from torchmetrics.functional.classification import binary_auroc, binary_f1_score, binary_precision, binary_recall
+
+    s = torch.as_tensor(scores_or_flags)
+    m = torch.as_tensor(true_mask)
+    if s.ndim != 1 or m.shape != s.shape:
+        raise DegenerateInputError(
+            f"scores_or_flags and true_mask must be 1-D of equal length; got {tuple(s.shape)} and {tuple(m.shape)}."
+        )
+    if s.dtype == torch.bool:
+        flags = s
+        scores = s.to(torch.float32)
+    else:
+        scores = s.to(torch.float32)
+        if not bool(torch.isfinite(scores).all()):
+            raise DegenerateInputError("scores contain NaN or inf.")
+        flags = scores > threshold
+    target = m.bool().long().cpu()
+    preds = flags.long().cpu()
+    precision = float(binary_precision(preds, target, threshold=0.5))
+    recall = float(binary_recall(preds, target, threshold=0.5))
+    f1 = float(binary_f1_score(preds, target, threshold=0.5))
+    positives = int(target.sum())
+    if positives == 0 or positives == target.numel():
+        _warn("The true mask has only one class; AUROC is undefined (NaN).")
+        auroc = math.nan
+    else:
+        # binary_auroc applies a sigmoid to values outside [0, 1]; map scores monotonically into [0, 1].
+        sc = scores.cpu()
+        if bool(((sc < 0) | (sc > 1)).any()):
+            sc = (sc - sc.min()) / (sc.max() - sc.min()).clamp_min(1e-12)
+        auroc = float(binary_auroc(sc, target))
+    return DetectionMetrics(precision=precision, recall=recall, f1=f1, auroc=auroc)

@@ -1,0 +1,354 @@
+"""Per-sample gradients and their Gram matrix, computed with ``torch.func``.
+
+Every statistic of SPEC.md §1–§3 is a function of the n×n Gram matrix
+``G_ij = g_i · g_j`` of the per-sample gradients ``g_i = ∇_w l_i`` of a probe set
+(Feng & Tu 2021, section 2). This module computes ``g_i`` with
+``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call`` of the
+model: one batched call, no Python loop over samples.
+
+Conventions:
+
+* ``g_i`` is the gradient of sample *i*'s own loss ``l_i``, not scaled by
+  ``1/n`` (a mean-reduced batch loss would scale it by ``1/n``).
+* Per-sample gradients are meaningless for layers that mix samples in training
+  mode (BatchNorm) and random for Dropout, so the model is evaluated in eval
+  mode; each module's ``training`` flag is restored afterwards.
+* Nothing here changes the model's parameters, buffers or ``.grad`` fields.
+
+The per-sample loss ``loss_fn(output, target)`` receives the model output of
+*one* sample (batch dimension removed, e.g. shape ``[C]``) and that sample's
+target, and returns a scalar. The default is cross-entropy for ``C >= 2``
+logits and the logistic loss for a single logit (targets in ``{0, 1}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_phases.errors import ParameterSelectionError, UnsupportedModelError
+
+__all__ = [
+    "LossFn",
+    "ParamSelection",
+    "default_loss",
+    "select_parameters",
+    "per_sample_grads",
+    "per_sample_grads_and_losses",
+    "gradient_gram",
+    "eval_mode",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(output_of_one_sample, target_of_one_sample) -> scalar loss``."""
+
+ParamSelection = Union[None, str, Iterable[str], Callable[[str, nn.Parameter], bool]]
+"""Which trainable parameters to differentiate: ``None`` (all), names or module
+prefixes (``"fc1"`` selects ``fc1.weight`` and ``fc1.bias``), or a predicate
+``(name, parameter) -> bool``."""
+
+def default_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Loss of one sample: cross-entropy on ``C >= 2`` logits, logistic loss on one logit.
+
+    Args:
+        output: Model output of one sample, shape ``[C]`` (``C >= 2`` logits),
+            ``[1]`` or ``[]`` (one logit).
+        target: Class index (``C >= 2``) or a label in ``{0, 1}`` (one logit).
+
+    Returns:
+        The scalar loss ``l_i``.
+    """
+    if output.ndim == 0 or output.shape[-1] == 1:
+        logit = output.reshape(())
+        return F.binary_cross_entropy_with_logits(logit, target.reshape(()).to(logit.dtype))
+    return F.cross_entropy(output.reshape(1, -1), target.reshape(1).long())
+
+
+def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
+    """Pick the trainable parameters to differentiate.
+
+    Args:
+        model: The model.
+        params: ``None`` for every parameter with ``requires_grad``; a name or
+            module prefix, or an iterable of them; or a predicate
+            ``(name, parameter) -> bool``.
+
+    Returns:
+        ``{name: parameter}`` in ``model.named_parameters()`` order.
+
+    Raises:
+        ParameterSelectionError: if the selection matches nothing, or a given
+            name matches no trainable parameter.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ParameterSelectionError(
+            f"{type(model).__name__} has no parameter with requires_grad=True; "
+            "there is nothing to take gradients of."
+        )
+    available = ", ".join(name for name, _ in trainable[:20]) + (" ..." if len(trainable) > 20 else "")
+    if params is None:
+        return dict(trainable)
+    if callable(params):
+        selected = {name: p for name, p in trainable if params(name, p)}
+        if not selected:
+            raise ParameterSelectionError(
+                f"params={params!r} selected no trainable parameter. Available: {available}."
+            )
+        return selected
+    names = [params] if isinstance(params, str) else list(params)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ParameterSelectionError(
+            f"params must be None, a name, an iterable of names, or a predicate; got {params!r}."
+        )
+    chosen: set[str] = set()
+    for wanted in names:
+        hits = [name for name, _ in trainable if name == wanted or name.startswith(wanted + ".")]
+        if not hits:
+            raise ParameterSelectionError(
+                f"params entry {wanted!r} matches no trainable parameter of "
+                f"{type(model).__name__}. Available: {available}."
+            )
+        chosen.update(hits)
+    return {name: p for name, p in trainable if name in chosen}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _locate_failing_module(model: nn.Module, run: Callable[[], object]) -> str:
+    """Run ``run`` with hooks that record which module was executing when it raised."""
+    stack: list[str] = []
+    last: list[str] = []
+    names = {m: (n or type(model).__name__) for n, m in model.named_modules()}
+    handles = []
+
+    def pre(module: nn.Module, args: object) -> None:
+        stack.append(names.get(module, type(module).__name__))
+
+    def post(module: nn.Module, args: object, output: object) -> None:
+        if stack:
+            stack.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - we only want to know where it failed
+        last = list(stack)
+    finally:
+        for h in handles:
+            h.remove()
+    if not last:
+        return "<outside any submodule: the loss function or a functional op in forward()>"
+    return last[-1]
+
+
+def _validate_batch(inputs: Tensor, targets: Tensor, chunk_size: int | None) -> int:
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError(
+            f"inputs and targets must be tensors; got {type(inputs).__name__} and {type(targets).__name__}."
+        )
+    if inputs.ndim == 0 or targets.ndim == 0:
+        raise ValueError("inputs and targets need a leading sample dimension.")
+    n = inputs.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(
+            f"inputs has {n} samples but targets has {targets.shape[0]}; they must match along dim 0."
+        )
+    if n == 0:
+        raise ValueError("inputs is empty: per-sample gradients need at least one sample.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
+    return n
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _Engine:
+    """Per-sample gradients of one model, loss and parameter selection."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None, params: ParamSelection) -> None:
+        self.model = model
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss
+        self.selected = {name: p.detach() for name, p in select_parameters(model, params).items()}
+        self.device = _model_device(model)
+
+        def sample_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = functional_call(self.model, weights, (x.unsqueeze(0),))
+            loss = self.loss_fn(out[0], y)
+            if loss.ndim != 0:
+                loss = loss.reshape(())
+            return loss, loss.detach()
+
+        self._vmapped = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.selected.values())
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(J [n, P], losses [n])`` for one chunk."""
+        inputs = inputs.to(self.device)
+        targets = targets.to(self.device)
+        try:
+            with torch.no_grad():
+                grads, losses = self._vmapped(self.selected, inputs, targets)
+        except Exception as err:  # torch.func raises plain RuntimeErrors
+            where = _locate_failing_module(
+                self.model,
+                lambda: self._vmapped(self.selected, inputs[:1], targets[:1]),
+            )
+            raise UnsupportedModelError(
+                f"torch.func could not compute per-sample gradients (failed in module '{where}'): "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+                "Fixes: make that module's forward vmap-compatible (no .item(), no in-place "
+                "updates of buffers, no data-dependent Python control flow), replace BatchNorm "
+                "with GroupNorm/LayerNorm if it must run in training mode, or pass a loss_fn "
+                "that works on one sample's output."
+            ) from err
+        flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in self.selected], dim=1)
+        return flat, losses
+
+
+def per_sample_grads_and_losses(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients and per-sample losses.
+
+    Same arguments as :func:`per_sample_grads`.
+
+    Returns:
+        ``(grads, losses)``: ``grads`` of shape ``[n, P]`` and ``losses`` of shape ``[n]``.
+    """
+    n = _validate_batch(inputs, targets, chunk_size)
+    engine = _Engine(model, loss_fn, params)
+    step = n if chunk_size is None else chunk_size
+    with eval_mode(model):
+        parts = [engine(inputs[s : s + step], targets[s : s + step]) for s in range(0, n, step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def per_sample_grads(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample gradients ``g_i = ∇_w l_i`` of a probe set, flattened.
+
+    Uses ``torch.func.vmap(torch.func.grad(...))`` over a ``functional_call`` of
+    the model, in eval mode, without touching the model's state or ``.grad``.
+
+    Args:
+        model: Any ``nn.Module`` mapping a batch ``[n, ...]`` to outputs ``[n, ...]``.
+        inputs: Probe inputs, shape ``[n, ...]``.
+        targets: Probe targets, shape ``[n, ...]``.
+        loss_fn: Per-sample loss ``(output [C], target) -> scalar``; default
+            :func:`default_loss`.
+        params: Which trainable parameters to differentiate (see
+            :func:`select_parameters`); default all.
+        chunk_size: If set, process at most this many samples at once (bounds
+            memory; the result is identical).
+
+    Returns:
+        Tensor of shape ``[n, P]``: row ``i`` is ``g_i``, the selected
+        parameters' gradients concatenated in ``named_parameters()`` order.
+
+    Raises:
+        ParameterSelectionError: ``params`` matches nothing.
+        UnsupportedModelError: ``torch.func`` cannot run through a module; the
+            message names the module and a fix.
+    """
+    return per_sample_grads_and_losses(
+        model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size
+    )[0]
+
+
+def gradient_gram(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gram matrix ``G_ij = g_i · g_j`` of the per-sample gradients, and the losses.
+
+    Without ``chunk_size`` the ``[n, P]`` per-sample gradient matrix ``J`` is
+    formed once and ``G = J Jᵀ``. With ``chunk_size = k`` the Gram matrix is
+    accumulated block by block: for each block row the block's gradients are
+    computed and multiplied with every earlier block's (recomputed) gradients,
+    so at most ``2·k·P`` gradient entries are held at once, at the price of
+    about ``(n/k + 1)/2`` times the gradient computations. Peak memory is
+    roughly ``n² · 8`` bytes for ``G`` plus ``2·k·P`` gradient entries plus
+    ``vmap``'s activations for ``k`` samples.
+
+    Args:
+        model: Any ``nn.Module`` mapping ``[n, ...]`` to ``[n, ...]``.
+        inputs: Probe inputs ``[n, ...]``.
+        targets: Probe targets ``[n, ...]``.
+        loss_fn: Per-sample loss; default :func:`default_loss`.
+        params: Parameter selection (see :func:`select_parameters`).
+        chunk_size: Block size ``k`` (see above); ``None`` processes all at once.
+
+    Returns:
+        ``(G, losses)``: ``G`` of shape ``[n, n]`` in float64 (products
+        accumulated in the gradients' dtype, then widened), ``losses`` of
+        shape ``[n]`` in the model's dtype.
+    """
+    n = _validate_batch(inputs, targets, chunk_size)
+    engine = _Engine(model, loss_fn, params)
+    with eval_mode(model):
+        if chunk_size is None or chunk_size >= n:
+            jac, losses = engine(inputs, targets)
+            return (jac @ jac.T).to(torch.float64), losses
+        blocks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+        gram: Tensor | None = None
+        loss_parts: list[Tensor] = []
+        for bi, (s, e) in enumerate(blocks):
+            jac_i, loss_i = engine(inputs[s:e], targets[s:e])
+            loss_parts.append(loss_i)
+            if gram is None:
+                gram = torch.empty(n, n, dtype=torch.float64, device=jac_i.device)
+            gram[s:e, s:e] = (jac_i @ jac_i.T).to(torch.float64)
+            for s2, e2 in blocks[:bi]:
+                jac_j, _ = engine(inputs[s2:e2], targets[s2:e2])
+                block = (jac_i @ jac_j.T).to(torch.float64)
+                gram[s:e, s2:e2] = block
+                gram[s2:e2, s:e] = block.T
+        assert gram is not None  # n >= 1 guarantees one block
+        return gram, torch.cat(loss_parts)
+
