@@ -296,6 +296,12 @@ def per_sample_grads(
     )[0]
 
 
+def _symmetric(block: Tensor) -> Tensor:
+    """A square product ``J Jᵀ`` in float64, made exactly symmetric."""
+    block = block.to(torch.float64)
+    return (block + block.T) / 2
+
+
 def gradient_gram(
     model: nn.Module,
     inputs: Tensor,
@@ -325,8 +331,9 @@ def gradient_gram(
         chunk_size: Block size ``k`` (see above); ``None`` processes all at once.
 
     Returns:
-        ``(G, losses)``: ``G`` of shape ``[n, n]`` in float64 (products
-        accumulated in the gradients' dtype, then widened), ``losses`` of
+        ``(G, losses)``: ``G`` of shape ``[n, n]`` in float64, exactly
+        symmetric (products accumulated in the gradients' dtype, then
+        widened), ``losses`` of
         shape ``[n]`` in the model's dtype.
     """
     n = _validate_batch(inputs, targets, chunk_size)
@@ -334,7 +341,7 @@ def gradient_gram(
     with eval_mode(model):
         if chunk_size is None or chunk_size >= n:
             jac, losses = engine(inputs, targets)
-            return (jac @ jac.T).to(torch.float64), losses
+            return _symmetric(jac @ jac.T), losses
         blocks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
         gram: Tensor | None = None
         loss_parts: list[Tensor] = []
@@ -343,7 +350,7 @@ def gradient_gram(
             loss_parts.append(loss_i)
             if gram is None:
                 gram = torch.empty(n, n, dtype=torch.float64, device=jac_i.device)
-            gram[s:e, s:e] = (jac_i @ jac_i.T).to(torch.float64)
+            gram[s:e, s:e] = _symmetric(jac_i @ jac_i.T)
             for s2, e2 in blocks[:bi]:
                 jac_j, _ = engine(inputs[s2:e2], targets[s2:e2])
                 block = (jac_i @ jac_j.T).to(torch.float64)
