@@ -24,6 +24,7 @@ logits and the logistic loss for a single logit (targets in ``{0, 1}``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Union
 
@@ -43,6 +44,7 @@ __all__ = [
     "per_sample_grads_and_losses",
     "gradient_gram",
     "eval_mode",
+    "GRAM_METHODS",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -302,6 +304,9 @@ def _symmetric(block: Tensor) -> Tensor:
     return (block + block.T) / 2
 
 
+GRAM_METHODS = ("auto", "vmap", "ghost", "materialize")
+
+
 def gradient_gram(
     model: nn.Module,
     inputs: Tensor,
@@ -310,17 +315,28 @@ def gradient_gram(
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
+    method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Gram matrix ``G_ij = g_i · g_j`` of the per-sample gradients, and the losses.
 
-    Without ``chunk_size`` the ``[n, P]`` per-sample gradient matrix ``J`` is
-    formed once and ``G = J Jᵀ``. With ``chunk_size = k`` the Gram matrix is
-    accumulated block by block: for each block row the block's gradients are
-    computed and multiplied with every earlier block's (recomputed) gradients,
-    so at most ``2·k·P`` gradient entries are held at once, at the price of
-    about ``(n/k + 1)/2`` times the gradient computations. Peak memory is
-    roughly ``n² · 8`` bytes for ``G`` plus ``2·k·P`` gradient entries plus
-    ``vmap``'s activations for ``k`` samples.
+    ``method="auto"`` (default) takes the per-layer fast path of
+    :mod:`lightning_phases.functional.layer_gram` for ``nn.Linear`` and
+    ``nn.Conv2d`` parameters -- the Gram contribution from the layer's inputs
+    and output gradients of one batched forward and backward, choosing per
+    layer the cheaper of the "ghost" product ``(a_i·a_j)(δ_i·δ_j)`` and
+    materialising that layer's per-sample gradients -- and the ``vmap``
+    engine for every other parameter. ``"vmap"`` sends everything through
+    ``vmap(grad(functional_call))``; ``"ghost"`` and ``"materialize"`` force
+    one fast method for every supported layer. All methods agree to rounding.
+
+    With the ``vmap`` engine and no ``chunk_size`` the ``[n, P]`` per-sample
+    gradient matrix ``J`` is formed once and ``G = J Jᵀ``. With
+    ``chunk_size = k`` the Gram matrix is accumulated block by block, so at
+    most ``2·k·P`` gradient entries are held at once, at the price of about
+    ``(n/k + 1)/2`` times the gradient computations. Peak memory is roughly
+    ``8n²`` bytes for ``G``, plus ``2·k·P`` gradient entries (``vmap``
+    parameters) or the inputs and output gradients of the fast layers for all
+    ``n`` samples, plus the activations of ``k`` samples.
 
     Args:
         model: Any ``nn.Module`` mapping ``[n, ...]`` to ``[n, ...]``.
@@ -329,14 +345,60 @@ def gradient_gram(
         loss_fn: Per-sample loss; default :func:`default_loss`.
         params: Parameter selection (see :func:`select_parameters`).
         chunk_size: Block size ``k`` (see above); ``None`` processes all at once.
+        method: ``"auto"``, ``"vmap"``, ``"ghost"`` or ``"materialize"``.
 
     Returns:
         ``(G, losses)``: ``G`` of shape ``[n, n]`` in float64, exactly
         symmetric (products accumulated in the gradients' dtype, then
-        widened), ``losses`` of
-        shape ``[n]`` in the model's dtype.
+        widened), ``losses`` of shape ``[n]`` in the model's dtype.
+
+    Raises:
+        ValueError: unknown ``method`` or mismatched inputs.
+        ParameterSelectionError: ``params`` matches nothing.
+        UnsupportedModelError: ``torch.func`` cannot run through a module.
     """
+    if method not in GRAM_METHODS:
+        raise ValueError(f"method must be one of {GRAM_METHODS}; got {method!r}.")
     n = _validate_batch(inputs, targets, chunk_size)
+    if method == "vmap":
+        return _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n)
+    from lightning_phases.functional.layer_gram import fast_layer_gram
+
+    selected = select_parameters(model, params)
+    device = _model_device(model)
+    x, y = inputs.to(device), targets.to(device)
+    with eval_mode(model):
+        try:
+            fast, losses, covered, _ = fast_layer_gram(
+                model, x, y, selected, loss_fn if loss_fn is not None else default_loss,
+                chunk_size=chunk_size, force=None if method == "auto" else method,
+            )
+        except Exception as err:  # noqa: BLE001 - the vmap engine reports unsupported models clearly
+            warnings.warn(
+                f"The per-layer fast Gram path failed ({type(err).__name__}: {err}); "
+                "using the vmap engine for every parameter.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            fast, covered = None, set()
+    rest = [name for name in selected if name not in covered]
+    if fast is None:
+        return _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+    if rest:
+        other, _ = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+        fast = fast + other.to(fast.device)
+    return fast, losses
+
+
+def _vmap_gram(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn | None,
+    params: ParamSelection,
+    chunk_size: int | None,
+    n: int,
+) -> tuple[Tensor, Tensor]:
     engine = _Engine(model, loss_fn, params)
     with eval_mode(model):
         if chunk_size is None or chunk_size >= n:
@@ -358,4 +420,3 @@ def gradient_gram(
                 gram[s2:e2, s:e] = block.T
         assert gram is not None  # n >= 1 guarantees one block
         return gram, torch.cat(loss_parts)
-
