@@ -23,6 +23,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "__version__",
     "functional",
+    "OrderParameterMonitor",
+    "NoiseSplitTracker",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
@@ -35,6 +37,8 @@ __all__ = [
 # works without Lightning installed.
 _LAZY: dict[str, str] = {
     "functional": "lightning_phases.functional",
+    "OrderParameterMonitor": "lightning_phases.callbacks",
+    "NoiseSplitTracker": "lightning_phases.callbacks",
 }
 
 

@@ -1,0 +1,250 @@
+"""NoiseSplitTracker: the clean/mislabeled split of SPEC.md §2 and the segment gradients of §3."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_phases.callbacks._probe import Unpack, _ProbeCallback
+from lightning_phases.errors import DegenerateInputError, LightningPhasesError
+from lightning_phases.functional.mixture import fit_loss_mixture
+from lightning_phases.functional.noise_split import segment_statistics, single_logit_loss, split_order_parameters
+from lightning_phases.functional.per_sample import LossFn, ParamSelection, default_loss
+from lightning_phases.report.tensorboard import write_phase_layout
+
+__all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
+
+_TRUTH_ATTRS = ("is_noisy", "true_targets")
+
+
+def _truth_of(obj: Any) -> tuple[Tensor, Tensor] | None:
+    """``(is_noisy, true_targets)`` if ``obj`` implements the ground-truth protocol."""
+    if obj is None or not all(hasattr(obj, a) for a in _TRUTH_ATTRS):
+        return None
+    mask = torch.as_tensor(getattr(obj, "is_noisy")).bool().reshape(-1).cpu()
+    true = torch.as_tensor(getattr(obj, "true_targets")).long().reshape(-1).cpu()
+    return mask, true
+
+
+def find_probe_ground_truth(dataset: Any, indices: Tensor, datamodule: Any = None) -> tuple[Tensor, Tensor] | None:
+    """Ground truth ``(is_noisy[idx], true_targets[idx])`` of probe samples, or ``None``.
+
+    Looks, in order, at the training dataset itself, through any
+    ``torch.utils.data.Subset`` wrappers (mapping indices), and at the
+    datamodule's noisy training dataset. An object implements the protocol
+    when it has ``is_noisy`` (bool, one entry per sample) and
+    ``true_targets`` (long, one entry per sample) attributes indexed like the
+    dataset.
+    """
+    from torch.utils.data import Subset
+
+    idx = indices.long()
+    current = dataset
+    while current is not None:
+        truth = _truth_of(current)
+        if truth is not None and truth[0].numel() == len(current):
+            return truth[0][idx], truth[1][idx]
+        if isinstance(current, Subset):
+            idx = torch.as_tensor(list(current.indices), dtype=torch.long)[idx]
+            current = current.dataset
+        else:
+            break
+    if datamodule is not None:
+        for candidate in (datamodule, getattr(datamodule, "noisy_train", None), getattr(datamodule, "train_dataset", None)):
+            truth = _truth_of(candidate)
+            if truth is not None and truth[0].numel() == len(dataset):
+                return truth[0][indices.long()], truth[1][indices.long()]
+    return None
+
+
+class NoiseSplitTracker(_ProbeCallback):
+    """Log the clean/mislabeled split of the order parameters and the per-class segment gradients.
+
+    SPEC.md §2 (Feng & Tu 2021, section 4) and §3 (clean-priority learning).
+    The probe set, schedule, DDP behaviour and guarantees are those of
+    :class:`~lightning_phases.callbacks.OrderParameterMonitor`.
+
+    **Which samples are mislabeled.** If ``noisy_mask`` (and optionally
+    ``true_targets``) is given, it is used (tensors over the training
+    dataset). Otherwise the ground truth is read from the training dataset
+    (or its ``Subset`` wrappers, or the datamodule) when it implements the
+    noisy-data protocol: attributes ``is_noisy`` and ``true_targets``, as
+    the package's noisy datasets do. Without ground truth -- the real-world
+    case -- the mask is *estimated* at each measurement from the two-component
+    loss mixture of the probe losses (SPEC §4, posterior > 0.5), and
+    ``split/mask_estimated`` is 1. With ``require_ground_truth=True`` a
+    missing ground truth is an error instead.
+
+    **Segment gradients** need the true classes, so they are logged only
+    with ground truth: per true class ``c`` the norms of the summed clean and
+    mislabeled segment gradients, their ratio and cosine, using the logistic
+    loss gradient for one-output models and the single-logit gradient
+    ``(f_c − y_c)∇h_c`` for ``C``-output models. This costs a second Gram
+    computation; ``segments=False`` turns it off.
+
+    Args:
+        noisy_mask: Optional bool tensor over the training dataset.
+        true_targets: Optional true labels over the training dataset.
+        require_ground_truth: Raise if no ground truth can be found.
+        segments: Also log the per-class segment gradients.
+        probe_size, batch_size, every_n_epochs, every_n_steps, measure_at_start,
+        loss_fn, params, unpack, seed, chunk_size, method: as for
+            :class:`~lightning_phases.callbacks.OrderParameterMonitor`.
+
+    Logged metrics:
+        - ``split/rho``: fraction of mislabeled probe samples.
+        - ``split/A_c``, ``split/A_w``: total activity of clean and mislabeled minibatches.
+        - ``split/A0_c``, ``split/A0_w``, ``split/A0``: directed activities.
+        - ``split/R_cw``, ``split/R_ac``, ``split/R_aw``: cosines of ``g_c``, ``g_w`` and ``g``.
+        - ``split/L_c``, ``split/L_w``: mean loss of clean and mislabeled probe samples.
+        - ``split/err_c``, ``split/err_w``: their error rates against the given labels.
+        - ``split/mask_estimated``: 1 if the mask came from the loss mixture, 0 if from ground truth.
+        - ``segment/ratio/<c>``, ``segment/cos/<c>``: per true class ``c``;
+          ``segment/ratio``, ``segment/cos``: their means over classes.
+        - ``split/skipped``: number of skipped measurements (only after a failure).
+        - TensorBoard only: histograms ``split/loss_clean`` and ``split/loss_noisy``.
+    """
+
+    prefix = "split"
+    _finite_keys = ("gram", "segment_gram")
+    _reduce_keys = ("gram", "segment_gram")
+
+    def __init__(
+        self,
+        *,
+        noisy_mask: Tensor | None = None,
+        true_targets: Tensor | None = None,
+        require_ground_truth: bool = False,
+        segments: bool = True,
+        probe_size: int = 1024,
+        batch_size: int | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        measure_at_start: bool = True,
+        loss_fn: LossFn | None = None,
+        params: ParamSelection = None,
+        unpack: Unpack | None = None,
+        seed: int = 0,
+        chunk_size: int | None = None,
+        method: str = "auto",
+    ) -> None:
+        super().__init__(
+            probe_size=probe_size, batch_size=batch_size, every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps, measure_at_start=measure_at_start, loss_fn=loss_fn, params=params,
+            unpack=unpack, seed=seed, chunk_size=chunk_size, method=method,
+        )
+        if noisy_mask is not None:
+            noisy_mask = torch.as_tensor(noisy_mask)
+            if noisy_mask.ndim != 1:
+                raise LightningPhasesError(f"noisy_mask must be a 1-D bool tensor over the training set; got shape {tuple(noisy_mask.shape)}.")
+            noisy_mask = noisy_mask.bool()
+        if true_targets is not None:
+            if noisy_mask is None:
+                raise LightningPhasesError("true_targets was given without noisy_mask; pass both (or neither).")
+            true_targets = torch.as_tensor(true_targets).long().reshape(-1)
+            if true_targets.shape != noisy_mask.shape:
+                raise LightningPhasesError(
+                    f"true_targets has {true_targets.numel()} entries but noisy_mask has {noisy_mask.numel()}."
+                )
+        self.noisy_mask = noisy_mask
+        self.true_targets = true_targets
+        self.require_ground_truth = bool(require_ground_truth)
+        self.segments = bool(segments)
+        self._truth: tuple[Tensor, Tensor | None] | None = None
+        self.mask_source: str = "unknown"
+        self.last: dict[str, float] = {}
+
+    def _on_probe_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.probe_indices is not None and self._dataset is not None
+        idx = self.probe_indices
+        if self.noisy_mask is not None:
+            if self.noisy_mask.numel() != len(self._dataset):
+                raise LightningPhasesError(
+                    f"noisy_mask has {self.noisy_mask.numel()} entries but the training set has {len(self._dataset)} samples."
+                )
+            self._truth = (self.noisy_mask[idx], None if self.true_targets is None else self.true_targets[idx])
+            self.mask_source = "user"
+        else:
+            found = find_probe_ground_truth(self._dataset, idx, getattr(trainer, "datamodule", None))
+            if found is None:
+                if self.require_ground_truth:
+                    raise LightningPhasesError(
+                        "NoiseSplitTracker(require_ground_truth=True) found no ground truth: the training dataset "
+                        "(and its Subset wrappers and the datamodule) has no 'is_noisy'/'true_targets' attributes. "
+                        "Use a noisy dataset of lightning_phases.data, pass noisy_mask=..., or set "
+                        "require_ground_truth=False to estimate the mask from the loss mixture."
+                    )
+                self._truth = None
+                self.mask_source = "estimated"
+            else:
+                self._truth = found
+                self.mask_source = "ground_truth"
+        write_phase_layout(self._tensorboard(trainer))
+
+    def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        losses, correct, width = self._losses_and_correct(pl_module, x, y)
+        stats = {"gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn), "losses": losses, "correct": correct}
+        true = None if self._truth is None else self._truth[1]
+        if self.segments and true is not None:
+            if width == 1:
+                stats["segment_gram"] = self._partial_gram(trainer, pl_module, x, y, default_loss)
+            else:
+                pair = torch.stack([y.long().reshape(-1), true.to(y.device)], dim=1)
+                stats["segment_gram"] = self._partial_gram(trainer, pl_module, x, pair, single_logit_loss)
+        return stats
+
+    def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
+        nan = torch.full((n,), math.nan, dtype=torch.float64, device=device)
+        stats = {"gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device), "losses": nan, "correct": nan.clone()}
+        if self.segments and self._truth is not None and self._truth[1] is not None:
+            stats["segment_gram"] = stats["gram"].clone()
+        return stats
+
+    def _metrics(self, trainer, pl_module, stats: dict[str, Tensor]) -> dict[str, float]:
+        b = self.effective_batch_size
+        assert b is not None
+        losses, correct = stats["losses"].cpu(), stats["correct"].cpu()
+        if self._truth is not None:
+            mask = self._truth[0].cpu()
+        else:
+            mix = fit_loss_mixture(losses, seed=self.seed)
+            mask = mix.posterior.cpu() > 0.5
+        metrics: dict[str, float] = {"split/mask_estimated": float(self._truth is None)}
+        try:
+            split = split_order_parameters(stats["gram"], mask, b)
+        except DegenerateInputError as err:
+            self._warn_once("split", f"NoiseSplitTracker cannot split the probe set at step {trainer.global_step}: {err}")
+            return metrics
+        metrics.update({f"split/{k}": v for k, v in split.as_dict().items()})
+        metrics["split/L_c"] = float(losses[~mask].mean())
+        metrics["split/L_w"] = float(losses[mask].mean())
+        metrics["split/err_c"] = 1.0 - float(correct[~mask].mean())
+        metrics["split/err_w"] = 1.0 - float(correct[mask].mean())
+        if "segment_gram" in stats and self._truth is not None and self._truth[1] is not None:
+            seg = segment_statistics(stats["segment_gram"], self._truth[1].cpu(), mask)
+            for k, c in enumerate(seg.classes.tolist()):
+                if math.isfinite(float(seg.ratio[k])):
+                    metrics[f"segment/ratio/{c}"] = float(seg.ratio[k])
+                    metrics[f"segment/cos/{c}"] = float(seg.cos[k])
+            metrics["segment/ratio"] = seg.mean_ratio
+            metrics["segment/cos"] = seg.mean_cos
+        self.last = dict(metrics)
+        writer = self._tensorboard(trainer)
+        if writer is not None:
+            writer.add_histogram("split/loss_clean", losses[~mask].numpy(), trainer.global_step)
+            writer.add_histogram("split/loss_noisy", losses[mask].numpy(), trainer.global_step)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({"mask_source": self.mask_source, "last": dict(self.last)})
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.mask_source = str(state_dict.get("mask_source", "unknown"))
+        self.last = dict(state_dict.get("last", {}))

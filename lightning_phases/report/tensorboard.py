@@ -1,0 +1,70 @@
+"""TensorBoard Custom Scalars layout and figures for the phase metrics."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["PHASE_LAYOUT", "spectrum_figure", "write_phase_layout"]
+
+# Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions.
+PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
+    "Phases of learning": {
+        "total activities (A, A_c, A_w)": ["Multiline", [r"order/A$", r"split/A_c$", r"split/A_w$"]],
+        "directed activities (A0, A0_c, A0_w)": ["Multiline", [r"order/A0$", r"split/A0$", r"split/A0_c$", r"split/A0_w$"]],
+        "alignments (R, R_cw, R_ac, R_aw)": ["Multiline", [r"order/R$", r"split/R_cw$", r"split/R_ac$", r"split/R_aw$"]],
+        "sigma2_lambda": ["Multiline", [r"order/sigma2_lambda$"]],
+        "noise (D, D_parallel, A_perp)": ["Multiline", [r"order/D$", r"order/D_parallel$", r"order/A_perp$"]],
+        "segment losses (L_c, L_w)": ["Multiline", [r"split/L_c$", r"split/L_w$", r"order/loss$"]],
+        "errors (clean, mislabeled, probe, validation, test)": [
+            "Multiline",
+            [r"split/err_c$", r"split/err_w$", r"order/error$", r"(?i)val.*(err|acc)", r"(?i)test.*(err|acc)"],
+        ],
+        "segment gradients (ratio, cos)": ["Multiline", [r"segment/ratio$", r"segment/cos$"]],
+    }
+}
+
+_written: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def write_phase_layout(writer: Any) -> None:
+    """Write :data:`PHASE_LAYOUT` once to a ``SummaryWriter`` (no-op for ``None``)."""
+    if writer is None or writer in _written:
+        return
+    writer.add_custom_scalars(PHASE_LAYOUT)
+    _written.add(writer)
+
+
+def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
+    """Rank-ordered noise eigenvalues and the normalised cumulative variance (Feng & Tu, Figure 2).
+
+    Args:
+        spectrum: Eigenvalues of the noise covariance, descending, shape ``[m]``.
+        step: Global step, for the title.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    e = spectrum.detach().to("cpu", torch.float64)
+    e = e[e > 0]
+    fig = Figure(figsize=(5.0, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if e.numel():
+        rank = torch.arange(1, e.numel() + 1)
+        ax.loglog(rank.numpy(), e.numpy(), ".-", ms=3)
+        inset = ax.inset_axes([0.55, 0.55, 0.4, 0.38])
+        inset.plot(rank.numpy(), (e.cumsum(0) / e.sum()).numpy())
+        inset.set_xscale("log")
+        inset.set_ylim(0, 1.02)
+        inset.set_title("cumulative / D", fontsize=8)
+        inset.tick_params(labelsize=7)
+    ax.set_xlabel("rank l")
+    ax.set_ylabel("eigenvalue e_l")
+    ax.set_title("noise spectrum" + (f" (step {step})" if step is not None else ""))
+    fig.tight_layout()
+    return fig

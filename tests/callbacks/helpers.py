@@ -1,0 +1,123 @@
+"""Tiny LightningModules and datasets for the callback tests."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class NoisyTensorDataset(Dataset):
+    """Gaussian clusters with symmetric label noise, implementing the ground-truth protocol."""
+
+    def __init__(self, n: int = 96, dim: int = 6, num_classes: int = 3, rate: float = 0.3, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        centres = 2.0 * torch.randn(num_classes, dim, generator=gen)
+        self.true_targets = torch.arange(n) % num_classes
+        self.x = centres[self.true_targets] + 0.7 * torch.randn(n, dim, generator=gen)
+        flip = torch.randperm(n, generator=gen)[: round(rate * n)]
+        self.noisy_targets = self.true_targets.clone()
+        self.noisy_targets[flip] = (self.true_targets[flip] + torch.randint(1, num_classes, (len(flip),), generator=gen)) % num_classes
+        self.is_noisy = self.noisy_targets != self.true_targets
+
+    def __len__(self) -> int:
+        return len(self.true_targets)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.noisy_targets[i]
+
+
+class PlainDataset(Dataset):
+    """The same data without the ground-truth attributes."""
+
+    def __init__(self, inner: NoisyTensorDataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self, dim: int = 6, num_classes: int = 3, hidden: int = 16, lr: float = 0.2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(dataset: Dataset, batch_size: int = 8, shuffle: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Keeps every ``log_metrics`` call in memory and appends it to a JSON-lines file (works across spawn)."""
+
+    def __init__(self, path) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @pl.utilities.rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @pl.utilities.rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        import json
+
+        clean = {k: float(v) for k, v in metrics.items()}
+        self.records.append((step, clean))
+        import os
+
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, "metrics": clean}) + "\n")
+
+
+def read_records(path) -> list[tuple[int, dict]]:
+    import json
+
+    with open(path) as fh:
+        return [(r["step"], r["metrics"]) for r in map(json.loads, fh)]
+
+
+def series(records, key: str) -> list[tuple[int, float]]:
+    return [(step, m[key]) for step, m in records if key in m]
+
+
+def trainer(tmp_path, callbacks, *, logger=None, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=kwargs.pop("devices", 1),
+        logger=logger if logger is not None else RecordingLogger(tmp_path / "log.jsonl"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        **kwargs,
+    )

@@ -1,0 +1,215 @@
+"""OrderParameterMonitor and NoiseSplitTracker inside a real Trainer: values, schedule, safety, resume, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_phases import NoiseSplitTracker, OrderParameterMonitor
+from lightning_phases.callbacks._probe import partition_parameters, should_measure
+from lightning_phases.errors import LightningPhasesError, ParameterSelectionError
+from lightning_phases.functional import (
+    effective_dimension,
+    gradient_gram,
+    make_generator,
+    noise_spectrum,
+    order_parameters,
+    segment_gradients,
+    split_order_parameters,
+)
+from tests.callbacks.helpers import (
+    NoisyTensorDataset,
+    PlainDataset,
+    RecordingLogger,
+    TinyClassifier,
+    loader,
+    series,
+    trainer,
+)
+
+
+def _fit(tmp_path, callbacks, *, dataset=None, max_epochs=2, seed=0, model=None, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    model = model or TinyClassifier(dropout=kwargs.pop("dropout", 0.0))
+    tr = trainer(tmp_path, callbacks, max_epochs=max_epochs, **kwargs)
+    tr.fit(model, loader(dataset or NoisyTensorDataset()))
+    return tr, model
+
+
+def test_logged_values_equal_the_functional_computation(tmp_path):
+    ds = NoisyTensorDataset()
+    mon = OrderParameterMonitor(probe_size=64, seed=3)
+    split = NoiseSplitTracker(probe_size=64, seed=3)
+    tr, model = _fit(tmp_path, [mon, split], dataset=ds)
+    idx = mon.probe_indices
+    assert torch.equal(idx, split.probe_indices) and idx.numel() == 64 and len(set(idx.tolist())) == 64
+    x, y = ds.x[idx], ds.noisy_targets[idx]
+    gram, losses = gradient_gram(model, x, y, method="vmap")  # independent engine
+    op = order_parameters(gram, 8, generator=make_generator(3 * 1_000_003 + tr.global_step))
+    for key, value in op.as_dict().items():
+        assert mon.last[f"order/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-8), key
+    spectrum = noise_spectrum(gram, 8)
+    assert mon.last["order/D_s"] == effective_dimension(spectrum, 0.9)
+    assert mon.last["order/loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+    err = float((model(x).argmax(1) != y).float().mean())
+    assert mon.last["order/error"] == pytest.approx(err)
+    mask = ds.is_noisy[idx]
+    ref = split_order_parameters(gram, mask, 8)
+    for key, value in ref.as_dict().items():
+        assert split.last[f"split/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-8), key
+    assert split.last["split/L_w"] == pytest.approx(float(losses[mask].mean()), rel=1e-5)
+    assert split.last["split/mask_estimated"] == 0.0 and split.mask_source == "ground_truth"
+    seg = segment_gradients(model, x, y, ds.true_targets[idx], noisy_mask=mask)
+    for k, c in enumerate(seg.classes.tolist()):
+        assert split.last[f"segment/ratio/{c}"] == pytest.approx(float(seg.ratio[k]), rel=1e-4)
+        assert split.last[f"segment/cos/{c}"] == pytest.approx(float(seg.cos[k]), rel=1e-4, abs=1e-6)
+    # the same numbers went to the logger and into callback_metrics
+    logged = dict(tr.loggers[0].records[-1][1]) | dict(tr.loggers[0].records[-2][1])
+    assert logged["order/A"] == pytest.approx(mon.last["order/A"])
+    assert float(tr.callback_metrics["split/R_cw"]) == pytest.approx(split.last["split/R_cw"], rel=1e-6)
+
+
+def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path):
+    kwargs = dict(dataset=NoisyTensorDataset(), max_epochs=3, dropout=0.3)
+    _, plain = _fit(tmp_path / "a", [], **kwargs)
+    callbacks = [OrderParameterMonitor(probe_size=40), NoiseSplitTracker(probe_size=40, every_n_steps=5)]
+    _, probed = _fit(tmp_path / "b", callbacks, **kwargs)
+    for (name, p), q in zip(plain.named_parameters(), probed.parameters()):
+        assert torch.equal(p, q), name
+    assert callbacks[0].num_measurements == 4 and callbacks[1].num_measurements == 1 + 36 // 5
+
+
+def test_schedule_every_n_steps_and_epochs(tmp_path):
+    ds = NoisyTensorDataset()  # 96 samples, batch 8: 12 steps per epoch
+    steps = OrderParameterMonitor(probe_size=32, every_n_steps=5, measure_at_start=False)
+    epochs = OrderParameterMonitor(probe_size=32, every_n_epochs=2, seed=1)
+    tr, _ = _fit(tmp_path, [steps, epochs], dataset=ds, max_epochs=4)
+    recs = tr.loggers[0].records
+    measured = sorted({step for step, m in recs if "order/A" in m})
+    assert measured == sorted({5, 10, 15, 20, 25, 30, 35, 40, 45} | {0, 24, 48})
+    assert should_measure(global_step=10, epoch_end=None, every_n_steps=5, every_n_epochs=None)
+    assert not should_measure(global_step=0, epoch_end=None, every_n_steps=5, every_n_epochs=None)
+    assert should_measure(global_step=7, epoch_end=1, every_n_steps=None, every_n_epochs=2)
+    assert not should_measure(global_step=7, epoch_end=0, every_n_steps=None, every_n_epochs=2)
+
+
+def test_failure_warns_once_skips_and_training_continues(tmp_path):
+    def broken_loss(out, target):
+        raise RuntimeError("boom")
+
+    kwargs = dict(dataset=NoisyTensorDataset(), max_epochs=3)
+    _, plain = _fit(tmp_path / "a", [], **kwargs)
+    mon = OrderParameterMonitor(probe_size=32, loss_fn=broken_loss)
+    with pytest.warns(RuntimeWarning, match="skipped the measurement") as record:
+        tr, model = _fit(tmp_path / "b", [mon], **kwargs)
+    assert sum("skipped the measurement" in str(w.message) for w in record) == 1
+    assert mon.num_failures == 4
+    assert series(tr.loggers[0].records, "order/skipped")[-1][1] == 4.0
+    assert not any("order/A" in m for _, m in tr.loggers[0].records)
+    for p, q in zip(plain.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_nan_gradients_are_skipped(tmp_path):
+    def nan_loss(out, target):
+        return torch.nn.functional.cross_entropy(out.unsqueeze(0), target.unsqueeze(0)) * float("nan")
+
+    mon = OrderParameterMonitor(probe_size=32, loss_fn=nan_loss)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        _fit(tmp_path, [mon], max_epochs=1)
+    assert mon.num_failures == 2 and mon.last == {}
+
+
+def test_estimated_mask_without_ground_truth(tmp_path):
+    inner = NoisyTensorDataset(rate=0.4)
+    split = NoiseSplitTracker(probe_size=96)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr, _ = _fit(tmp_path, [split], dataset=PlainDataset(inner), max_epochs=6)
+    assert split.mask_source == "estimated"
+    assert split.last["split/mask_estimated"] == 1.0
+    assert not any(k.startswith("segment/") for k in split.last)
+    assert 0 < split.last["split/rho"] < 1
+
+
+def test_user_given_mask(tmp_path):
+    ds = NoisyTensorDataset()
+    split = NoiseSplitTracker(probe_size=50, noisy_mask=ds.is_noisy, true_targets=ds.true_targets)
+    _fit(tmp_path, [split], dataset=PlainDataset(ds), max_epochs=1)
+    assert split.mask_source == "user" and "segment/ratio" in split.last
+    assert split.last["split/rho"] == pytest.approx(float(ds.is_noisy[split.probe_indices].float().mean()))
+
+
+def test_resume_continues_without_gap_or_duplicate(tmp_path):
+    ds = NoisyTensorDataset()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    mon = OrderParameterMonitor(probe_size=40, seed=5)
+    _fit(tmp_path / "first", [mon, ckpt], dataset=ds, max_epochs=2, enable_checkpointing=True)
+    first_probe = mon.probe_indices.clone()
+    resumed = OrderParameterMonitor(probe_size=40, seed=5)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "second", [resumed], max_epochs=4, enable_checkpointing=True)
+    tr.fit(TinyClassifier(), loader(ds), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert torch.equal(resumed.probe_indices, first_probe)
+    assert resumed.num_measurements == 5  # 3 before the checkpoint + 2 after
+    steps = [step for step, m in tr.loggers[0].records if "order/A" in m]
+    assert steps == [36, 48]  # epochs 3 and 4; no start measurement, no duplicate of step 24
+
+
+def test_state_dict_round_trip_and_defaults():
+    mon = OrderParameterMonitor(probe_size=10)
+    mon.probe_indices = torch.tensor([1, 4, 7])
+    mon.last_measured_step = 12
+    mon.num_measurements = 3
+    other = OrderParameterMonitor(probe_size=10)
+    other.load_state_dict(mon.state_dict())
+    assert torch.equal(other.probe_indices, mon.probe_indices) and other.last_measured_step == 12
+    fresh = OrderParameterMonitor(probe_size=10)
+    fresh.load_state_dict({})  # an old checkpoint without our keys still loads
+    assert fresh.probe_indices is None and fresh.last_measured_step == -1
+    assert OrderParameterMonitor(probe_size=10).state_key != OrderParameterMonitor(probe_size=11).state_key
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(probe_size=1), "probe_size must be an int >= 2"),
+        (dict(probe_size=16, batch_size=32), "batch_size=32 is larger than probe_size=16"),
+        (dict(every_n_epochs=1, every_n_steps=3), "only one of"),
+        (dict(every_n_epochs=0), "every_n_epochs must be"),
+        (dict(method="fast"), "method must be one of"),
+        (dict(spectrum_fraction=0.0), "spectrum_fraction"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(LightningPhasesError, match=match):
+        OrderParameterMonitor(**kwargs)
+
+
+def test_errors_in_setup_and_at_start(tmp_path):
+    with pytest.raises(LightningPhasesError, match="has none"):
+        _fit(tmp_path, [OrderParameterMonitor()], logger=False)
+    with pytest.raises(ParameterSelectionError, match="nope"):
+        _fit(tmp_path, [OrderParameterMonitor(params=["nope"])])
+    with pytest.raises(LightningPhasesError, match="no ground truth"):
+        _fit(tmp_path, [NoiseSplitTracker(require_ground_truth=True)], dataset=PlainDataset(NoisyTensorDataset()))
+    with pytest.raises(LightningPhasesError, match="B=8 is larger than the probe set"):
+        _fit(tmp_path, [OrderParameterMonitor(probe_size=4)])
+    with pytest.raises(LightningPhasesError, match="noisy_mask has 5 entries"):
+        _fit(tmp_path, [NoiseSplitTracker(noisy_mask=torch.zeros(5, dtype=torch.bool))])
+    with pytest.raises(LightningPhasesError, match="without noisy_mask"):
+        NoiseSplitTracker(true_targets=torch.zeros(5))
+
+
+def test_partition_parameters_is_balanced_and_complete():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 1}
+    groups = partition_parameters(sizes, 2)
+    assert sorted(sum(groups, [])) == sorted(sizes)
+    loads = [sum(sizes[n] for n in g) for g in groups]
+    assert max(loads) - min(loads) <= 11
+    assert partition_parameters(sizes, 8)[5:] == [[], [], []]
