@@ -25,6 +25,8 @@ __all__ = [
     "functional",
     "OrderParameterMonitor",
     "NoiseSplitTracker",
+    "PhaseDetector",
+    "GMMCleanser",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
@@ -39,6 +41,8 @@ _LAZY: dict[str, str] = {
     "functional": "lightning_phases.functional",
     "OrderParameterMonitor": "lightning_phases.callbacks",
     "NoiseSplitTracker": "lightning_phases.callbacks",
+    "PhaseDetector": "lightning_phases.callbacks",
+    "GMMCleanser": "lightning_phases.callbacks",
 }
 
 

@@ -88,6 +88,8 @@ class _ProbeCallback(Callback):
     """Probe set, schedule, safe measurement and reduction shared by the monitors."""
 
     prefix: str = ""
+    #: Metric keys this callback puts into ``trainer.callback_metrics`` (a protocol other callbacks may read).
+    phase_metrics: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -262,6 +264,7 @@ class _ProbeCallback(Callback):
         self.last_measured_step = step
         self.num_measurements += 1
         if metrics is not None:
+            metrics[f"{self.prefix}/measured_step"] = float(step)
             self._publish(trainer, metrics)
 
     def _warn_once(self, key: str, message: str) -> None:

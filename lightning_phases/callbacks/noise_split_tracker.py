@@ -105,11 +105,17 @@ class NoiseSplitTracker(_ProbeCallback):
         - ``split/mask_estimated``: 1 if the mask came from the loss mixture, 0 if from ground truth.
         - ``segment/ratio/<c>``, ``segment/cos/<c>``: per true class ``c``;
           ``segment/ratio``, ``segment/cos``: their means over classes.
+        - ``split/measured_step``: global step of the latest measurement.
         - ``split/skipped``: number of skipped measurements (only after a failure).
         - TensorBoard only: histograms ``split/loss_clean`` and ``split/loss_noisy``.
     """
 
     prefix = "split"
+    phase_metrics = (
+        "split/rho", "split/A_c", "split/A_w", "split/A0_c", "split/A0_w", "split/A0", "split/R_cw", "split/R_ac",
+        "split/R_aw", "split/L_c", "split/L_w", "split/err_c", "split/err_w", "split/mask_estimated",
+        "split/measured_step", "segment/ratio", "segment/cos",
+    )
     _finite_keys = ("gram", "segment_gram")
     _reduce_keys = ("gram", "segment_gram")
 

@@ -78,6 +78,7 @@ class OrderParameterMonitor(_ProbeCallback):
         - ``order/D_s``: effective dimension ``D_s(spectrum_fraction)``.
         - ``order/loss``: mean probe loss; ``order/error``: probe error rate
           against the given labels.
+        - ``order/measured_step``: global step of the latest measurement.
         - ``order/skipped``: number of skipped measurements (only after a failure).
         - TensorBoard only: histogram ``order/spectrum`` of ``log10`` eigenvalues
           and, every ``figure_every_n`` measurements, the figure
@@ -86,6 +87,10 @@ class OrderParameterMonitor(_ProbeCallback):
     """
 
     prefix = "order"
+    phase_metrics = (
+        "order/A", "order/A0", "order/A_parallel", "order/A_perp", "order/D", "order/D_parallel", "order/R",
+        "order/sigma2_lambda", "order/D_s", "order/loss", "order/error", "order/measured_step",
+    )
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from lightning_phases.functional.noise_split import (
     single_logit_loss,
     split_order_parameters,
 )
+from lightning_phases.functional.phases import PHASE_MODELS, PHASE_NAMES, PhaseTracker, PhaseTransition
 from lightning_phases.functional.per_sample import (
     LossFn,
     ParamSelection,
@@ -64,4 +65,8 @@ __all__ = [
     "mixture_threshold",
     "DetectionMetrics",
     "detection_metrics",
+    "PhaseTracker",
+    "PhaseTransition",
+    "PHASE_MODELS",
+    "PHASE_NAMES",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PHASE_LAYOUT", "spectrum_figure", "write_phase_layout"]
+__all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_layout"]
 
 # Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions.
 PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
@@ -66,5 +66,42 @@ def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
     ax.set_xlabel("rank l")
     ax.set_ylabel("eigenvalue e_l")
     ax.set_title("noise spectrum" + (f" (step {step})" if step is not None else ""))
+    fig.tight_layout()
+    return fig
+
+
+def mixture_figure(losses: Tensor, fit: Any, *, title: str = "per-sample losses"):
+    """Histogram of losses with the two fitted weighted Gaussians and the threshold (Feng & Tu, Figure 6B).
+
+    Args:
+        losses: Per-sample losses ``[n]``.
+        fit: A :class:`~lightning_phases.functional.LossMixture`.
+        title: Axes title.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
+    """
+    import math
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    x = losses.detach().to("cpu", torch.float64).numpy()
+    fig = Figure(figsize=(5.0, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(x, bins=60, density=True, alpha=0.45, color="0.4", label="losses")
+    if math.isfinite(fit.mean_clean) and fit.std_clean > 0 and fit.std_noisy > 0:
+        grid = np.linspace(float(x.min()), float(x.max()), 400)
+
+        def pdf(m: float, s: float) -> np.ndarray:
+            return np.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+        ax.plot(grid, (1 - fit.weight_noisy) * pdf(fit.mean_clean, fit.std_clean), color="tab:blue", label="clean component")
+        ax.plot(grid, fit.weight_noisy * pdf(fit.mean_noisy, fit.std_noisy), color="tab:red", label="mislabeled component")
+        ax.axvline(fit.threshold, color="k", ls="--", lw=1, label=f"threshold {fit.threshold:.3g}")
+    ax.set_xlabel("loss")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

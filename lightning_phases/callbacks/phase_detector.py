@@ -1,0 +1,245 @@
+"""PhaseDetector: name the phase of learning online and recommend (or act on) a stopping point."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
+
+__all__ = ["PhaseDetector"]
+
+log = logging.getLogger("lightning_phases")
+
+_TRIGGERS = ("order/measured_step", "split/measured_step")
+_PROVIDERS = {"order/": "OrderParameterMonitor", "split/": "NoiseSplitTracker"}
+
+
+class PhaseDetector(Callback):
+    """Detect the phases of learning from the statistics other callbacks publish.
+
+    Reads ``trainer.callback_metrics`` -- as ``EarlyStopping`` reads its
+    monitor -- after each new measurement of
+    :class:`~lightning_phases.callbacks.OrderParameterMonitor` and
+    :class:`~lightning_phases.callbacks.NoiseSplitTracker` (it never imports
+    or references them) and feeds a
+    :class:`~lightning_phases.functional.phases.PhaseTracker`: the two phases
+    of clean data (``fast_learning`` → ``exploration``), the four phases with
+    mislabeled data (``I`` → ``IV``, SPEC.md §2), and the end of clean-priority
+    learning (the segment ratio falling to 1, SPEC.md §3). Decisions are
+    causal, smoothed and hysteretic; every rank sees the same reduced
+    statistics, so every rank takes the same decision.
+
+    **Stopping point.** The recommended stop is where the clean data is
+    learned and the mislabeled data not yet: the start of phase II or the end
+    of clean-priority learning, whichever is detected first. At that moment
+    the detector keeps a CPU copy of the weights (``recommended_state_dict``),
+    optionally writes a checkpoint (``save_checkpoint=True``:
+    ``<log_dir>/phase_recommended.ckpt``) and optionally stops training
+    (``stop=True``). It also publishes ``phase/recommended`` (1.0 at that
+    measurement, 0.0 otherwise), so
+    ``ModelCheckpoint(monitor="phase/recommended", mode="max", save_top_k=1,
+    save_on_train_epoch_end=True)`` keeps exactly those weights. No clean
+    validation data is needed.
+
+    Args:
+        model: Phase model: ``"auto"`` (four phases when the split statistics
+            are present, two otherwise), ``"two"`` or ``"four"``.
+        smoothing: EMA weight of the newest measurement, in ``(0, 1]``.
+        patience: Consecutive measurements a transition condition must hold.
+        stop: Stop training at the recommended point.
+        save_checkpoint: Write ``phase_recommended.ckpt`` at the recommended point.
+        strict: Fail in ``setup()`` when no callback provides the needed statistics.
+        thresholds: Extra keyword arguments for
+            :class:`~lightning_phases.functional.phases.PhaseTracker`
+            (``r_explore``, ``sigma2_explore``, ``balance``, ``r_cw_oppose``,
+            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``).
+
+    Logged metrics:
+        - ``phase/index``: index of the current phase (0-based) after each measurement.
+        - ``phase/recommended``: 1.0 at the measurement of the recommended stop, else 0.0.
+        - ``phase/recommended_step``: global step of the recommended stop (once known).
+        - TensorBoard only: a text entry ``phase/transitions`` per transition.
+    """
+
+    def __init__(
+        self,
+        model: str = "auto",
+        *,
+        smoothing: float = 0.5,
+        patience: int = 2,
+        stop: bool = False,
+        save_checkpoint: bool = False,
+        strict: bool = True,
+        **thresholds: float,
+    ) -> None:
+        super().__init__()
+        if model not in PHASE_MODELS:
+            raise LightningPhasesError(f"model must be one of {PHASE_MODELS}; got {model!r}.")
+        self.tracker = PhaseTracker(model, smoothing=smoothing, patience=patience, **thresholds)
+        self.model = model
+        self.stop = bool(stop)
+        self.save_checkpoint = bool(save_checkpoint)
+        self.strict = bool(strict)
+        self._seen: dict[str, float] = {}
+        self.recommended_state_dict: dict[str, torch.Tensor] | None = None
+        self.recommended_checkpoint: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(model=self.model)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per measurement: step, epoch, phase, phase index."""
+        return self.tracker.history
+
+    @property
+    def transitions(self) -> list[PhaseTransition]:
+        """Every detected transition and event, in order."""
+        return self.tracker.transitions
+
+    @property
+    def phase(self) -> str | None:
+        """The current phase."""
+        return self.tracker.phase
+
+    @property
+    def recommended(self) -> PhaseTransition | None:
+        """The recommended stopping point (``None`` until detected)."""
+        return self.tracker.recommended
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.strict:
+            return
+        provided: set[str] = set()
+        for cb in trainer.callbacks:
+            provided.update(getattr(cb, "phase_metrics", ()) or ())
+        needed = list(required_keys("two"))
+        if self.model == "four":
+            needed += list(required_keys("four"))
+        missing = [k for k in needed if k not in provided]
+        if missing:
+            names = sorted({name for prefix, name in _PROVIDERS.items() if any(k.startswith(prefix) for k in missing)})
+            raise LightningPhasesError(
+                f"PhaseDetector(model={self.model!r}) needs {missing}, which no callback of this Trainer provides. "
+                f"Add {' and '.join(names)} to Trainer(callbacks=[...]) (or pass strict=False if you log them yourself)."
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._poll(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._poll(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._poll(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._poll(trainer, pl_module)
+        rank_zero_info(self.summary())
+
+    # ------------------------------------------------------------------ logic
+    def _new_measurement(self, metrics: dict[str, Any]) -> bool:
+        fresh = False
+        for key in _TRIGGERS:
+            if key in metrics:
+                value = float(metrics[key])
+                if self._seen.get(key) != value:
+                    self._seen[key] = value
+                    fresh = True
+        return fresh
+
+    def _poll(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if not self._new_measurement(metrics):
+            return
+        stats = {k: float(v) for k, v in metrics.items() if k.startswith(("order/", "split/", "segment/"))}
+        step = int(max(self._seen.values()))
+        before = self.tracker.recommended
+        found = self.tracker.update(stats, step=step, epoch=trainer.current_epoch)
+        out = {"phase/index": float(self.tracker.phase_index)}
+        now = self.tracker.recommended
+        is_new_recommendation = before is None and now is not None
+        out["phase/recommended"] = 1.0 if is_new_recommendation else 0.0
+        if now is not None:
+            out["phase/recommended_step"] = float(now.step)
+        self._publish(trainer, out)
+        for t in found:
+            self._report(trainer, t)
+        if is_new_recommendation:
+            self._on_recommended(trainer, pl_module, now)
+
+    def _report(self, trainer: pl.Trainer, t: PhaseTransition) -> None:
+        what = f"phase {t.from_phase} -> {t.to_phase}" if t.kind == "phase" else "clean-priority learning ended (segment ratio reached 1)"
+        keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/R", "order/sigma2_lambda", "segment/ratio")
+        trig = ", ".join(f"{k}={t.statistics[k]:.4g}" for k in keys if k in t.statistics)
+        text = f"step {t.step} (epoch {t.epoch}): {what}; smoothed {trig}"
+        rank_zero_info(f"PhaseDetector: {text}")
+        if trainer.is_global_zero:
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("phase/transitions", text, t.step)
+
+    def _on_recommended(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: PhaseTransition) -> None:
+        self.recommended_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        rank_zero_info(
+            f"PhaseDetector: recommended stop at step {t.step} (epoch {t.epoch}): the clean data is learned and the "
+            "mislabeled data not yet."
+        )
+        if self.save_checkpoint:
+            directory = trainer.log_dir or trainer.default_root_dir
+            path = os.path.join(directory, "phase_recommended.ckpt")
+            trainer.save_checkpoint(path)  # collective under DDP: every rank takes this branch
+            self.recommended_checkpoint = path
+        if self.stop:
+            trainer.should_stop = True
+
+    def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items() if not math.isnan(v)})
+
+    def restore_recommended(self, pl_module: torch.nn.Module) -> None:
+        """Load the weights kept at the recommended stop into ``pl_module``.
+
+        Raises:
+            LightningPhasesError: no stopping point was recommended.
+        """
+        if self.recommended_state_dict is None:
+            raise LightningPhasesError("No stopping point has been recommended yet; there are no weights to restore.")
+        pl_module.load_state_dict(copy.deepcopy(self.recommended_state_dict))
+
+    def summary(self) -> str:
+        """A short phase timeline: epochs per phase, transitions and the recommended stop."""
+        lines = [f"Phase timeline ({self.tracker.model or 'no'} model, {self.tracker.num_measurements} measurements):"]
+        for phase, first, last in self.tracker.timeline():
+            lines.append(f"  {phase:<14s} epochs {first}-{last} ({last - first + 1} epoch{'s' if last > first else ''})")
+        rec = self.tracker.recommended
+        lines.append(
+            f"  recommended stop: step {rec.step}, epoch {rec.epoch}" if rec else "  recommended stop: not reached"
+        )
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict(), "seen": dict(self._seen), "recommended_checkpoint": self.recommended_checkpoint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state_dict.get("tracker", {}))
+        self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
+        self.recommended_checkpoint = state_dict.get("recommended_checkpoint")

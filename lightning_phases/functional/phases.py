@@ -1,0 +1,288 @@
+"""Online phase classification from a series of order parameters (SPEC.md §2, §3).
+
+:class:`PhaseTracker` reads one set of statistics per measurement and
+decides, causally, which phase of learning the run is in:
+
+* ``"two"`` (clean data, Feng & Tu 2021 section 3): ``fast_learning`` → ``exploration``.
+  The run enters exploration when the smoothed alignment ``R`` falls below
+  ``r_explore`` *and* the smoothed ``sigma2_lambda`` exceeds ``sigma2_explore``.
+* ``"four"`` (mislabeled data, section 4): ``I`` → ``II`` → ``III`` → ``IV``.
+  Phase II starts when the directed activities balance
+  (``A0_c/A0_w <= balance``) while the clean and mislabeled gradients oppose
+  each other (``R_cw <= r_cw_oppose``); phase III when they align
+  (``R_cw >= r_cw_align``); phase IV when the mislabeled samples are
+  memorised (``err_w <= memorised``) and the activity has fallen below
+  ``activity_drop`` times its phase-III maximum.
+
+Independently it records the end of *clean-priority learning*: the first
+measurement at which the smoothed mean segment ratio
+``‖g_clean^(c)‖/‖g_noise^(c)‖`` falls to ``segment_end`` (1 by default, SPEC §3).
+
+Every statistic is smoothed with an exponential moving average
+(``smoothing`` is the weight of the newest value); a transition is taken only
+after its condition has held for ``patience`` consecutive measurements, and
+phases only advance, so noise cannot make the phase flap. The detection step
+is the step of the measurement that completed the patience window.
+
+The recommended stopping point -- the clean data learned, the mislabeled
+data not yet -- is the start of phase II, or the end of clean-priority
+learning if that comes first. With the two-phase model there is none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_phases.errors import LightningPhasesError
+
+__all__ = ["PhaseTracker", "PhaseTransition", "PHASE_MODELS", "PHASE_NAMES", "required_keys"]
+
+PHASE_MODELS = ("auto", "two", "four")
+PHASE_NAMES: dict[str, tuple[str, ...]] = {
+    "two": ("fast_learning", "exploration"),
+    "four": ("I", "II", "III", "IV"),
+}
+_KEYS = {
+    "two": ("order/R", "order/sigma2_lambda"),
+    "four": ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/A"),
+}
+_SEGMENT_KEY = "segment/ratio"
+
+
+def required_keys(model: str) -> tuple[str, ...]:
+    """The ``callback_metrics`` keys a phase model reads."""
+    if model not in PHASE_NAMES:
+        raise LightningPhasesError(f"phase model must be one of {tuple(PHASE_NAMES)}; got {model!r}.")
+    return _KEYS[model]
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """One detected transition (or event).
+
+    Attributes:
+        kind: ``"phase"`` for a phase change, ``"clean_priority_end"`` for the segment-ratio event.
+        from_phase: Phase before (the event's name for events).
+        to_phase: Phase after.
+        step: Global step of the measurement that confirmed it.
+        epoch: Epoch of that measurement.
+        measurement: Index of that measurement in the series.
+        statistics: The smoothed statistics that triggered it.
+    """
+
+    kind: str
+    from_phase: str
+    to_phase: str
+    step: int
+    epoch: int
+    measurement: int
+    statistics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Thresholds:
+    r_explore: float = 0.1
+    sigma2_explore: float = 1.0
+    balance: float = 2.0
+    r_cw_oppose: float = -0.3
+    r_cw_align: float = 0.0
+    memorised: float = 0.05
+    activity_drop: float = 0.5
+    segment_end: float = 1.0
+
+
+class PhaseTracker:
+    """Causal, smoothed, hysteretic phase classification (see the module docstring).
+
+    Args:
+        model: ``"auto"`` (four phases once split statistics appear, else two),
+            ``"two"`` or ``"four"``.
+        smoothing: EMA weight of the newest value, in ``(0, 1]`` (1 = no smoothing).
+        patience: Consecutive measurements a condition must hold, ``>= 1``.
+        r_explore, sigma2_explore: Two-phase thresholds.
+        balance, r_cw_oppose, r_cw_align, memorised, activity_drop: Four-phase thresholds.
+        segment_end: Segment ratio that ends clean-priority learning.
+
+    Raises:
+        LightningPhasesError: an unknown model, ``patience < 1``, ``smoothing``
+            outside ``(0, 1]``, ``balance < 1``.
+    """
+
+    def __init__(
+        self,
+        model: str = "auto",
+        *,
+        smoothing: float = 0.5,
+        patience: int = 2,
+        r_explore: float = 0.1,
+        sigma2_explore: float = 1.0,
+        balance: float = 2.0,
+        r_cw_oppose: float = -0.3,
+        r_cw_align: float = 0.0,
+        memorised: float = 0.05,
+        activity_drop: float = 0.5,
+        segment_end: float = 1.0,
+    ) -> None:
+        if model not in PHASE_MODELS:
+            raise LightningPhasesError(f"phase model must be one of {PHASE_MODELS}; got {model!r}.")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise LightningPhasesError(f"patience must be an int >= 1; got {patience!r}.")
+        if not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
+        if balance < 1:
+            raise LightningPhasesError(f"balance is a ratio A0_c/A0_w threshold >= 1; got {balance!r}.")
+        self.requested_model = model
+        self.smoothing = float(smoothing)
+        self.patience = patience
+        self.thresholds = _Thresholds(r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget everything measured so far."""
+        self.model: str | None = None if self.requested_model == "auto" else self.requested_model
+        self.phase_index = 0
+        self.num_measurements = 0
+        self.smoothed: dict[str, float] = {}
+        self.streak = 0
+        self.segment_streak = 0
+        self.peak_activity = 0.0
+        self.transitions: list[PhaseTransition] = []
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def phase(self) -> str | None:
+        """Name of the current phase (``None`` before the first measurement)."""
+        if self.model is None:
+            return None
+        return PHASE_NAMES[self.model][self.phase_index]
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phase names of the model in use."""
+        return PHASE_NAMES[self.model] if self.model else ()
+
+    @property
+    def clean_priority_end(self) -> PhaseTransition | None:
+        """The event at which the segment ratio reached ``segment_end``, if it has."""
+        return next((t for t in self.transitions if t.kind == "clean_priority_end"), None)
+
+    @property
+    def recommended(self) -> PhaseTransition | None:
+        """The recommended stopping point: start of phase II or end of clean-priority learning, whichever came first."""
+        candidates = [t for t in self.transitions if (t.kind == "phase" and t.to_phase == "II") or t.kind == "clean_priority_end"]
+        return min(candidates, key=lambda t: t.measurement) if candidates else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the series after a restart."""
+        return {
+            "model": self.model,
+            "phase_index": self.phase_index,
+            "num_measurements": self.num_measurements,
+            "smoothed": dict(self.smoothed),
+            "streak": self.streak,
+            "segment_streak": self.segment_streak,
+            "peak_activity": self.peak_activity,
+            "transitions": [asdict(t) for t in self.transitions],
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (missing keys keep their defaults)."""
+        self.reset()
+        self.model = state.get("model", self.model)
+        self.phase_index = int(state.get("phase_index", 0))
+        self.num_measurements = int(state.get("num_measurements", 0))
+        self.smoothed = {k: float(v) for k, v in state.get("smoothed", {}).items()}
+        self.streak = int(state.get("streak", 0))
+        self.segment_streak = int(state.get("segment_streak", 0))
+        self.peak_activity = float(state.get("peak_activity", 0.0))
+        self.transitions = [PhaseTransition(**t) for t in state.get("transitions", [])]
+        self.history = [dict(h) for h in state.get("history", [])]
+
+    # ------------------------------------------------------------------ update
+    def _smooth(self, stats: Mapping[str, float]) -> None:
+        a = self.smoothing
+        for key, value in stats.items():
+            value = float(value)
+            if not math.isfinite(value):
+                continue
+            prev = self.smoothed.get(key)
+            self.smoothed[key] = value if prev is None else a * value + (1 - a) * prev
+
+    def _condition(self) -> bool:
+        """Whether the condition for leaving the current phase holds (on smoothed values)."""
+        s, t = self.smoothed, self.thresholds
+        if self.model == "two":
+            if self.phase_index == 0:
+                return s.get("order/R", math.inf) < t.r_explore and s.get("order/sigma2_lambda", 0.0) > t.sigma2_explore
+            return False
+        a0c, a0w, rcw = s.get("split/A0_c"), s.get("split/A0_w"), s.get("split/R_cw")
+        if a0c is None or a0w is None or rcw is None:
+            return False
+        if self.phase_index == 0:
+            return a0w > 0 and a0c / a0w <= t.balance and rcw <= t.r_cw_oppose
+        if self.phase_index == 1:
+            return rcw >= t.r_cw_align
+        if self.phase_index == 2:
+            err_w = s.get("split/err_w", math.inf)
+            activity = s.get("order/A", s.get("split/A_c", math.inf))
+            return err_w <= t.memorised and activity <= t.activity_drop * self.peak_activity
+        return False
+
+    def update(self, stats: Mapping[str, float], *, step: int, epoch: int = 0) -> list[PhaseTransition]:
+        """Feed one measurement; return the transitions it confirmed (usually none).
+
+        Args:
+            stats: ``{key: value}`` with keys as the callbacks log them
+                (``order/R``, ``split/R_cw``, ``segment/ratio``, ...). Missing
+                or non-finite values are ignored.
+            step: Global step of the measurement.
+            epoch: Epoch of the measurement.
+        """
+        if self.model is None:
+            self.model = "four" if all(k in stats for k in ("split/A0_c", "split/A0_w", "split/R_cw")) else "two"
+        self._smooth(stats)
+        index = self.num_measurements
+        self.num_measurements += 1
+        if self.model == "four" and self.phase_index == 2:
+            self.peak_activity = max(self.peak_activity, self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0)))
+        found: list[PhaseTransition] = []
+        if self.phase_index < len(self.phases) - 1:
+            self.streak = self.streak + 1 if self._condition() else 0
+            if self.streak >= self.patience:
+                old = self.phase
+                self.phase_index += 1
+                self.streak = 0
+                if self.model == "four" and self.phase_index == 2:
+                    self.peak_activity = self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
+                found.append(PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed)))
+        seg = self.smoothed.get(_SEGMENT_KEY)
+        if self.clean_priority_end is None and seg is not None:
+            self.segment_streak = self.segment_streak + 1 if seg <= self.thresholds.segment_end else 0
+            if self.segment_streak >= self.patience:
+                found.append(PhaseTransition("clean_priority_end", "clean_priority", "balanced", step, epoch, index, dict(self.smoothed)))
+        self.transitions.extend(found)
+        self.history.append({"step": step, "epoch": epoch, "phase": self.phase, "phase_index": self.phase_index})
+        return found
+
+    def run(self, series: Sequence[Mapping[str, float]], *, steps: Sequence[int] | None = None) -> list[str]:
+        """Feed a whole recorded series causally; return the phase after each measurement."""
+        out = []
+        for i, stats in enumerate(series):
+            self.update(stats, step=steps[i] if steps is not None else i, epoch=i)
+            out.append(str(self.phase))
+        return out
+
+    def timeline(self) -> list[tuple[str, int, int]]:
+        """``(phase, first_epoch, last_epoch)`` for each phase visited, from the history."""
+        spans: list[tuple[str, int, int]] = []
+        for h in self.history:
+            if spans and spans[-1][0] == h["phase"]:
+                spans[-1] = (spans[-1][0], spans[-1][1], h["epoch"])
+            else:
+                spans.append((h["phase"], h["epoch"], h["epoch"]))
+        return spans

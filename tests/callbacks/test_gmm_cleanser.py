@@ -1,0 +1,217 @@
+"""GMMCleanser: t_c detection with patience, actions end to end, outputs, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Subset
+
+from lightning_phases import GMMCleanser
+from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional import detection_metrics
+from tests.callbacks.helpers import NoisyTensorDataset, PlainDataset, TinyClassifier, loader, series, trainer
+
+DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak at epoch 3
+
+
+class ScriptedCleanser(GMMCleanser):
+    """Losses constructed per epoch: clean ~ N(0.2, 0.1²), mislabeled ~ N(0.2 + ΔL_epoch, 0.1²)."""
+
+    def _all_losses(self, trainer, pl_module):
+        ds = self._train_dataset(trainer)
+        n = len(ds)
+        gen = torch.Generator().manual_seed(trainer.current_epoch)
+        noisy = torch.as_tensor(ds.is_noisy) if hasattr(ds, "is_noisy") else torch.arange(n) % 3 == 0
+        losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+        losses[noisy] += DELTAS[trainer.current_epoch]
+        given = torch.zeros(n, dtype=torch.long)
+        return losses, given, given.clone()
+
+
+def _fit(tmp_path, cleanser, *, dataset=None, epochs=12, extra=(), **kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = TinyClassifier()
+    tr = trainer(tmp_path, [cleanser, *extra], max_epochs=epochs, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(model, kwargs.pop("train_loader", None) or loader(dataset or NoisyTensorDataset(n=300)))
+    return tr, model
+
+
+@pytest.mark.parametrize("patience,confirm_epoch", [(1, 4), (3, 6), (5, 8)])
+def test_t_c_is_the_delta_L_peak_confirmed_after_patience(tmp_path, patience, confirm_epoch):
+    cleanser = ScriptedCleanser(patience=patience)
+    tr, _ = _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == 3 and cleanser.t_c_step == 4 * 38
+    logged = series(tr.loggers[0].records, "gmm/delta_L")
+    assert len(logged) == confirm_epoch + 1  # stops measuring once t_c is confirmed
+    assert series(tr.loggers[0].records, "gmm/t_c_step") == [((confirm_epoch + 1) * 38, 4.0 * 38)]
+    # the flags are those of the fit at the peak: the mislabeled samples
+    truth = NoisyTensorDataset(n=300).is_noisy
+    met = detection_metrics(torch.zeros(300, dtype=torch.bool).index_fill_(0, cleanser.flagged_indices, True), truth)
+    assert met.precision > 0.97 and met.recall > 0.97
+
+
+def test_warmup_ignores_early_epochs(tmp_path):
+    cleanser = ScriptedCleanser(patience=2, warmup_epochs=5)
+    _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == 5  # the first measured epoch (ΔL = 1.95) is the peak after warm-up
+
+
+def test_flag_action_writes_csv_metrics_and_figure(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    cleanser = ScriptedCleanser(patience=2)
+    tr, _ = _fit(tmp_path, cleanser, logger=TensorBoardLogger(tmp_path, name="tb"))
+    path = os.path.join(tr.log_dir, "gmm_flagged.csv")
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["index"]) for r in rows] == cleanser.flagged_indices.tolist()
+    assert set(rows[0]) == {"index", "loss", "posterior", "given_label", "predicted_label"}
+    assert all(float(r["posterior"]) > 0.5 for r in rows)
+    assert cleanser.last["gmm/precision"] > 0.97 and cleanser.last["gmm/num_flagged"] == len(rows)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tr.log_dir)
+    acc.Reload()
+    assert "gmm/loss_histogram" in acc.Tags()["images"]
+
+
+def test_stop_action_stops_at_confirmation(tmp_path):
+    cleanser = ScriptedCleanser(action="stop", patience=2)
+    tr, _ = _fit(tmp_path, cleanser)
+    assert tr.current_epoch == 6  # confirmed at the end of epoch 5
+
+
+def test_max_fraction_caps_the_flags(tmp_path):
+    cleanser = ScriptedCleanser(patience=1, max_fraction=0.1)
+    _fit(tmp_path, cleanser)
+    assert cleanser.flagged_indices.numel() == 30
+
+
+class RemovableDataModule(pl.LightningDataModule):
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.full = dataset
+        self.removed = torch.zeros(0, dtype=torch.long)
+        self.loader_sizes: list[int] = []
+
+    def remove_train_samples(self, indices) -> None:
+        self.removed = torch.as_tensor(indices)
+
+    def train_dataloader(self):
+        keep = [i for i in range(len(self.full)) if i not in set(self.removed.tolist())]
+        self.loader_sizes.append(len(keep))
+        return DataLoader(Subset(self.full, keep), batch_size=8, shuffle=True)
+
+
+def test_remove_action_continues_on_the_cleansed_set(tmp_path):
+    ds = NoisyTensorDataset(n=300)
+    before = ds.noisy_targets.clone()
+    dm = RemovableDataModule(ds)
+    cleanser = ScriptedCleanser(action="remove", patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser], max_epochs=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), datamodule=dm)
+    assert cleanser.removed and torch.equal(dm.removed, cleanser.flagged_indices)
+    n_flag = cleanser.flagged_indices.numel()
+    assert dm.loader_sizes[0] == 300 and dm.loader_sizes[-1] == 300 - n_flag
+    assert torch.equal(ds.noisy_targets, before) and len(ds) == 300  # the user's data is untouched
+
+
+def test_remove_requires_a_capable_datamodule(tmp_path):
+    with pytest.raises(LightningPhasesError, match="remove_train_samples"):
+        _fit(tmp_path, GMMCleanser(action="remove"))
+
+
+def test_resume_keeps_history_and_flags(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    first = ScriptedCleanser(patience=3)
+    _fit(tmp_path / "a", first, epochs=5, extra=[ckpt], enable_checkpointing=True)
+    assert first.t_c_epoch is None and first.best_epoch == 3
+    second = ScriptedCleanser(patience=3)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [second], max_epochs=12, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert second.t_c_epoch == 3 and len(second.delta_L_history) == 7
+    assert torch.equal(second.flagged_indices, first.flagged_indices)
+
+
+def test_real_training_finds_the_mislabeled_samples(tmp_path):
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
+    cleanser = GMMCleanser(patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser], max_epochs=25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=32))
+    assert cleanser.t_c_epoch is not None
+    flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, cleanser.flagged_indices, True)
+    met = detection_metrics(flags, ds.is_noisy)
+    assert met.f1 > 0.8, met
+
+
+def test_clean_data_flags_almost_nothing(tmp_path):
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.0, seed=1)
+    cleanser = GMMCleanser(patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser], max_epochs=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=32))
+    assert cleanser.flagged_indices.numel() < 0.02 * 600
+    flagged = [v for _, v in series(tr.loggers[0].records, "gmm/num_flagged")]
+    assert max(flagged) < 0.02 * 600
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(patience=0), "patience"),
+        (dict(max_fraction=0.0), "max_fraction"),
+        (dict(max_fraction=1.5), "max_fraction"),
+        (dict(action="delete"), "action must be one of"),
+        (dict(every_n_epochs=0), "every_n_epochs"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(LightningPhasesError, match=match):
+        GMMCleanser(**kwargs)
+
+
+class _Dump(pl.Callback):
+    def __init__(self, directory, cleanser) -> None:
+        self.directory, self.cleanser = str(directory), cleanser
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as fh:
+            json.dump({"flags": self.cleanser.flagged_indices.tolist(), "t_c": self.cleanser.t_c_step, "epoch": trainer.current_epoch}, fh)
+
+
+def test_ddp_ranks_agree_on_flags_and_decision(tmp_path):
+    ds = NoisyTensorDataset(n=400, dim=8, num_classes=4, rate=0.4, seed=1)
+    cleanser = GMMCleanser(action="stop", patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=30, accelerator="cpu", devices=2, strategy="ddp_spawn",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[cleanser, _Dump(tmp_path, cleanser)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=16))
+    with open(tmp_path / "rank0.json") as a, open(tmp_path / "rank1.json") as b:
+        r0, r1 = json.load(a), json.load(b)
+    assert r0 == r1
+    assert r0["t_c"] is not None and len(r0["flags"]) > 50 and r0["epoch"] < 29

@@ -1,0 +1,124 @@
+"""PhaseTracker on recorded series whose right answer is known by construction."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional import PhaseTracker
+
+
+def _four_phase_series(noise: float = 0.0, seed: int = 0, lengths=(10, 30, 15, 15)):
+    """Split statistics following the four phases of SPEC §2, with optional multiplicative/additive noise."""
+    rng = random.Random(seed)
+    series, truth = [], []
+    for phase, length in enumerate(lengths):
+        for k in range(length):
+            frac = k / max(1, length - 1)
+            if phase == 0:  # A0_c >> A0_w, R_cw < 0
+                a0c, a0w, rcw, err_w, a = 10.0 - 5 * frac, 0.5 + 0.5 * frac, -0.4 - 0.2 * frac, 0.9, 5.0
+            elif phase == 1:  # balanced, opposed
+                a0c, a0w, rcw, err_w, a = 1.0, 1.0, -0.8, 0.95, 5.0
+            elif phase == 2:  # aligned, memorising
+                a0c, a0w, rcw, err_w, a = 1.0, 1.2, 0.4, 0.9 - 0.85 * frac, 8.0
+            else:  # memorised, activity collapsed, opposed again
+                a0c, a0w, rcw, err_w, a = 0.05, 0.05, -0.5, 0.01, 0.5
+            jitter = lambda v: v * (1 + noise * rng.uniform(-1, 1))  # noqa: E731
+            series.append({
+                "split/A0_c": jitter(a0c), "split/A0_w": jitter(a0w),
+                "split/R_cw": rcw + noise * rng.uniform(-1, 1) * 0.3, "split/err_w": err_w, "order/A": jitter(a),
+                "order/R": 0.1, "order/sigma2_lambda": 1.0,
+            })
+            truth.append(("I", "II", "III", "IV")[phase])
+    return series, truth
+
+
+def test_clean_four_phase_series_is_read_exactly():
+    series, truth = _four_phase_series()
+    tracker = PhaseTracker(smoothing=1.0, patience=1)
+    phases = tracker.run(series)
+    assert tracker.model == "four"
+    assert phases == truth
+    assert [t.to_phase for t in tracker.transitions if t.kind == "phase"] == ["II", "III", "IV"]
+    assert tracker.recommended.to_phase == "II" and tracker.recommended.measurement == 10
+
+
+def test_noisy_series_does_not_flap_and_lags_by_little():
+    for seed in range(5):
+        series, truth = _four_phase_series(noise=0.6, seed=seed)
+        tracker = PhaseTracker(smoothing=0.5, patience=2)
+        phases = tracker.run(series)
+        order = ["I", "II", "III", "IV"]
+        idx = [order.index(p) for p in phases]
+        assert idx == sorted(idx), "phases must only advance"
+        assert len(tracker.transitions) == 3  # each transition exactly once
+        for t in tracker.transitions:
+            true_start = truth.index(t.to_phase)
+            assert true_start <= t.measurement <= true_start + 4, (seed, t)
+
+
+def test_alternating_statistics_that_make_a_naive_rule_flap():
+    """In phase II R_cw alternates +0.1 / -0.5: a raw `R_cw >= 0` rule flips every measurement."""
+    series, truth = _four_phase_series()
+    for i in range(14, 40):
+        series[i]["split/R_cw"] = 0.1 if i % 2 == 0 else -0.5
+    naive = ["III" if s["split/R_cw"] >= 0 else "II" for s in series[14:40]]
+    assert naive.count("III") == 13  # the naive reading flips at every measurement
+    tracker = PhaseTracker(smoothing=0.5, patience=2)
+    phases = tracker.run(series)
+    assert phases.index("III") >= 40  # smoothed + hysteretic: no false phase III
+    assert [t.to_phase for t in tracker.transitions] == ["II", "III", "IV"]
+
+
+def test_two_phase_model_on_clean_statistics():
+    series = [{"order/R": 0.4 - 0.01 * i, "order/sigma2_lambda": 0.2 + 0.05 * i} for i in range(40)]
+    tracker = PhaseTracker(patience=2)
+    phases = tracker.run(series)
+    assert tracker.model == "two"
+    first = phases.index("exploration")
+    # condition R < 0.1 and sigma2 > 1 first holds at i = 31 (raw); smoothing and patience delay it a little
+    assert 31 <= first <= 35
+    assert tracker.recommended is None
+    assert tracker.timeline()[0][0] == "fast_learning"
+
+
+def test_segment_ratio_end_of_clean_priority():
+    series = [{"segment/ratio": 9.0 * math.exp(-i / 5) + 0.5, "order/R": 0.3, "order/sigma2_lambda": 0.5} for i in range(30)]
+    tracker = PhaseTracker(smoothing=1.0, patience=2)
+    tracker.run(series)
+    event = tracker.clean_priority_end
+    raw_first = next(i for i, s in enumerate(series) if s["segment/ratio"] <= 1.0)
+    assert event is not None and event.measurement == raw_first + 1
+    assert tracker.recommended == event
+
+
+def test_nan_values_are_ignored():
+    series, truth = _four_phase_series()
+    series[3]["split/R_cw"] = float("nan")
+    tracker = PhaseTracker(smoothing=1.0, patience=1)
+    assert tracker.run(series) == truth
+
+
+def test_state_round_trip_continues_identically():
+    series, _ = _four_phase_series(noise=0.4, seed=3)
+    full = PhaseTracker()
+    expected = full.run(series)
+    first = PhaseTracker()
+    first.run(series[:25])
+    second = PhaseTracker()
+    second.load_state_dict(first.state_dict())
+    rest = [second.update(s, step=25 + i, epoch=25 + i) and second.phase or second.phase for i, s in enumerate(series[25:])]
+    assert rest == expected[25:]
+    assert [t.measurement for t in second.transitions] == [t.measurement for t in full.transitions]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"), (dict(balance=0.5), "balance")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(LightningPhasesError, match=match):
+        PhaseTracker(**kwargs)
