@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning_phases.errors import (
     DegenerateInputError,
+    LabelNoiseError,
     LightningPhasesError,
     ParameterSelectionError,
     PhaseStatisticsWarning,
@@ -27,10 +28,18 @@ __all__ = [
     "NoiseSplitTracker",
     "PhaseDetector",
     "GMMCleanser",
+    "NoisyLabelDataset",
+    "NoisyDigitsDataModule",
+    "NoisyMNISTDataModule",
+    "NoisyFashionMNISTDataModule",
+    "NoisyCIFAR10DataModule",
+    "GaussianClustersDataModule",
+    "SparseLinearRegressionDataModule",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
     "DegenerateInputError",
+    "LabelNoiseError",
     "PhaseStatisticsWarning",
 ]
 
@@ -43,6 +52,13 @@ _LAZY: dict[str, str] = {
     "NoiseSplitTracker": "lightning_phases.callbacks",
     "PhaseDetector": "lightning_phases.callbacks",
     "GMMCleanser": "lightning_phases.callbacks",
+    "NoisyLabelDataset": "lightning_phases.data",
+    "NoisyDigitsDataModule": "lightning_phases.data",
+    "NoisyMNISTDataModule": "lightning_phases.data",
+    "NoisyFashionMNISTDataModule": "lightning_phases.data",
+    "NoisyCIFAR10DataModule": "lightning_phases.data",
+    "GaussianClustersDataModule": "lightning_phases.data",
+    "SparseLinearRegressionDataModule": "lightning_phases.data",
 }
 
 

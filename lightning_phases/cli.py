@@ -98,7 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
     dm = NoisyDigitsDataModule(noise_rate=args.noise_rate, seed=args.seed, batch_size=32)
     logger = TensorBoardLogger(args.output_dir, name="", version="")
     cleanser = GMMCleanser(patience=3, max_fraction=0.95)
-    detector = PhaseDetector()
+    detector = PhaseDetector(verbose=False)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="auto",

@@ -17,6 +17,7 @@ __all__ = [
     "ParameterSelectionError",
     "UnsupportedModelError",
     "DegenerateInputError",
+    "LabelNoiseError",
     "PhaseStatisticsWarning",
 ]
 
@@ -35,6 +36,10 @@ class UnsupportedModelError(LightningPhasesError):
 
 class DegenerateInputError(LightningPhasesError):
     """The input cannot define the statistic (too few samples, an empty part, wrong shapes)."""
+
+
+class LabelNoiseError(LightningPhasesError):
+    """Bad arguments for a label-noise model or a noisy dataset."""
 
 
 class PhaseStatisticsWarning(UserWarning):

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional.ensemble import derived_seed
 from lightning_phases.functional.per_sample import (
     GRAM_METHODS,
     LossFn,
@@ -215,7 +216,8 @@ class _ProbeCallback(Callback):
                 "Increase probe_size, or pass a smaller batch_size=."
             )
         if self.probe_indices is None:
-            gen = torch.Generator().manual_seed(self.seed)
+            # a stream of its own: the same user seed must not pick the same samples as the label noise
+            gen = torch.Generator().manual_seed(derived_seed(self.seed, "probe"))
             self.probe_indices = torch.randperm(size, generator=gen)[:n].sort().values
         elif int(self.probe_indices.max()) >= size:
             raise LightningPhasesError(

@@ -54,10 +54,11 @@ def find_probe_ground_truth(dataset: Any, indices: Tensor, datamodule: Any = Non
         else:
             break
     if datamodule is not None:
-        for candidate in (datamodule, getattr(datamodule, "noisy_train", None), getattr(datamodule, "train_dataset", None)):
-            truth = _truth_of(candidate)
-            if truth is not None and truth[0].numel() == len(dataset):
-                return truth[0][indices.long()], truth[1][indices.long()]
+        from lightning_phases.data.protocol import find_ground_truth
+
+        truth = _truth_of(find_ground_truth(datamodule))
+        if truth is not None and truth[0].numel() == len(dataset):
+            return truth[0][indices.long()], truth[1][indices.long()]
     return None
 
 

@@ -59,6 +59,7 @@ class PhaseDetector(Callback):
         stop: Stop training at the recommended point.
         save_checkpoint: Write ``phase_recommended.ckpt`` at the recommended point.
         strict: Fail in ``setup()`` when no callback provides the needed statistics.
+        verbose: Print each transition and the phase timeline at the end of fitting.
         thresholds: Extra keyword arguments for
             :class:`~lightning_phases.functional.phases.PhaseTracker`
             (``r_explore``, ``sigma2_explore``, ``balance``, ``r_cw_oppose``,
@@ -80,6 +81,7 @@ class PhaseDetector(Callback):
         stop: bool = False,
         save_checkpoint: bool = False,
         strict: bool = True,
+        verbose: bool = True,
         **thresholds: float,
     ) -> None:
         super().__init__()
@@ -90,6 +92,7 @@ class PhaseDetector(Callback):
         self.stop = bool(stop)
         self.save_checkpoint = bool(save_checkpoint)
         self.strict = bool(strict)
+        self.verbose = bool(verbose)
         self._seen: dict[str, float] = {}
         self.recommended_state_dict: dict[str, torch.Tensor] | None = None
         self.recommended_checkpoint: str | None = None
@@ -120,11 +123,17 @@ class PhaseDetector(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.strict:
+        if stage != "fit":
             return
         provided: set[str] = set()
         for cb in trainer.callbacks:
             provided.update(getattr(cb, "phase_metrics", ()) or ())
+        if self.model == "auto" and self.tracker.model is None and provided:
+            # decide from what the Trainer's callbacks will publish, not from the first measurement
+            # (whose split statistics may be missing, e.g. a probe without mislabeled samples)
+            self.tracker.model = "four" if all(k in provided for k in required_keys("four")) else "two"
+        if not self.strict:
+            return
         needed = list(required_keys("two"))
         if self.model == "four":
             needed += list(required_keys("four"))
@@ -148,7 +157,8 @@ class PhaseDetector(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._poll(trainer, pl_module)
-        rank_zero_info(self.summary())
+        if self.verbose:
+            rank_zero_info(self.summary())
 
     # ------------------------------------------------------------------ logic
     def _new_measurement(self, metrics: dict[str, Any]) -> bool:
@@ -186,7 +196,8 @@ class PhaseDetector(Callback):
         keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/R", "order/sigma2_lambda", "segment/ratio")
         trig = ", ".join(f"{k}={t.statistics[k]:.4g}" for k in keys if k in t.statistics)
         text = f"step {t.step} (epoch {t.epoch}): {what}; smoothed {trig}"
-        rank_zero_info(f"PhaseDetector: {text}")
+        if self.verbose:
+            rank_zero_info(f"PhaseDetector: {text}")
         if trainer.is_global_zero:
             from pytorch_lightning.loggers import TensorBoardLogger
 

@@ -6,6 +6,7 @@ it never imports Lightning, so it can be used from any training loop.
 
 from lightning_phases.functional.ensemble import (
     OrderParameters,
+    derived_seed,
     effective_dimension,
     make_generator,
     minibatch_variance_factor,
@@ -54,6 +55,7 @@ __all__ = [
     "effective_dimension",
     "minibatch_variance_factor",
     "make_generator",
+    "derived_seed",
     "SplitOrderParameters",
     "split_order_parameters",
     "SegmentGradients",

@@ -39,6 +39,7 @@ __all__ = [
     "effective_dimension",
     "minibatch_variance_factor",
     "make_generator",
+    "derived_seed",
 ]
 
 
@@ -85,6 +86,18 @@ def make_generator(generator: torch.Generator | int | None, default_seed: int = 
     gen = torch.Generator(device="cpu")
     gen.manual_seed(generator)
     return gen
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed for one ``purpose`` derived from a user seed, so that streams drawn for
+    different purposes (the noise, the probe set, the data split) are independent even
+    when the user passes the same seed everywhere. Deterministic on every process
+    (SHA-256, not Python's randomised ``hash``).
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"lightning_phases:{purpose}:{int(seed)}".encode()).hexdigest()
+    return int(digest[:15], 16)
 
 
 def minibatch_variance_factor(n: int, batch_size: int) -> float:
