@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -44,6 +44,7 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
         clean_val: bool = False,
         class_map: Mapping[int, int] | None = None,
         eval_batch_size: int | None = None,
+        classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(noise_type, str) and noise_type not in NOISE_TYPES:
@@ -72,6 +73,24 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
         self.val_dataset: NoisyLabelDataset | None = None
         self.test_dataset: Dataset | None = None
         self.removed_indices: Tensor = torch.zeros(0, dtype=torch.long)
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= self.num_classes:
+                raise LabelNoiseError(
+                    f"classes must be >= 2 distinct labels in [0, {self.num_classes - 1}]; got {classes!r}."
+                )
+            self.num_classes = len(classes)  # labels are relabelled 0..k-1 in the given order
+        self.classes = classes
+
+    def _select(self, dataset: Dataset) -> tuple[Dataset, Tensor]:
+        """Keep only ``classes`` (relabelled ``0..k-1``); return the dataset and its labels."""
+        targets = dataset_targets(dataset)
+        if self.classes is None:
+            return dataset, targets
+        lookup = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        keep = torch.nonzero(torch.isin(targets, torch.tensor(self.classes))).flatten()
+        return Subset(dataset, keep.tolist()), lookup[targets[keep]]
 
     # -------------------------------------------------------------- subclass API
     def _load(self, train: bool) -> Dataset:
@@ -87,8 +106,8 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.noisy_train is None:
-            full = self._load(train=True)
-            targets = dataset_targets(full)
+            source = self._load(train=True)
+            full, targets = self._select(source)
             n = len(targets)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(self.seed, "val_split")))
             n_val = self._num_val(n)
@@ -98,13 +117,16 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
                 Subset(full, train_idx.tolist()), noise_rate=self.noise_rate, seed=self.seed,
                 targets=targets[train_idx], **common,
             )
+            val_source = self._select(self._load_for_validation(source))[0]
             self.val_dataset = NoisyLabelDataset(
-                Subset(self._load_for_validation(full), val_idx.tolist()), noise_rate=0.0 if self.clean_val else self.noise_rate,
+                Subset(val_source, val_idx.tolist()), noise_rate=0.0 if self.clean_val else self.noise_rate,
                 seed=self.seed + 1, targets=targets[val_idx],
                 **(common if not self.clean_val else dict(noise="symmetric", num_classes=self.num_classes)),
             )
         if stage in (None, "test") and self.test_dataset is None:
-            self.test_dataset = self._load(train=False)
+            test, test_targets = self._select(self._load(train=False))
+            # clean labels (relabelled when `classes` is set), served through the wrapper
+            self.test_dataset = NoisyLabelDataset(test, noise_rate=0.0, num_classes=self.num_classes, targets=test_targets)
 
     @property
     def train_dataset(self) -> NoisyLabelDataset:

@@ -23,7 +23,7 @@ class NoisyDigitsDataModule(_NoisyClassificationDataModule):
         test_fraction: Fraction of the 1,797 samples held out as the clean test set.
         split_seed: Seed of the train/test split (independent of the noise ``seed``).
         noise_type, noise_rate, seed, batch_size, num_workers, val_size,
-        clean_val, class_map, eval_batch_size: see the package's datamodules
+        clean_val, class_map, eval_batch_size, classes: see the package's datamodules
             (``noise_type`` ``"symmetric"``, ``"uniform"``, ``"pairflip"`` with a
             ``class_map``, or a 10×10 transition matrix).
 

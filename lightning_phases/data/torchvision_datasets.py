@@ -72,6 +72,8 @@ class NoisyMNISTDataModule(_TorchvisionDataModule):
         noise_type, noise_rate, seed, batch_size, num_workers, val_size, clean_val,
         class_map (default MNIST's 2→7, 3→8, 5↔6, 7→1 for ``"pairflip"``), eval_batch_size:
             see :class:`~lightning_phases.data.NoisyDigitsDataModule`.
+        classes: Keep only these classes, relabelled ``0..k-1`` in the given
+            order (e.g. ``[7, 9]`` for the clean-priority paper's binary task).
     """
 
     dataset_name = "MNIST"

@@ -278,3 +278,29 @@ def test_sparse_linear_regression():
     assert abs(float((yn - xn @ noisy.theta_star).std()) - 0.5) < 0.03
     with pytest.raises(LabelNoiseError, match="sparsity"):
         SparseLinearRegressionDataModule(dim=3, sparsity=5)
+
+
+def test_classes_keeps_a_subset_and_relabels(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    n_kept = int(np.isin(digits.target, [7, 9]).sum())
+    dm = NoisyDigitsDataModule(noise_rate=0.2, classes=[7, 9], seed=1, val_size=0.1)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.num_classes == 2
+    assert len(dm.noisy_train) + len(dm.val_dataset) + len(dm.test_dataset) == n_kept
+    assert set(dm.noisy_train.true_targets.tolist()) == {0, 1}
+    assert int(dm.noisy_train.is_noisy.sum()) == round(0.2 * len(dm.noisy_train))
+    # relabelled in the given order: 7 -> 0, 9 -> 1 (checked against the raw sklearn data)
+    lookup = {tuple((digits.data[i] / 16.0).round(6)): int(digits.target[i]) for i in range(len(digits.target))}
+    for i in range(0, len(dm.test_dataset), 7):
+        x, y = dm.test_dataset[i]
+        assert {0: 7, 1: 9}[int(y)] == lookup[tuple(np.round(x.numpy().astype(np.float64), 6))]
+    for i in range(0, len(dm.noisy_train), 11):
+        x, _ = dm.noisy_train[i]
+        assert {0: 7, 1: 9}[int(dm.noisy_train.true_targets[i])] == lookup[tuple(np.round(x.numpy().astype(np.float64), 6))]
+    _train(dm, 64, tmp_path, classes=2)
+    for bad in ([3], [1, 1], [0, 10]):
+        with pytest.raises(LabelNoiseError, match="classes"):
+            NoisyDigitsDataModule(classes=bad)
