@@ -35,6 +35,7 @@ __all__ = [
     "NoisyCIFAR10DataModule",
     "GaussianClustersDataModule",
     "SparseLinearRegressionDataModule",
+    "SAM",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
@@ -59,6 +60,7 @@ _LAZY: dict[str, str] = {
     "NoisyCIFAR10DataModule": "lightning_phases.data",
     "GaussianClustersDataModule": "lightning_phases.data",
     "SparseLinearRegressionDataModule": "lightning_phases.data",
+    "SAM": "lightning_phases.optim",
 }
 
 
