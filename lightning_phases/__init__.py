@@ -36,6 +36,7 @@ __all__ = [
     "GaussianClustersDataModule",
     "SparseLinearRegressionDataModule",
     "SAM",
+    "LabelNoise",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
@@ -61,6 +62,7 @@ _LAZY: dict[str, str] = {
     "GaussianClustersDataModule": "lightning_phases.data",
     "SparseLinearRegressionDataModule": "lightning_phases.data",
     "SAM": "lightning_phases.optim",
+    "LabelNoise": "lightning_phases.optim",
 }
 
 

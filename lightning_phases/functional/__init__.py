@@ -13,6 +13,7 @@ from lightning_phases.functional.ensemble import (
     noise_spectrum,
     order_parameters,
 )
+from lightning_phases.functional.label_noise import add_target_noise, flip_labels
 from lightning_phases.functional.mixture import (
     DetectionMetrics,
     LossMixture,
@@ -71,4 +72,6 @@ __all__ = [
     "PhaseTransition",
     "PHASE_MODELS",
     "PHASE_NAMES",
+    "flip_labels",
+    "add_target_noise",
 ]
