@@ -37,6 +37,7 @@ __all__ = [
     "SparseLinearRegressionDataModule",
     "SAM",
     "LabelNoise",
+    "TwoLayerLinearNetwork",
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
@@ -63,6 +64,7 @@ _LAZY: dict[str, str] = {
     "SparseLinearRegressionDataModule": "lightning_phases.data",
     "SAM": "lightning_phases.optim",
     "LabelNoise": "lightning_phases.optim",
+    "TwoLayerLinearNetwork": "lightning_phases.models",
 }
 
 

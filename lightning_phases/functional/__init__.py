@@ -29,6 +29,7 @@ from lightning_phases.functional.noise_split import (
     single_logit_loss,
     split_order_parameters,
 )
+from lightning_phases.functional.two_layer import NeuronStatistics, neuron_statistics
 from lightning_phases.functional.phases import PHASE_MODELS, PHASE_NAMES, PhaseTracker, PhaseTransition
 from lightning_phases.functional.per_sample import (
     LossFn,
@@ -74,4 +75,6 @@ __all__ = [
     "PHASE_NAMES",
     "flip_labels",
     "add_target_noise",
+    "NeuronStatistics",
+    "neuron_statistics",
 ]
