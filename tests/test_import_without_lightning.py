@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent(
     op = F.order_parameters(gram, 4)
     mix = F.fit_loss_mixture(losses)
     F.detection_metrics(mix.posterior.nan_to_num(0.0), torch.arange(10) < 3)
+    F.flip_labels(y, 0.5, 3, generator=torch.Generator().manual_seed(0))
+    F.neuron_statistics(torch.randn(5, 4), torch.ones(4), torch.randn(5))
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"lightning", "pytorch_lightning", "lightning_fabric"})
     assert not loaded, loaded
     print("OK", round(op.A, 6))
