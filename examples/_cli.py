@@ -29,4 +29,4 @@ def run(model_class, description: str, args=None) -> None:
         args=args,
     )
     if cli.subcommand == "fit" and not cli.config.fit.get("no_test", False):
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)

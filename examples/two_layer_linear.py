@@ -10,11 +10,19 @@ curves share a chart::
 Watch ``two_layer/mean_norm`` (Phase I: falls with label noise and SAM, flat
 with plain SGD) and ``two_layer/mean_abs_cosine`` (Phase II: rises toward 1).
 ``--smoke`` runs a few steps of each, for tests.
+
+One run at a time through ``LightningCLI`` and a YAML config (synthetic data,
+offline), e.g. to change any setting of the model, data or trainer::
+
+    python examples/two_layer_linear.py fit --config examples/configs/two_layer_linear_label_noise_sgd.yaml
+    python examples/two_layer_linear.py fit --config examples/configs/two_layer_linear_sam.yaml --model.rho 0.2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 
 import pytorch_lightning as pl
@@ -46,7 +54,14 @@ def train(run: str, args: argparse.Namespace) -> dict[str, float]:
     return {**model.statistics(), "test_loss": test_loss}
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):  # one run through LightningCLI
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _cli import run as run_cli
+
+        run_cli(TwoLayerLinearNetwork, __doc__, argv)
+        return None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", default="runs")
     parser.add_argument("--steps", type=int, default=3000)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import pickle
-import struct
 import warnings
 
 import numpy as np
@@ -27,6 +23,7 @@ from lightning_phases.data import (
     find_ground_truth,
 )
 from lightning_phases.errors import LabelNoiseError, LightningPhasesError
+from tests.fake_torchvision import write_cifar10, write_idx
 
 
 class _Clf(pl.LightningModule):
@@ -178,23 +175,9 @@ def test_transition_matrix_and_pairflip_in_a_datamodule():
 
 # ------------------------------------------------------------------ torchvision formats written by the test
 
-def _write_idx(root, cls_name: str, n_train: int = 64, n_test: int = 32):
-    raw = os.path.join(root, cls_name, "raw")
-    os.makedirs(raw, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as fh:
-            fh.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as fh:
-            fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
-    return labels
-
-
 @pytest.mark.parametrize("cls,name", [(NoisyMNISTDataModule, "MNIST"), (NoisyFashionMNISTDataModule, "FashionMNIST")])
 def test_mnist_like_from_idx_files(tmp_path, cls, name):
-    _write_idx(tmp_path, name)
+    write_idx(tmp_path, name)
     dm = cls(str(tmp_path), noise_rate=0.25, batch_size=8, val_size=8)
     dm.setup("fit")
     dm.setup("test")
@@ -213,27 +196,7 @@ def test_mnist_missing_files_error(tmp_path):
 
 
 def test_cifar10_from_pickled_batches(tmp_path, monkeypatch):
-    import torchvision
-
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    md5 = {}
-    for name in names:
-        n = 12
-        entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), "labels": [int(v) for v in np.arange(n) % 10]}
-        path = folder / name
-        with open(path, "wb") as fh:
-            pickle.dump(entry, fh)
-        md5[name] = hashlib.md5(path.read_bytes()).hexdigest()
-    meta = folder / "batches.meta"
-    with open(meta, "wb") as fh:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}, fh)
-    # torchvision verifies md5 sums of the real files; point it at the sums of the files written here
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": hashlib.md5(meta.read_bytes()).hexdigest()})
+    write_cifar10(tmp_path, monkeypatch)
     dm = NoisyCIFAR10DataModule(str(tmp_path), noise_type="pairflip", noise_rate=0.5, batch_size=8, val_size=10, augment=True)
     dm.setup("fit")
     dm.setup("test")
