@@ -28,6 +28,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_phases.errors import DegenerateInputError, PhaseStatisticsWarning
@@ -149,18 +150,38 @@ def _nan_order_parameters() -> OrderParameters:
 
 def _sample_minibatches(n: int, batch_size: int, num: int, generator: torch.Generator) -> Tensor:
     """``num`` uniformly random minibatches of ``batch_size`` distinct indices: ``[num, B]``."""
-    return torch.rand(num, n, generator=generator).argsort(dim=1)[:, :batch_size]
+    # the B smallest of n uniform keys per row: a uniformly random subset (order irrelevant)
+    keys = torch.rand(num, n, generator=generator)
+    return keys.topk(batch_size, dim=1, largest=False, sorted=False).indices
+
+
+def _minibatch_gram(gram: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B² g^μ·g^ν, |μ ∩ ν|)`` for the minibatches ``idx [M, B]``, both ``[M, M]``.
+
+    With ``1_μ`` the membership vector of minibatch μ, ``B² g^μ·g^ν = 1_μᵀ G 1_ν``.
+    For ``B ≤ n/8`` the rows of ``G`` are summed with ``embedding_bag``
+    (``M·B·(n + M)`` additions, nothing gathered into memory) instead of
+    multiplying by the dense ``[M, n]`` membership matrix (``M·n²``).
+    """
+    num, b = idx.shape
+    n = gram.shape[0]
+    member = torch.zeros(num, n, dtype=torch.float64, device=gram.device)
+    member.scatter_(1, idx, 1.0)
+    if 8 * b > n:
+        return member @ gram @ member.T, member @ member.T
+    rows = F.embedding_bag(idx, gram, mode="sum")  # [M, n] = member @ gram
+    mb = F.embedding_bag(idx, rows.T.contiguous(), mode="sum").T  # [μ, ν] = rows[μ, idx[ν]].sum()
+    overlap = F.embedding_bag(idx, member.T.contiguous(), mode="sum").T
+    return mb, overlap
 
 
 def _alignment_R(gram: Tensor, batch_size: int, num_minibatches: int, generator: torch.Generator) -> float:
     """Monte-Carlo ``R``: mean cosine over ordered pairs of distinct sampled minibatches."""
     n = gram.shape[0]
     idx = _sample_minibatches(n, batch_size, num_minibatches, generator).to(gram.device)
-    member = torch.zeros(num_minibatches, n, dtype=torch.float64, device=gram.device)
-    member.scatter_(1, idx, 1.0)
-    mb_gram = member @ gram @ member.T / batch_size**2  # g^μ · g^ν
+    mb_gram, overlap = _minibatch_gram(gram, idx)
+    mb_gram = mb_gram / batch_size**2  # g^μ · g^ν
     norms = mb_gram.diagonal().clamp_min(0).sqrt()
-    overlap = member @ member.T
     valid = overlap < batch_size - 0.5  # distinct subsets only (also drops μ = ν)
     valid &= (norms > 0)[:, None] & (norms > 0)[None, :]
     if not bool(valid.any()):
@@ -258,11 +279,11 @@ def noise_spectrum(gram: Tensor, batch_size: int) -> Tensor:
         _warn("The gradient Gram matrix contains NaN or inf; the noise spectrum is NaN.")
         return torch.full((n - 1,), math.nan, dtype=torch.float64, device=g.device)
     row = g.mean(dim=1, keepdim=True)
-    centred = g - row - row.T + g.mean()
-    centred = (centred + centred.T) / 2
-    eig = torch.linalg.eigvalsh(centred / n)  # ascending
+    centred = (g - row).sub_(row.T).add_(row.mean())  # H G H; one n×n temporary
+    # eigvalsh reads only the lower triangle, so no explicit symmetrisation is needed
+    eig = torch.linalg.eigvalsh(centred)  # ascending
     eig = eig.flip(0)[: n - 1].clamp_min(0.0)
-    return eig * minibatch_variance_factor(n, batch_size)
+    return eig * (minibatch_variance_factor(n, batch_size) / n)
 
 
 def effective_dimension(eigenvalues: Tensor, fraction: float = 0.9) -> int:

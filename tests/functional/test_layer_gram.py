@@ -208,3 +208,48 @@ def test_unknown_method():
     model, x, y = _case("mlp")
     with pytest.raises(ValueError, match="method must be one of"):
         gradient_gram(model, x, y, method="fast")
+
+
+class _TiedConv(nn.Module):
+    """A convolution whose weight is also used functionally, outside its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = F.conv2d(h, self.conv.weight, padding=1)
+        return self.fc(h.flatten(1))
+
+
+def test_conv_weight_tying_falls_back_with_a_warning():
+    torch.manual_seed(2)
+    model, x, y = _TiedConv(), torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6,))
+    ref, _ = gradient_gram(model, x, y, method="vmap")
+    with pytest.warns(PhaseStatisticsWarning, match="conv"):
+        gram, _ = gradient_gram(model, x, y)
+    torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_no_false_tying_alarm_from_float32_rounding():
+    """Many samples and positions: the summed-gradient check must tolerate float32 rounding.
+
+    This exact random state made the earlier element-wise check reject the first
+    convolution (a difference of 6e-5 on a sum over 10⁶ products) and send it to vmap.
+    """
+    import warnings
+
+    torch.manual_seed(0)
+    nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )
+    torch.randn(1024, 784), torch.randint(0, 10, (1024,))
+    x, y = torch.randn(1024, 3, 32, 32), torch.randint(0, 10, (1024,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PhaseStatisticsWarning)
+        _, _, covered, _ = _plans(model, x, y)
+    assert covered == {n for n, _ in model.named_parameters()}

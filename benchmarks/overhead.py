@@ -1,0 +1,153 @@
+"""Training-time overhead of the callbacks at their default schedules.
+
+``Trainer.fit`` wall time with
+
+  none      no lightning_phases callback
+  monitors  OrderParameterMonitor + NoiseSplitTracker
+  all       OrderParameterMonitor + NoiseSplitTracker + PhaseDetector + GMMCleanser
+
+every callback with its default arguments (probe set of 1024 samples, measured
+at the start and after every epoch; GMMCleanser fits its mixture after every
+epoch), on
+
+  digits    the ``lightning-phases demo`` setup: MLP 64-128-128-10 on
+            scikit-learn's digits with 50% symmetric label noise, batch 32, SGD
+  cnn       a small CIFAR-sized CNN (3x32x32 -> conv 16 -> pool -> conv 32 ->
+            pool -> linear 10) on ``GaussianClustersDataModule`` (10 classes,
+            dim 3072 reshaped to 3x32x32, 20% label noise), batch 64, SGD
+
+All configurations log to a TensorBoard logger in a temporary directory (the
+monitors require a logger); checkpointing, progress bar and model summary are
+off. Each configuration runs ``--repeats`` times, interleaved; the best wall
+time is kept (the cores may be shared).
+
+Run:  python benchmarks/overhead.py [--threads 1] [--repeats 2] [--digits-epochs 20] [--cnn-epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+
+CONFIGS = ("none", "monitors", "all")
+
+
+def _modules():
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+
+    class Classifier(pl.LightningModule):
+        def __init__(self, net: nn.Module, lr: float) -> None:
+            super().__init__()
+            self.net = net
+            self.lr = lr
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def digits():
+        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        return Classifier(net, lr=0.05)
+
+    def cnn():
+        net = nn.Sequential(
+            nn.Unflatten(1, (3, 32, 32)),
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        )
+        return Classifier(net, lr=0.02)
+
+    return {"digits": digits, "cnn": cnn}
+
+
+def _datamodule(task: str, num_train: int):
+    from lightning_phases.data import GaussianClustersDataModule, NoisyDigitsDataModule
+
+    if task == "digits":
+        return NoisyDigitsDataModule(noise_rate=0.5, seed=0, batch_size=32)
+    return GaussianClustersDataModule(
+        num_classes=10, dim=3 * 32 * 32, num_train=num_train, num_val=0, num_test=64,
+        noise_rate=0.2, seed=0, batch_size=64,
+    )
+
+
+def _callbacks(config: str):
+    from lightning_phases.callbacks import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
+
+    if config == "none":
+        return []
+    monitors = [OrderParameterMonitor(), NoiseSplitTracker()]
+    if config == "monitors":
+        return monitors
+    return monitors + [PhaseDetector(verbose=False), GMMCleanser()]
+
+
+def fit_once(task: str, config: str, epochs: int, num_train: int) -> float:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    pl.seed_everything(0, verbose=False)
+    model = _modules()[task]()
+    dm = _datamodule(task, num_train)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp, name="", version=""),
+            callbacks=_callbacks(config), enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best is kept")
+    parser.add_argument("--digits-epochs", type=int, default=20)
+    parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--cnn-train", type=int, default=8192, help="training samples of the CNN task")
+    parser.add_argument("--tasks", nargs="+", default=["digits", "cnn"], choices=["digits", "cnn"])
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import pytorch_lightning  # noqa: F401 - sets its loggers' levels on import; override them below
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical CPUs, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    for task in args.tasks:
+        epochs = args.digits_epochs if task == "digits" else args.cnn_epochs
+        best = {c: float("inf") for c in CONFIGS}
+        for _ in range(args.repeats):
+            for config in CONFIGS:
+                best[config] = min(best[config], fit_once(task, config, epochs, args.cnn_train))
+        size = "digits train split" if task == "digits" else f"{args.cnn_train} training samples"
+        print(f"\n## {task} ({epochs} epochs, {size}; best of {args.repeats})")
+        print(f"{'callbacks':10s} {'fit s':>8s} {'ratio':>7s} {'overhead':>9s}")
+        for config in CONFIGS:
+            ratio = best[config] / best["none"]
+            print(f"{config:10s} {best[config]:8.2f} {ratio:6.2f}x {100 * (ratio - 1):8.0f}%")
+
+
+if __name__ == "__main__":
+    main()
