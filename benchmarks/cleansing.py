@@ -112,8 +112,10 @@ def main() -> None:
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="noise rates (default 0.2 0.4 0.6 0.8)")
     parser.add_argument("--no-clean-check", action="store_true", help="skip the rho = 0 run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     rates = args.rates or ((0.4,) if args.quick else (0.2, 0.4, 0.6, 0.8))
     epochs = 60 if args.quick else args.epochs
     print(f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}")

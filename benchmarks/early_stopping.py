@@ -83,12 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and settings")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--only", nargs="+", default=None, help='settings to run, e.g. "digits:0.4" "clusters:0.2"')
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     settings = [("digits", r) for r in (0.2, 0.4, 0.6)] + [("clusters", r) for r in (0.2, 0.4, 0.6)]
     epochs = 40 if args.quick else 120
     if args.quick:
         settings = settings[:2]
+    if args.only:
+        settings = [(d, float(r)) for d, r in (item.split(":") for item in args.only)]
     print(f"machine: {machine()}")
     print(f"{'data':<9s} {'rho':>4s} {'seed':>4s} | {'oracle':>7s} (ep) | {'PhaseDet':>8s} (ep) {'gap':>6s} | {'EarlyStop':>9s} (ep) {'gap':>6s} | phases")
     rows = []

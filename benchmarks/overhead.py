@@ -85,18 +85,19 @@ def _datamodule(task: str, num_train: int):
     )
 
 
-def _callbacks(config: str):
+def _callbacks(config: str, probe_size: int | None = None):
     from lightning_phases.callbacks import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
 
     if config == "none":
         return []
-    monitors = [OrderParameterMonitor(), NoiseSplitTracker()]
+    kw = {} if probe_size is None else {"probe_size": probe_size}
+    monitors = [OrderParameterMonitor(**kw), NoiseSplitTracker(**kw)]
     if config == "monitors":
         return monitors
     return monitors + [PhaseDetector(verbose=False), GMMCleanser()]
 
 
-def fit_once(task: str, config: str, epochs: int, num_train: int) -> float:
+def fit_once(task: str, config: str, epochs: int, num_train: int, probe_size: int | None = None) -> float:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -106,7 +107,7 @@ def fit_once(task: str, config: str, epochs: int, num_train: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp, name="", version=""),
-            callbacks=_callbacks(config), enable_checkpointing=False, enable_progress_bar=False,
+            callbacks=_callbacks(config, probe_size), enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, limit_val_batches=0,
         )
         start = time.perf_counter()
@@ -121,6 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--digits-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=3)
     parser.add_argument("--cnn-train", type=int, default=8192, help="training samples of the CNN task")
+    parser.add_argument("--probe-size", type=int, default=None,
+                        help="probe_size of the monitors (default: theirs, 1024; the digits demo and example use 512)")
     parser.add_argument("--tasks", nargs="+", default=["digits", "cnn"], choices=["digits", "cnn"])
     args = parser.parse_args(argv)
 
@@ -140,9 +143,10 @@ def main(argv=None) -> None:
         best = {c: float("inf") for c in CONFIGS}
         for _ in range(args.repeats):
             for config in CONFIGS:
-                best[config] = min(best[config], fit_once(task, config, epochs, args.cnn_train))
+                best[config] = min(best[config], fit_once(task, config, epochs, args.cnn_train, args.probe_size))
         size = "digits train split" if task == "digits" else f"{args.cnn_train} training samples"
-        print(f"\n## {task} ({epochs} epochs, {size}; best of {args.repeats})")
+        probe = "default probe_size 1024" if args.probe_size is None else f"probe_size {args.probe_size}"
+        print(f"\n## {task} ({epochs} epochs, {size}, {probe}; best of {args.repeats})")
         print(f"{'callbacks':10s} {'fit s':>8s} {'ratio':>7s} {'overhead':>9s}")
         for config in CONFIGS:
             ratio = best[config] / best["none"]
