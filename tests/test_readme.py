@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,23 @@ def test_ci_runs_the_readme_test_command():
     assert _quickstart_commands()[1] in [line.strip() for line in ci]
 
 
-def test_quickstart_main_job_runs():
-    """The first command's main job (after `pip install .`), in a shortened form."""
+def test_quickstart_main_job_runs(tmp_path):
+    """The first command's main job (after `pip install .`) is the installed `lightning-phases demo`; run it shortened."""
     main_job = _quickstart_commands()[0].split("&&", 1)[1].strip().split()
-    assert main_job[0] == "python"
+    assert main_job == ["lightning-phases", "demo"]
+    script = shutil.which("lightning-phases")
+    command = [script] if script else [sys.executable, "-m", "lightning_phases.cli"]  # not on PATH: same entry point
     result = subprocess.run(
-        [sys.executable, *main_job[1:], "--epochs", "1", "--probe-size", "64"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [*command, "demo", "--epochs", "2", "--probe-size", "64", "--no-progress-bar", "--output-dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "At initialisation" in result.stdout and "sigma2_lambda" in result.stdout
+    assert "Phase timeline" in result.stdout and f"tensorboard --logdir {tmp_path}" in result.stdout
+    assert (tmp_path / "report.png").exists()
+
+
+def test_readme_figure_and_links_exist():
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        if not target.startswith("http"):
+            assert (ROOT / target).exists(), f"README links to a missing file: {target}"
