@@ -38,7 +38,7 @@ def make(dataset: str, rate: float, seed: int):
         model = lambda: MLPClassifier(64, 128, 10, lr=0.05)  # noqa: E731
     else:
         dm = GaussianClustersDataModule(num_classes=4, dim=20, num_train=1500, num_val=300, num_test=2000,
-                                        separation=3.0, spread=1.6, noise_rate=rate, seed=seed, batch_size=32)
+                                        separation=1.0, spread=1.6, noise_rate=rate, seed=seed, batch_size=32)
         model = lambda: MLPClassifier(20, 256, 4, lr=0.05)  # noqa: E731
     dm.setup("fit")
     dm.setup("test")

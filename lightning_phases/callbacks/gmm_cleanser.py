@@ -44,9 +44,12 @@ class GMMCleanser(Callback):
 
     Fits that are not clearly bimodal (Ashman's separation below
     ``min_separation``, or a mislabeled weight outside
-    ``(min_weight, 1 − min_weight)``) flag nothing and do not count as peaks,
-    so on data without label noise the cleanser flags (almost) nothing and
-    says the losses are not bimodal.
+    ``(min_weight, 1 − min_weight)``) flag nothing and do not count as peaks;
+    a peak is confirmed only by ``patience`` *consecutive* bimodal fits after
+    it (a fit that is not bimodal restarts the count), and
+    ``flagged_indices`` stays empty until ``t_c`` is confirmed. So on data
+    without label noise, where a fit is occasionally bimodal by chance, the
+    cleanser flags (almost) nothing and says the losses are not bimodal.
 
     Actions at ``t_c``: ``"flag"`` (default) only records; ``"stop"`` stops
     training; ``"remove"`` continues the same ``fit`` without the flagged
@@ -137,6 +140,7 @@ class GMMCleanser(Callback):
         self.t_c_step: int | None = None
         self.t_c_epoch: int | None = None
         self.flagged_indices: Tensor = torch.zeros(0, dtype=torch.long)
+        self._candidate_flags: Tensor = torch.zeros(0, dtype=torch.long)  # flags of the current peak, until confirmed
         self.removed: bool = False
         self.csv_path: str | None = None
         self.last: dict[str, float] = {}
@@ -269,13 +273,16 @@ class GMMCleanser(Callback):
                 self.since_best = 0
                 self._candidate = {"losses": losses, "given": given, "pred": pred, "flags": flags, "posterior": fit.posterior.cpu()}
                 self._candidate_fit = fit
-                self.flagged_indices = torch.nonzero(flags).flatten()
+                self._candidate_flags = torch.nonzero(flags).flatten()
             else:
                 self.since_best += 1
+        elif self.best_step is not None:
+            self.since_best = 0  # a sporadic bimodal fit (e.g. on clean data) is not a confirmed peak
         # fits that are not bimodal neither make nor confirm a peak
         confirmed = self.best_step is not None and self.since_best >= self.patience
         if confirmed:
             self.t_c_step, self.t_c_epoch = self.best_step, self.best_epoch
+            self.flagged_indices = self._candidate_flags.clone()
             metrics["gmm/t_c_step"] = float(self.t_c_step)
         self.last = {k: float(v) for k, v in metrics.items()}
         self._publish(trainer, metrics)
@@ -342,6 +349,7 @@ class GMMCleanser(Callback):
             "t_c_step": self.t_c_step,
             "t_c_epoch": self.t_c_epoch,
             "flagged_indices": self.flagged_indices.tolist(),
+            "candidate_flags": self._candidate_flags.tolist(),
             "removed": self.removed,
         }
 
@@ -354,4 +362,5 @@ class GMMCleanser(Callback):
         self.t_c_step = state_dict.get("t_c_step")
         self.t_c_epoch = state_dict.get("t_c_epoch")
         self.flagged_indices = torch.tensor(state_dict.get("flagged_indices", []), dtype=torch.long)
+        self._candidate_flags = torch.tensor(state_dict.get("candidate_flags", state_dict.get("flagged_indices", [])), dtype=torch.long)
         self.removed = bool(state_dict.get("removed", False))

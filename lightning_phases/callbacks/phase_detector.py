@@ -40,8 +40,12 @@ class PhaseDetector(Callback):
     statistics, so every rank takes the same decision.
 
     **Stopping point.** The recommended stop is where the clean data is
-    learned and the mislabeled data not yet: the start of phase II or the end
-    of clean-priority learning, whichever is detected first. At that moment
+    learned and the mislabeled data not yet: in phase II, the measurement at
+    which the smoothed loss gap ``split/L_w − split/L_c`` stops growing
+    (``gap_plateau``, see :class:`~lightning_phases.functional.phases.PhaseTracker`;
+    the start of phase III if that comes first, the start of phase II when no
+    loss statistics are logged), or the end of clean-priority learning,
+    whichever is detected first. At that moment
     the detector keeps a CPU copy of the weights (``recommended_state_dict``),
     optionally writes a checkpoint (``save_checkpoint=True``:
     ``<log_dir>/phase_recommended.ckpt``) and optionally stops training
@@ -63,7 +67,7 @@ class PhaseDetector(Callback):
         thresholds: Extra keyword arguments for
             :class:`~lightning_phases.functional.phases.PhaseTracker`
             (``r_explore``, ``sigma2_explore``, ``balance``, ``r_cw_oppose``,
-            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``).
+            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``, ``gap_plateau``).
 
     Logged metrics:
         - ``phase/index``: index of the current phase (0-based) after each measurement.
@@ -192,8 +196,12 @@ class PhaseDetector(Callback):
             self._on_recommended(trainer, pl_module, now)
 
     def _report(self, trainer: pl.Trainer, t: PhaseTransition) -> None:
-        what = f"phase {t.from_phase} -> {t.to_phase}" if t.kind == "phase" else "clean-priority learning ended (segment ratio reached 1)"
-        keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/R", "order/sigma2_lambda", "segment/ratio")
+        what = {
+            "phase": f"phase {t.from_phase} -> {t.to_phase}",
+            "clean_learned": "clean data learned (the loss gap L_w - L_c stopped growing in phase II)",
+        }.get(t.kind, "clean-priority learning ended (segment ratio reached 1)")
+        keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "split/L_c", "split/L_w", "order/R",
+                "order/sigma2_lambda", "segment/ratio")
         trig = ", ".join(f"{k}={t.statistics[k]:.4g}" for k in keys if k in t.statistics)
         text = f"step {t.step} (epoch {t.epoch}): {what}; smoothed {trig}"
         if self.verbose:

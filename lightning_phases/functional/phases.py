@@ -25,8 +25,17 @@ phases only advance, so noise cannot make the phase flap. The detection step
 is the step of the measurement that completed the patience window.
 
 The recommended stopping point -- the clean data learned, the mislabeled
-data not yet -- is the start of phase II, or the end of clean-priority
-learning if that comes first. With the two-phase model there is none.
+data not yet -- is, in phase II, the first measurement at which the smoothed
+loss gap ``L_w − L_c`` (``split/L_w − split/L_c``) has stopped growing: its
+relative growth per measurement stayed at or below ``gap_plateau`` for
+``patience`` measurements. Phase II often starts while the clean samples are
+still being learned (at high noise the clean and mislabeled directed
+activities balance early), and the gap keeps widening until they are; its
+plateau is where the loss populations are about as far apart as they get
+(Feng & Tu's t_c is the peak). If phase III arrives first, its start is the
+recommendation; without loss statistics, the start of phase II. The end of
+clean-priority learning (segment ratio at ``segment_end``) counts too, if it
+comes first. With the two-phase model there is none.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ _KEYS = {
     "four": ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/A"),
 }
 _SEGMENT_KEY = "segment/ratio"
+_GAP_KEYS = ("split/L_c", "split/L_w")
 
 
 def required_keys(model: str) -> tuple[str, ...]:
@@ -105,6 +115,10 @@ class PhaseTracker:
         r_explore, sigma2_explore: Two-phase thresholds.
         balance, r_cw_oppose, r_cw_align, memorised, activity_drop: Four-phase thresholds.
         segment_end: Segment ratio that ends clean-priority learning.
+        gap_plateau: In phase II, relative growth per measurement of the
+            smoothed loss gap ``L_w − L_c`` at or below which (for
+            ``patience`` measurements) the clean data counts as learned. The
+            default 0.01 suits one measurement per epoch.
 
     Raises:
         LightningPhasesError: an unknown model, ``patience < 1``, ``smoothing``
@@ -125,6 +139,7 @@ class PhaseTracker:
         memorised: float = 0.05,
         activity_drop: float = 0.5,
         segment_end: float = 1.0,
+        gap_plateau: float = 0.01,
     ) -> None:
         if model not in PHASE_MODELS:
             raise LightningPhasesError(f"phase model must be one of {PHASE_MODELS}; got {model!r}.")
@@ -137,7 +152,10 @@ class PhaseTracker:
         self.requested_model = model
         self.smoothing = float(smoothing)
         self.patience = patience
+        if not isinstance(gap_plateau, (int, float)) or not gap_plateau >= 0:
+            raise LightningPhasesError(f"gap_plateau is a relative growth >= 0; got {gap_plateau!r}.")
         self.thresholds = _Thresholds(r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end)
+        self.gap_plateau = float(gap_plateau)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -150,6 +168,9 @@ class PhaseTracker:
         self.streak = 0
         self.segment_streak = 0
         self.peak_activity = 0.0
+        self.gap_prev: float | None = None
+        self.gap_streak = 0
+        self.has_gap = False
         self.transitions: list[PhaseTransition] = []
         self.history: list[dict[str, Any]] = []
 
@@ -171,9 +192,26 @@ class PhaseTracker:
         return next((t for t in self.transitions if t.kind == "clean_priority_end"), None)
 
     @property
+    def clean_learned(self) -> PhaseTransition | None:
+        """The event at which the loss gap stopped growing in phase II, if it has."""
+        return next((t for t in self.transitions if t.kind == "clean_learned"), None)
+
+    @property
     def recommended(self) -> PhaseTransition | None:
-        """The recommended stopping point: start of phase II or end of clean-priority learning, whichever came first."""
-        candidates = [t for t in self.transitions if (t.kind == "phase" and t.to_phase == "II") or t.kind == "clean_priority_end"]
+        """The recommended stopping point (see the module docstring); ``None`` until there is one.
+
+        The first of: the loss-gap plateau in phase II (``kind="clean_learned"``),
+        the start of phase III if it came before any plateau, the start of
+        phase II when no loss statistics are logged, and the end of
+        clean-priority learning.
+        """
+        phase_start = {t.to_phase: t for t in self.transitions if t.kind == "phase"}
+        candidates = [t for t in self.transitions if t.kind in ("clean_learned", "clean_priority_end")]
+        if self.has_gap:
+            if "III" in phase_start:
+                candidates.append(phase_start["III"])
+        elif "II" in phase_start:
+            candidates.append(phase_start["II"])
         return min(candidates, key=lambda t: t.measurement) if candidates else None
 
     def state_dict(self) -> dict[str, Any]:
@@ -186,6 +224,9 @@ class PhaseTracker:
             "streak": self.streak,
             "segment_streak": self.segment_streak,
             "peak_activity": self.peak_activity,
+            "gap_prev": self.gap_prev,
+            "gap_streak": self.gap_streak,
+            "has_gap": self.has_gap,
             "transitions": [asdict(t) for t in self.transitions],
             "history": [dict(h) for h in self.history],
         }
@@ -200,6 +241,9 @@ class PhaseTracker:
         self.streak = int(state.get("streak", 0))
         self.segment_streak = int(state.get("segment_streak", 0))
         self.peak_activity = float(state.get("peak_activity", 0.0))
+        self.gap_prev = None if state.get("gap_prev") is None else float(state["gap_prev"])
+        self.gap_streak = int(state.get("gap_streak", 0))
+        self.has_gap = bool(state.get("has_gap", False))
         self.transitions = [PhaseTransition(**t) for t in state.get("transitions", [])]
         self.history = [dict(h) for h in state.get("history", [])]
 
@@ -260,6 +304,7 @@ class PhaseTracker:
                 if self.model == "four" and self.phase_index == 2:
                     self.peak_activity = self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
                 found.append(PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed)))
+        found.extend(self._gap_update(step, epoch, index))
         seg = self.smoothed.get(_SEGMENT_KEY)
         if self.clean_priority_end is None and seg is not None:
             self.segment_streak = self.segment_streak + 1 if seg <= self.thresholds.segment_end else 0
@@ -268,6 +313,21 @@ class PhaseTracker:
         self.transitions.extend(found)
         self.history.append({"step": step, "epoch": epoch, "phase": self.phase, "phase_index": self.phase_index})
         return found
+
+    def _gap_update(self, step: int, epoch: int, index: int) -> list[PhaseTransition]:
+        """Track the smoothed loss gap; in phase II, report once when it stops growing."""
+        if self.model != "four" or not all(k in self.smoothed for k in _GAP_KEYS):
+            return []
+        self.has_gap = True
+        gap = self.smoothed["split/L_w"] - self.smoothed["split/L_c"]
+        prev, self.gap_prev = self.gap_prev, gap
+        if self.phase_index != 1 or self.clean_learned is not None or prev is None:
+            return []
+        growth = (gap - prev) / abs(gap) if gap != 0 else 0.0
+        self.gap_streak = self.gap_streak + 1 if growth <= self.gap_plateau else 0
+        if self.gap_streak < self.patience:
+            return []
+        return [PhaseTransition("clean_learned", "II", "II", step, epoch, index, dict(self.smoothed))]
 
     def run(self, series: Sequence[Mapping[str, float]], *, steps: Sequence[int] | None = None) -> list[str]:
         """Feed a whole recorded series causally; return the phase after each measurement."""

@@ -138,6 +138,7 @@ def test_resume_keeps_history_and_flags(tmp_path):
     first = ScriptedCleanser(patience=3)
     _fit(tmp_path / "a", first, epochs=5, extra=[ckpt], enable_checkpointing=True)
     assert first.t_c_epoch is None and first.best_epoch == 3
+    assert first.flagged_indices.numel() == 0  # nothing is flagged before t_c is confirmed
     second = ScriptedCleanser(patience=3)
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path / "b", [second], max_epochs=12, enable_checkpointing=True)
@@ -145,7 +146,30 @@ def test_resume_keeps_history_and_flags(tmp_path):
         warnings.simplefilter("ignore")
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert second.t_c_epoch == 3 and len(second.delta_L_history) == 7
-    assert torch.equal(second.flagged_indices, first.flagged_indices)
+    assert torch.equal(second.flagged_indices, first._candidate_flags) and torch.equal(
+        second.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten())
+
+
+class SporadicCleanser(ScriptedCleanser):
+    """Bimodal losses only at epochs 2, 4, 6, ... 10 (a clean run where a fit is bimodal now and then)."""
+
+    def _all_losses(self, trainer, pl_module):
+        losses, given, pred = super()._all_losses(trainer, pl_module)
+        if trainer.current_epoch % 2:
+            n = losses.numel()  # an exactly normal-shaped (unimodal) sample of losses
+            losses = 0.2 + 0.1 * torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+        return losses, given, pred
+
+
+def test_sporadic_bimodal_fits_confirm_nothing_and_flag_nothing(tmp_path):
+    cleanser = SporadicCleanser(patience=2)
+    _fit(tmp_path, cleanser)
+    assert len(cleanser.delta_L_history) == 6  # the bimodal fits were seen (epochs 0, 2, ..., 10) ...
+    assert cleanser.t_c_step is None and cleanser.flagged_indices.numel() == 0  # ... but never two in a row
+    steady = ScriptedCleanser(patience=2)  # the same peak with consecutive bimodal fits is confirmed
+    _fit(tmp_path / "steady", steady)
+    truth = torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten()
+    assert steady.t_c_epoch == 3 and torch.equal(steady.flagged_indices, truth)
 
 
 def test_real_training_finds_the_mislabeled_samples(tmp_path):

@@ -102,6 +102,50 @@ def test_nan_values_are_ignored():
     assert tracker.run(series) == truth
 
 
+def _with_gap(series, gaps):
+    for stats, gap in zip(series, gaps):
+        stats["split/L_c"], stats["split/L_w"] = 0.5, 0.5 + gap
+    return series
+
+
+def _plateau_reference(gaps, start, tol, patience):
+    """The rule written out: from phase II's first measurement `start` on, the first index that ends
+    `patience` consecutive measurements whose relative gap growth (vs the previous measurement) is <= tol."""
+    streak = 0
+    for i in range(start, len(gaps)):
+        growth = (gaps[i] - gaps[i - 1]) / abs(gaps[i])
+        streak = streak + 1 if growth <= tol else 0
+        if streak >= patience:
+            return i
+    return None
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_recommendation_is_the_loss_gap_plateau_in_phase_two(patience):
+    # phase II starts at measurement 10 while the gap still widens (clean data still being learned),
+    # then the gap saturates: 1 - exp(-k/6) growth inside phase II
+    series, _ = _four_phase_series()
+    gaps = [0.1 * i for i in range(10)] + [1.0 + 2.0 * (1 - math.exp(-k / 6)) for k in range(30)] + [3.0] * 30
+    series = _with_gap(series, gaps)
+    tracker = PhaseTracker(smoothing=1.0, patience=patience, gap_plateau=0.01)
+    tracker.run(series)
+    start = tracker.transitions[0]
+    assert start.to_phase == "II" and start.measurement == 10 + patience - 1  # phase II itself is unchanged
+    expected = _plateau_reference(gaps, start.measurement, 0.01, patience)
+    assert expected is not None and start.measurement + 5 < expected < 40
+    rec = tracker.recommended
+    assert rec.kind == "clean_learned" and rec.measurement == expected
+
+
+def test_phase_three_before_any_plateau_is_the_recommendation():
+    series, _ = _four_phase_series()
+    gaps = [0.1 * i for i in range(len(series))]  # the gap widens by > 1% per measurement throughout phase II
+    tracker = PhaseTracker(smoothing=1.0, patience=1)
+    tracker.run(_with_gap(series, gaps))
+    assert tracker.clean_learned is None
+    assert tracker.recommended.kind == "phase" and tracker.recommended.to_phase == "III" and tracker.recommended.measurement == 40
+
+
 def test_state_round_trip_continues_identically():
     series, _ = _four_phase_series(noise=0.4, seed=3)
     full = PhaseTracker()
@@ -117,7 +161,8 @@ def test_state_round_trip_continues_identically():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"), (dict(balance=0.5), "balance")],
+    [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"),
+     (dict(balance=0.5), "balance"), (dict(gap_plateau=-0.1), "gap_plateau")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):
