@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -83,6 +84,21 @@ def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[st
         loads[k] += sizes[name]
     order = {name: i for i, name in enumerate(sizes)}
     return [sorted(g, key=order.__getitem__) for g in groups]
+
+
+# The last Gram matrix computed for each module, shared by the callbacks that probe it at the same
+# step (OrderParameterMonitor and NoiseSplitTracker compute the same G on the default probe set).
+# An entry is reused only if the step, the parameters (storage and in-place version counters), the
+# probe tensors, the loss and the engine settings are all the same, so a hit returns exactly what
+# a fresh computation would (measurements run in eval mode and change nothing).
+_GRAM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _gram_key(pl_module: torch.nn.Module, step: int, names: list[str], loss_fn: Any, chunk_size: int | None, method: str) -> tuple:
+    params = dict(pl_module.named_parameters())
+    versions = tuple((n, params[n].data_ptr(), params[n]._version) for n in names)
+    buffers = tuple((n, b.data_ptr(), b._version) for n, b in pl_module.named_buffers())  # e.g. BatchNorm statistics
+    return (step, versions, buffers, id(loss_fn), chunk_size, method)
 
 
 class _ProbeCallback(Callback):
@@ -327,8 +343,14 @@ class _ProbeCallback(Callback):
         n = x.shape[0]
         if not mine:
             return torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        key = _gram_key(pl_module, trainer.global_step, mine, loss_fn, self.chunk_size, self.method)
+        hit = _GRAM_CACHE.get(pl_module)
+        if hit is not None and hit["key"] == key and hit["loss_fn"] is loss_fn and torch.equal(hit["x"], x) and torch.equal(hit["y"], y):
+            return hit["gram"].clone()
         gram, _ = gradient_gram(pl_module, x, y, loss_fn=loss_fn, params=mine, chunk_size=self.chunk_size, method=self.method)
-        return gram.to(x.device)
+        gram = gram.to(x.device)
+        _GRAM_CACHE[pl_module] = {"key": key, "loss_fn": loss_fn, "x": x, "y": y, "gram": gram.clone()}
+        return gram
 
     def _losses_and_correct(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-sample losses, correctness (against the given labels) and output width; eval mode, no gradients."""

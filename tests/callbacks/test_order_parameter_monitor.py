@@ -41,6 +41,33 @@ def _fit(tmp_path, callbacks, *, dataset=None, max_epochs=2, seed=0, model=None,
     return tr, model
 
 
+def test_the_two_monitors_share_one_gram_per_measurement(tmp_path, monkeypatch):
+    import lightning_phases.callbacks._probe as probe
+
+    calls = []
+    real = probe.gradient_gram
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("loss_fn"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "gradient_gram", counting)
+    ds = NoisyTensorDataset()
+    alone = NoiseSplitTracker(probe_size=64, seed=3)
+    _fit(tmp_path / "alone", [alone], dataset=ds)
+    per_measurement_alone = len(calls) / 3  # start + 2 epochs
+    calls.clear()
+    both = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=3)]
+    _fit(tmp_path / "both", both, dataset=ds)
+    assert per_measurement_alone == 2  # the tracker's Gram and its segment Gram
+    assert len(calls) == 3 * 2  # the monitor computes G, the tracker reuses it and adds its segment Gram
+    assert both[1].last == alone.last  # bit-identical statistics
+    other_probe = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=4)]
+    calls.clear()
+    _fit(tmp_path / "other", other_probe, dataset=ds)
+    assert len(calls) == 3 * 3  # a different probe set is never served from the cache
+
+
 def test_logged_values_equal_the_functional_computation(tmp_path):
     ds = NoisyTensorDataset()
     mon = OrderParameterMonitor(probe_size=64, seed=3)
