@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ class _CleanOnly(NoisyDigitsDataModule):
 def _fit(dm, epochs: int, seed: int, lr: float, callbacks=()) -> tuple[MLPClassifier, float]:
     pl.seed_everything(seed, verbose=False)
     model = MLPClassifier(64, 128, 10, lr=lr)
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks))
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=tempfile.mkdtemp())
     trainer.fit(model, datamodule=dm)
     dm.setup("test")
     return model, accuracy(model, dm.test_dataloader())
