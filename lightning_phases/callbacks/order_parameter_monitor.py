@@ -108,7 +108,7 @@ class OrderParameterMonitor(_ProbeCallback):
         method: str = "auto",
         num_minibatches: int = 256,
         spectrum_fraction: float = 0.9,
-        figure_every_n: int | None = 10,
+        figure_every_n: int | None = 25,
     ) -> None:
         super().__init__(
             probe_size=probe_size, batch_size=batch_size, every_n_epochs=every_n_epochs,
