@@ -299,6 +299,7 @@ class GMMCleanser(Callback):
         if trainer.is_global_zero and self._candidate is not None:
             self._write_csv(directory)
             self._write_figure(trainer)
+        trainer.strategy.barrier("gmm_cleanser_t_c")  # every rank confirms t_c at the same measurement
         if self.action == "stop":
             trainer.should_stop = True
         elif self.action == "remove" and n_flag:

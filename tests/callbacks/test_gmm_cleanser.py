@@ -223,7 +223,9 @@ class _Dump(pl.Callback):
             json.dump({"flags": self.cleanser.flagged_indices.tolist(), "t_c": self.cleanser.t_c_step, "epoch": trainer.current_epoch}, fh)
 
 
-def test_ddp_ranks_agree_on_flags_and_decision(tmp_path):
+def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")  # spawned ranks: single-threaded BLAS pools (torch's and scikit-learn's)
     ds = NoisyTensorDataset(n=400, dim=8, num_classes=4, rate=0.4, seed=1)
     cleanser = GMMCleanser(action="stop", patience=2)
     pl.seed_everything(0, verbose=False)
