@@ -94,11 +94,11 @@ def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[st
 _GRAM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
-def _gram_key(pl_module: torch.nn.Module, step: int, names: list[str], loss_fn: Any, chunk_size: int | None, method: str) -> tuple:
+def _gram_key(pl_module: torch.nn.Module, step: int, names: list[str], chunk_size: int | None, method: str) -> tuple:
     params = dict(pl_module.named_parameters())
     versions = tuple((n, params[n].data_ptr(), params[n]._version) for n in names)
     buffers = tuple((n, b.data_ptr(), b._version) for n, b in pl_module.named_buffers())  # e.g. BatchNorm statistics
-    return (step, versions, buffers, id(loss_fn), chunk_size, method)
+    return (step, versions, buffers, chunk_size, method)
 
 
 class _ProbeCallback(Callback):
@@ -343,7 +343,7 @@ class _ProbeCallback(Callback):
         n = x.shape[0]
         if not mine:
             return torch.zeros(n, n, dtype=torch.float64, device=x.device)
-        key = _gram_key(pl_module, trainer.global_step, mine, loss_fn, self.chunk_size, self.method)
+        key = _gram_key(pl_module, trainer.global_step, mine, self.chunk_size, self.method)
         hit = _GRAM_CACHE.get(pl_module)
         if hit is not None and hit["key"] == key and hit["loss_fn"] is loss_fn and torch.equal(hit["x"], x) and torch.equal(hit["y"], y):
             return hit["gram"].clone()

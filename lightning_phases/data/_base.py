@@ -82,15 +82,16 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
             self.num_classes = len(classes)  # labels are relabelled 0..k-1 in the given order
         self.classes = classes
 
-    def _select(self, dataset: Dataset) -> tuple[Dataset, Tensor]:
-        """Keep only ``classes`` (relabelled ``0..k-1``); return the dataset and its labels."""
+    def _select(self, dataset: Dataset) -> tuple[Dataset, Tensor, list[int] | None]:
+        """Keep only ``classes`` (relabelled ``0..k-1``): the dataset, its labels and the kept indices
+        (``None`` when every sample is kept), so a parallel dataset can take the same subset."""
         targets = dataset_targets(dataset)
         if self.classes is None:
-            return dataset, targets
+            return dataset, targets, None
         lookup = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
         lookup[torch.tensor(self.classes)] = torch.arange(len(self.classes))
         keep = torch.nonzero(torch.isin(targets, torch.tensor(self.classes))).flatten()
-        return Subset(dataset, keep.tolist()), lookup[targets[keep]]
+        return Subset(dataset, keep.tolist()), lookup[targets[keep]], keep.tolist()
 
     # -------------------------------------------------------------- subclass API
     def _load(self, train: bool) -> Dataset:
@@ -107,7 +108,7 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.noisy_train is None:
             source = self._load(train=True)
-            full, targets = self._select(source)
+            full, targets, kept = self._select(source)
             n = len(targets)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(self.seed, "val_split")))
             n_val = self._num_val(n)
@@ -117,14 +118,16 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
                 Subset(full, train_idx.tolist()), noise_rate=self.noise_rate, seed=self.seed,
                 targets=targets[train_idx], **common,
             )
-            val_source = self._select(self._load_for_validation(source))[0]
+            val_source = self._load_for_validation(source)  # same samples as `source`, evaluation transform
+            if kept is not None:
+                val_source = Subset(val_source, kept)
             self.val_dataset = NoisyLabelDataset(
                 Subset(val_source, val_idx.tolist()), noise_rate=0.0 if self.clean_val else self.noise_rate,
                 seed=self.seed + 1, targets=targets[val_idx],
                 **(common if not self.clean_val else dict(noise="symmetric", num_classes=self.num_classes)),
             )
         if stage in (None, "test") and self.test_dataset is None:
-            test, test_targets = self._select(self._load(train=False))
+            test, test_targets, _ = self._select(self._load(train=False))
             # clean labels (relabelled when `classes` is set), served through the wrapper
             self.test_dataset = NoisyLabelDataset(test, noise_rate=0.0, num_classes=self.num_classes, targets=test_targets)
 

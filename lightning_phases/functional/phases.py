@@ -170,7 +170,6 @@ class PhaseTracker:
         self.peak_activity = 0.0
         self.gap_prev: float | None = None
         self.gap_streak = 0
-        self.has_gap = False
         self.transitions: list[PhaseTransition] = []
         self.history: list[dict[str, Any]] = []
 
@@ -195,6 +194,11 @@ class PhaseTracker:
     def clean_learned(self) -> PhaseTransition | None:
         """The event at which the loss gap stopped growing in phase II, if it has."""
         return next((t for t in self.transitions if t.kind == "clean_learned"), None)
+
+    @property
+    def has_gap(self) -> bool:
+        """Whether the four-phase model has seen the loss statistics ``split/L_c`` and ``split/L_w``."""
+        return self.model == "four" and all(k in self.smoothed for k in _GAP_KEYS)
 
     @property
     def recommended(self) -> PhaseTransition | None:
@@ -226,7 +230,6 @@ class PhaseTracker:
             "peak_activity": self.peak_activity,
             "gap_prev": self.gap_prev,
             "gap_streak": self.gap_streak,
-            "has_gap": self.has_gap,
             "transitions": [asdict(t) for t in self.transitions],
             "history": [dict(h) for h in self.history],
         }
@@ -243,7 +246,6 @@ class PhaseTracker:
         self.peak_activity = float(state.get("peak_activity", 0.0))
         self.gap_prev = None if state.get("gap_prev") is None else float(state["gap_prev"])
         self.gap_streak = int(state.get("gap_streak", 0))
-        self.has_gap = bool(state.get("has_gap", False))
         self.transitions = [PhaseTransition(**t) for t in state.get("transitions", [])]
         self.history = [dict(h) for h in state.get("history", [])]
 
@@ -316,9 +318,8 @@ class PhaseTracker:
 
     def _gap_update(self, step: int, epoch: int, index: int) -> list[PhaseTransition]:
         """Track the smoothed loss gap; in phase II, report once when it stops growing."""
-        if self.model != "four" or not all(k in self.smoothed for k in _GAP_KEYS):
+        if not self.has_gap:
             return []
-        self.has_gap = True
         gap = self.smoothed["split/L_w"] - self.smoothed["split/L_c"]
         prev, self.gap_prev = self.gap_prev, gap
         if self.phase_index != 1 or self.clean_learned is not None or prev is None:
