@@ -11,26 +11,22 @@ import torch
 from torch import nn
 
 
-class MLPClassifier(pl.LightningModule):
-    """A plain MLP trained with SGD on (inputs, labels) batches; logs val_loss/val_err when validating."""
+class Classifier(pl.LightningModule):
+    """Cross-entropy training of any ``net`` with plain SGD; logs train_loss, and val_loss/val_err when validating."""
 
-    def __init__(self, in_dim: int = 64, hidden: int = 128, num_classes: int = 10, lr: float = 0.05, depth: int = 2) -> None:
+    def __init__(self, net: nn.Module, lr: float) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        width = in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(nn.Flatten(), *layers)
+        self.net = net
+        self.lr = lr
 
     def forward(self, x):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -39,7 +35,21 @@ class MLPClassifier(pl.LightningModule):
         self.log("val_err", (out.argmax(1) != y).float().mean())
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class MLPClassifier(Classifier):
+    """A plain ReLU MLP ``in_dim → hidden (× depth) → num_classes`` (the digits demo's network by default)."""
+
+    def __init__(self, in_dim: int = 64, hidden: int = 128, num_classes: int = 10, lr: float = 0.05, depth: int = 2) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(nn.Sequential(nn.Flatten(), *layers), lr)
+        self.save_hyperparameters()
 
 
 def accuracy(model: nn.Module, loader) -> float:

@@ -28,39 +28,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ("none", "monitors", "all")
 
 
 def _modules():
-    import pytorch_lightning as pl
-    import torch
     from torch import nn
 
-    class Classifier(pl.LightningModule):
-        def __init__(self, net: nn.Module, lr: float) -> None:
-            super().__init__()
-            self.net = net
-            self.lr = lr
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = nn.functional.cross_entropy(self(x), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=self.lr)
+    from _common import Classifier, MLPClassifier
 
     def digits():
-        net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-        return Classifier(net, lr=0.05)
+        return MLPClassifier(64, 128, 10, lr=0.05)  # the `lightning-phases demo` network
 
     def cnn():
         net = nn.Sequential(
