@@ -28,6 +28,7 @@ from lightning_phases.functional.per_sample import (
     default_loss,
     eval_mode,
     gradient_gram,
+    grouped_gradient_gram,
     select_parameters,
 )
 
@@ -351,6 +352,20 @@ class _ProbeCallback(Callback):
         gram = gram.to(x.device)
         _GRAM_CACHE[pl_module] = {"key": key, "loss_fn": loss_fn, "x": x, "y": y, "gram": gram.clone()}
         return gram
+
+    def _partial_grouped_gram(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor, loss_fn: LossFn | None,
+        groups: Tensor, num_groups: int,
+    ) -> Tensor:
+        """This rank's share of the ``[K, K]`` Gram matrix of group-summed gradients."""
+        mine = self._my_parameters(trainer, pl_module)
+        if not mine:
+            return torch.zeros(num_groups, num_groups, dtype=torch.float64, device=x.device)
+        gram, _ = grouped_gradient_gram(
+            pl_module, x, y, groups, num_groups=num_groups, loss_fn=loss_fn, params=mine,
+            chunk_size=self.chunk_size, method=self.method,
+        )
+        return gram.to(x.device)
 
     def _losses_and_correct(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-sample losses, correctness (against the given labels) and output width; eval mode, no gradients."""

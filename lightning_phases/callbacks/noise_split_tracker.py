@@ -12,7 +12,12 @@ from torch import Tensor
 from lightning_phases.callbacks._probe import Unpack, _ProbeCallback
 from lightning_phases.errors import DegenerateInputError, LightningPhasesError
 from lightning_phases.functional.mixture import fit_loss_mixture
-from lightning_phases.functional.noise_split import segment_statistics, single_logit_loss, split_order_parameters
+from lightning_phases.functional.noise_split import (
+    segment_groups,
+    segment_statistics_from_groups,
+    single_logit_loss,
+    split_order_parameters,
+)
 from lightning_phases.functional.per_sample import LossFn, ParamSelection, default_loss
 from lightning_phases.report.tensorboard import write_phase_layout
 
@@ -84,8 +89,11 @@ class NoiseSplitTracker(_ProbeCallback):
     with ground truth: per true class ``c`` the norms of the summed clean and
     mislabeled segment gradients, their ratio and cosine, using the logistic
     loss gradient for one-output models and the single-logit gradient
-    ``(f_c − y_c)∇h_c`` for ``C``-output models. This costs a second Gram
-    computation; ``segments=False`` turns it off.
+    ``(f_c − y_c)∇h_c`` for ``C``-output models. For ``C`` outputs this costs a
+    second forward and backward over the probe set and ``2C`` summed weight
+    gradients per layer (no second ``n×n`` Gram matrix; see
+    :func:`~lightning_phases.functional.grouped_gradient_gram`); one-output
+    models reuse the main Gram matrix. ``segments=False`` turns it off.
 
     Args:
         noisy_mask: Optional bool tensor over the training dataset.
@@ -162,6 +170,7 @@ class NoiseSplitTracker(_ProbeCallback):
         self.require_ground_truth = bool(require_ground_truth)
         self.segments = bool(segments)
         self._truth: tuple[Tensor, Tensor | None] | None = None
+        self._segment_groups: tuple[Tensor, Tensor] | None = None
         self.mask_source: str = "unknown"
         self.last: dict[str, float] = {}
 
@@ -190,25 +199,37 @@ class NoiseSplitTracker(_ProbeCallback):
             else:
                 self._truth = found
                 self.mask_source = "ground_truth"
+        self._segment_groups = None
+        if self._truth is not None and self._truth[1] is not None:
+            self._segment_groups = segment_groups(self._truth[1], self._truth[0])
         write_phase_layout(self._tensorboard(trainer))
 
     def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         losses, correct, width = self._losses_and_correct(pl_module, x, y)
         stats = {"gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn), "losses": losses, "correct": correct}
-        true = None if self._truth is None else self._truth[1]
-        if self.segments and true is not None:
-            if width == 1:
-                stats["segment_gram"] = self._partial_gram(trainer, pl_module, x, y, default_loss)
+        if self.segments and self._segment_groups is not None:
+            groups, classes = self._segment_groups
+            k = 2 * classes.numel()
+            if width == 1 and self.loss_fn in (None, default_loss):
+                # the logistic-loss gradients are the ones of the main Gram: sum its blocks
+                member = torch.zeros(k, x.shape[0], dtype=torch.float64, device=stats["gram"].device)
+                g = groups.to(member.device)
+                keep = g >= 0
+                member[g[keep], keep.nonzero().squeeze(1)] = 1.0
+                stats["segment_gram"] = member @ stats["gram"] @ member.T
+            elif width == 1:
+                stats["segment_gram"] = self._partial_grouped_gram(trainer, pl_module, x, y, default_loss, groups, k)
             else:
-                pair = torch.stack([y.long().reshape(-1), true.to(y.device)], dim=1)
-                stats["segment_gram"] = self._partial_gram(trainer, pl_module, x, pair, single_logit_loss)
+                pair = torch.stack([y.long().reshape(-1), self._truth[1].to(y.device)], dim=1)  # type: ignore[index]
+                stats["segment_gram"] = self._partial_grouped_gram(trainer, pl_module, x, pair, single_logit_loss, groups, k)
         return stats
 
     def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
         nan = torch.full((n,), math.nan, dtype=torch.float64, device=device)
         stats = {"gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device), "losses": nan, "correct": nan.clone()}
-        if self.segments and self._truth is not None and self._truth[1] is not None:
-            stats["segment_gram"] = stats["gram"].clone()
+        if self.segments and self._segment_groups is not None:
+            k = 2 * self._segment_groups[1].numel()
+            stats["segment_gram"] = torch.full((k, k), math.nan, dtype=torch.float64, device=device)
         return stats
 
     def _metrics(self, trainer, pl_module, stats: dict[str, Tensor]) -> dict[str, float]:
@@ -232,7 +253,10 @@ class NoiseSplitTracker(_ProbeCallback):
         metrics["split/err_c"] = 1.0 - float(correct[~mask].mean())
         metrics["split/err_w"] = 1.0 - float(correct[mask].mean())
         if "segment_gram" in stats and self._truth is not None and self._truth[1] is not None:
-            seg = segment_statistics(stats["segment_gram"], self._truth[1].cpu(), mask)
+            assert self._segment_groups is not None
+            seg = segment_statistics_from_groups(
+                stats["segment_gram"], self._truth[1].cpu(), mask, classes=self._segment_groups[1]
+            )
             for k, c in enumerate(seg.classes.tolist()):
                 if math.isfinite(float(seg.ratio[k])):
                     metrics[f"segment/ratio/{c}"] = float(seg.ratio[k])

@@ -286,6 +286,8 @@ def fast_layer_gram(
     *,
     chunk_size: int | None,
     force: str | None = None,
+    groups: Tensor | None = None,
+    num_groups: int = 0,
 ) -> tuple[Tensor | None, Tensor, set[str], list[LayerPlan]]:
     """Gram contribution of the supported layers among ``selected`` parameters.
 
@@ -300,6 +302,12 @@ def fast_layer_gram(
         loss_fn: Per-sample loss of one sample's output and target.
         chunk_size: Samples per forward/backward and per Gram block.
         force: ``"ghost"`` or ``"materialize"`` to override the per-layer choice.
+        groups: Optional group index of each sample ``[n]`` (long, ``-1`` for
+            none). With it, ``G`` is the ``[num_groups, num_groups]`` Gram matrix
+            of the group sums ``Σ_{i in k} g_i``, taken from per-group weight
+            gradients (``n·T·d_in·d_out`` per layer, like one backward) instead
+            of the ``n×n`` products.
+        num_groups: Number of groups ``K`` (with ``groups``).
 
     Returns:
         ``(G or None, losses [n], covered parameter names, plans)``: ``G`` is the
@@ -400,9 +408,13 @@ def fast_layer_gram(
     loss_vec = torch.cat(losses)
     if not plans:
         return None, loss_vec, set(), []
-    gram = torch.zeros(n, n, dtype=torch.float64, device=inputs.device)
+    size = n if groups is None else num_groups
+    gram = torch.zeros(size, size, dtype=torch.float64, device=inputs.device)
     for plan in plans.values():
-        _accumulate(gram, modules[plan.name], plan, step)
+        if groups is None:
+            _accumulate(gram, modules[plan.name], plan, step)
+        else:
+            _accumulate_groups(gram, modules[plan.name], plan, groups.to(inputs.device), num_groups)
         plan.inputs.clear()
         plan.out_grads.clear()
     covered = {pn for plan in plans.values() for pn in plan.param_names}
@@ -424,6 +436,78 @@ def _add_rows(gram: Tensor, rows: Tensor, si: int, ei: int) -> None:
         off = rows[:, :si]
         gram[si:ei, :si] += off
         gram[:si, si:ei] += off.T
+
+
+def _group_weight_grad(module: nn.Module, inp: Tensor, out_grad: Tensor) -> Tensor:
+    """``Σ_i Σ_t δ_it a_itᵀ`` over the samples of ``inp``: the weight gradient of their summed loss."""
+    if isinstance(module, nn.Conv2d):
+        padding = 0 if module.padding == "valid" else module.padding
+        return torch.nn.grad.conv2d_weight(
+            inp, module.weight.shape, out_grad, stride=module.stride, padding=padding, dilation=module.dilation
+        )
+    d_in = inp.shape[-1]
+    return out_grad.reshape(-1, out_grad.shape[-1]).T @ inp.reshape(-1, d_in)
+
+
+def _accumulate_groups(gram: Tensor, module: nn.Module, plan: LayerPlan, groups: Tensor, num_groups: int) -> None:
+    """Add one layer's contribution to the ``[K, K]`` Gram matrix of group-summed gradients.
+
+    For each group the layer's weight (and bias) gradient of the group's
+    summed loss is formed from the recorded inputs and output gradients --
+    weight-gradient products costing about ``n·T·d_in·d_out`` together -- and
+    the ``K`` flattened sums are multiplied in the layer's dtype and added
+    (symmetrised) into the float64 accumulator. Linear layers gather
+    the groups into one zero-padded batched product when the padding at most
+    doubles the work; convolutions (and very unequal groups) take one
+    weight-gradient product per group.
+    """
+    has_w = any(pn.endswith("weight") for pn in plan.param_names)
+    has_b = any(pn.endswith("bias") for pn in plan.param_names)
+    inp = plan.inputs[0] if len(plan.inputs) == 1 else torch.cat(plan.inputs)
+    out_grad = plan.out_grads[0] if len(plan.out_grads) == 1 else torch.cat(plan.out_grads)
+    keep = groups >= 0
+    counts = torch.bincount(groups[keep], minlength=num_groups)
+    present = counts.nonzero().squeeze(1)
+    if present.numel() == 0:
+        return
+    n = inp.shape[0]
+    largest = int(counts.max())
+    conv = isinstance(module, nn.Conv2d)
+    parts: list[Tensor] = []
+    if not conv and present.numel() * largest <= 2 * n:
+        # one batched product over zero-padded groups: rows [k, slot] -> sample index (n = the zero row)
+        order = torch.argsort(groups[keep], stable=True)
+        members = keep.nonzero().squeeze(1)[order]
+        kept_groups = groups[keep][order]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(members.numel(), device=groups.device) - starts[kept_groups]
+        rank = torch.full((num_groups,), -1, dtype=torch.long, device=groups.device)
+        rank[present] = torch.arange(present.numel(), device=groups.device)
+        index = torch.full((present.numel(), largest), n, dtype=torch.long, device=groups.device)
+        index[rank[kept_groups], slot] = members
+        a = torch.cat([inp.reshape(n, -1), inp.new_zeros(1, inp[0].numel())])[index]  # [K', m, T·d_in]
+        d = torch.cat([out_grad.reshape(n, -1), out_grad.new_zeros(1, out_grad[0].numel())])[index]
+        d_in, d_out = inp.shape[-1], out_grad.shape[-1]
+        a = a.reshape(present.numel(), -1, d_in)
+        d = d.reshape(present.numel(), -1, d_out)
+        if has_w:
+            parts.append(torch.bmm(d.transpose(1, 2), a).reshape(present.numel(), -1))
+        if has_b:
+            parts.append(d.sum(1))
+    else:
+        for k in present.tolist():
+            sel = (groups == k).nonzero().squeeze(1)
+            inp_k, grad_k = inp.index_select(0, sel), out_grad.index_select(0, sel)
+            row = []
+            if has_w:
+                row.append(_group_weight_grad(module, inp_k, grad_k).reshape(-1))
+            if has_b:
+                row.append(grad_k.sum([0, 2, 3]) if conv else grad_k.reshape(-1, grad_k.shape[-1]).sum(0))
+            parts.append(torch.cat(row)[None])
+        parts = [torch.cat(parts)]
+    mat = torch.cat(parts, dim=1)
+    block = (mat @ mat.T).to(torch.float64)  # in the layer's dtype, like the n×n products
+    gram[present[:, None], present[None, :]] += (block + block.T) / 2
 
 
 def _accumulate(gram: Tensor, module: nn.Module, plan: LayerPlan, step: int) -> None:

@@ -30,13 +30,15 @@ from lightning_phases.functional.ensemble import (
     _warn,
     minibatch_variance_factor,
 )
-from lightning_phases.functional.per_sample import ParamSelection, _model_device, eval_mode, gradient_gram
+from lightning_phases.functional.per_sample import ParamSelection, _model_device, eval_mode, grouped_gradient_gram
 
 __all__ = [
     "SplitOrderParameters",
     "split_order_parameters",
     "SegmentGradients",
     "segment_statistics",
+    "segment_statistics_from_groups",
+    "segment_groups",
     "segment_gradients",
     "single_logit_loss",
 ]
@@ -189,6 +191,80 @@ class SegmentGradients:
         return float(self.cos.nanmean()) if bool(torch.isfinite(self.cos).any()) else math.nan
 
 
+def segment_groups(true_targets: Tensor, noisy_mask: Tensor, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Segment of each sample: group ``2k`` (clean) or ``2k + 1`` (mislabeled) of true class ``classes[k]``.
+
+    The groups of :func:`grouped_gradient_gram` whose sums are the segment
+    gradients ``g_clean^(c)`` and ``g_noise^(c)`` of SPEC.md §3.
+
+    Args:
+        true_targets: Ground-truth class of each sample ``[n]``.
+        noisy_mask: Boolean ``[n]``, True for mislabeled samples.
+        classes: Classes to report (default: the sorted unique true classes).
+
+    Returns:
+        ``(groups [n] long, classes [K])``; samples of other classes get ``-1``.
+
+    Raises:
+        DegenerateInputError: shapes do not match.
+    """
+    y = torch.as_tensor(true_targets).reshape(-1).long()
+    n = y.shape[0]
+    w = _as_mask(noisy_mask, n).to(y.device)
+    classes = torch.unique(y) if classes is None else torch.as_tensor(classes).to(y.device).reshape(-1).long()
+    groups = torch.full((n,), -1, dtype=torch.long, device=y.device)
+    for k, c in enumerate(classes.tolist()):
+        in_c = y == c
+        groups[in_c] = 2 * k + w[in_c].long()
+    return groups, classes
+
+
+def segment_statistics_from_groups(
+    group_gram: Tensor, true_targets: Tensor, noisy_mask: Tensor, *, classes: Tensor | None = None
+) -> SegmentGradients:
+    """Per-class segment statistics from the Gram matrix of the segment sums.
+
+    Args:
+        group_gram: ``[2K, 2K]`` Gram matrix of the group-summed segment
+            gradients for the groups of :func:`segment_groups` (e.g. from
+            :func:`grouped_gradient_gram` with :func:`single_logit_loss`).
+        true_targets, noisy_mask, classes: as for :func:`segment_groups`.
+
+    Returns:
+        :class:`SegmentGradients` with float64 tensors.
+
+    Raises:
+        DegenerateInputError: shapes do not match.
+    """
+    groups, classes = segment_groups(true_targets, noisy_mask, classes)
+    h = torch.as_tensor(group_gram).to(torch.float64).cpu()
+    k = classes.numel()
+    if h.shape != (2 * k, 2 * k):
+        raise DegenerateInputError(f"group_gram must have shape [{2 * k}, {2 * k}] for {k} classes; got {tuple(h.shape)}.")
+    if not bool(torch.isfinite(h).all()):
+        _warn("The segment-gradient Gram matrix contains NaN or inf; segment statistics are NaN.")
+    counts = torch.bincount(groups[groups >= 0].cpu(), minlength=2 * k)
+    fields: dict[str, list[float]] = {k_: [] for k_ in ("clean_norm", "noisy_norm", "ratio", "cos")}
+    for j in range(k):
+        sq_s, sq_t, dot = float(h[2 * j, 2 * j]), float(h[2 * j + 1, 2 * j + 1]), float(h[2 * j, 2 * j + 1])
+        norm_s = math.sqrt(max(sq_s, 0.0)) if math.isfinite(sq_s) else math.nan
+        norm_t = math.sqrt(max(sq_t, 0.0)) if math.isfinite(sq_t) else math.nan
+        fields["clean_norm"].append(norm_s)
+        fields["noisy_norm"].append(norm_t)
+        fields["ratio"].append(norm_s / norm_t if norm_t > 0 and math.isfinite(norm_s) else math.nan)
+        fields["cos"].append(_cos(dot, sq_s, sq_t))
+    as_t = {k_: torch.tensor(v, dtype=torch.float64) for k_, v in fields.items()}
+    return SegmentGradients(
+        classes=classes.cpu(),
+        num_clean=counts[0::2].long(),
+        num_noisy=counts[1::2].long(),
+        clean_norm=as_t["clean_norm"],
+        noisy_norm=as_t["noisy_norm"],
+        ratio=as_t["ratio"],
+        cos=as_t["cos"],
+    )
+
+
 def segment_statistics(
     gram: Tensor, true_targets: Tensor, noisy_mask: Tensor, *, classes: Tensor | None = None
 ) -> SegmentGradients:
@@ -200,6 +276,8 @@ def segment_statistics(
     multi-class model (:func:`single_logit_loss`). For class ``c`` with clean
     set ``S`` and mislabeled set ``T`` (by *true* class),
     ``‖g_clean^(c)‖² = Σ_{i,j∈S} G_ij`` and ``g_clean^(c)·g_noise^(c) = Σ_{i∈S,j∈T} G_ij``.
+    (:func:`segment_statistics_from_groups` takes these sums directly, from
+    :func:`grouped_gradient_gram`, without the ``n×n`` matrix.)
 
     Args:
         gram: Segment-gradient Gram matrix ``[n, n]``.
@@ -215,41 +293,14 @@ def segment_statistics(
     """
     g = _as_gram(gram)
     n = g.shape[0]
-    w = _as_mask(noisy_mask, n).to(g.device)
     y = torch.as_tensor(true_targets).to(g.device).reshape(-1)
     if y.shape[0] != n:
         raise DegenerateInputError(f"true_targets must have shape [{n}]; got {tuple(y.shape)}.")
-    if classes is None:
-        classes = torch.unique(y)
-    classes = torch.as_tensor(classes).to(g.device).reshape(-1)
-    if not bool(torch.isfinite(g).all()):
-        _warn("The segment-gradient Gram matrix contains NaN or inf; segment statistics are NaN.")
-    fields: dict[str, list[float]] = {k: [] for k in ("num_clean", "num_noisy", "clean_norm", "noisy_norm", "ratio", "cos")}
-    for c in classes.tolist():
-        in_c = y == c
-        s = (in_c & ~w).to(torch.float64)
-        t = (in_c & w).to(torch.float64)
-        sq_s = float(s @ g @ s)
-        sq_t = float(t @ g @ t)
-        dot = float(s @ g @ t)
-        norm_s = math.sqrt(max(sq_s, 0.0))
-        norm_t = math.sqrt(max(sq_t, 0.0))
-        fields["num_clean"].append(float(s.sum()))
-        fields["num_noisy"].append(float(t.sum()))
-        fields["clean_norm"].append(norm_s)
-        fields["noisy_norm"].append(norm_t)
-        fields["ratio"].append(norm_s / norm_t if norm_t > 0 and math.isfinite(norm_s) else math.nan)
-        fields["cos"].append(_cos(dot, sq_s, sq_t))
-    as_t = {k: torch.tensor(v, dtype=torch.float64) for k, v in fields.items()}
-    return SegmentGradients(
-        classes=classes.cpu(),
-        num_clean=as_t["num_clean"].long(),
-        num_noisy=as_t["num_noisy"].long(),
-        clean_norm=as_t["clean_norm"],
-        noisy_norm=as_t["noisy_norm"],
-        ratio=as_t["ratio"],
-        cos=as_t["cos"],
-    )
+    groups, classes = segment_groups(y, _as_mask(noisy_mask, n).to(g.device), classes)
+    member = torch.zeros(2 * classes.numel(), n, dtype=torch.float64, device=g.device)
+    keep = groups >= 0
+    member[groups[keep], keep.nonzero().squeeze(1)] = 1.0
+    return segment_statistics_from_groups(member @ g @ member.T, y, noisy_mask, classes=classes)
 
 
 def single_logit_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -309,15 +360,19 @@ def segment_gradients(
         )
     if noisy_mask is None:
         noisy_mask = targets != true_targets
+    groups, classes = segment_groups(true_targets, noisy_mask)
     out_dim = _output_width(model, inputs)
     if out_dim == 1:
-        gram, _ = gradient_gram(model, inputs, targets, params=params, chunk_size=chunk_size)
+        group_gram, _ = grouped_gradient_gram(
+            model, inputs, targets, groups, num_groups=2 * classes.numel(), params=params, chunk_size=chunk_size
+        )
     else:
         pair = torch.stack([targets.long(), true_targets.long()], dim=1)
-        gram, _ = gradient_gram(
-            model, inputs, pair, loss_fn=single_logit_loss, params=params, chunk_size=chunk_size
+        group_gram, _ = grouped_gradient_gram(
+            model, inputs, pair, groups, num_groups=2 * classes.numel(), loss_fn=single_logit_loss,
+            params=params, chunk_size=chunk_size,
         )
-    return segment_statistics(gram, true_targets, noisy_mask)
+    return segment_statistics_from_groups(group_gram, true_targets, noisy_mask, classes=classes)
 
 
 def _output_width(model: nn.Module, inputs: Tensor) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "per_sample_grads",
     "per_sample_grads_and_losses",
     "gradient_gram",
+    "grouped_gradient_gram",
     "eval_mode",
     "GRAM_METHODS",
 ]
@@ -357,11 +358,94 @@ def gradient_gram(
         ParameterSelectionError: ``params`` matches nothing.
         UnsupportedModelError: ``torch.func`` cannot run through a module.
     """
+    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, None, 0)
+
+
+def grouped_gradient_gram(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    groups: Tensor,
+    *,
+    num_groups: int | None = None,
+    loss_fn: LossFn | None = None,
+    params: ParamSelection = None,
+    chunk_size: int | None = None,
+    method: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Gram matrix of group-summed per-sample gradients, ``H_kl = G_k · G_l`` with ``G_k = Σ_{i: groups_i = k} g_i``.
+
+    Equal to ``S G Sᵀ`` for the ``[K, n]`` membership matrix ``S`` and the
+    Gram matrix ``G`` of :func:`gradient_gram`, but on the per-layer fast
+    path the ``n×n`` products are never formed: each group's summed weight
+    gradient comes from the recorded layer inputs and output gradients
+    (``n·T·d_in·d_out`` per layer, about one backward pass) and only the
+    ``K×K`` products of the sums are taken. Parameters outside the fast path
+    go through :func:`gradient_gram`'s ``vmap`` engine and are reduced with
+    ``S``. Used for the per-class segment gradients of SPEC.md §3.
+
+    Args:
+        model, inputs, targets, loss_fn, params, chunk_size, method: as for
+            :func:`gradient_gram`.
+        groups: Group index of each sample ``[n]`` (integers in ``[0, K)``;
+            ``-1`` leaves a sample out of every group).
+        num_groups: ``K``; default ``groups.max() + 1``.
+
+    Returns:
+        ``(H, losses)``: ``H`` of shape ``[K, K]`` in float64, exactly
+        symmetric; ``losses`` of shape ``[n]``. An empty group has a zero row.
+
+    Raises:
+        ValueError: bad ``groups``, ``num_groups`` or ``method``, mismatched inputs.
+        ParameterSelectionError: ``params`` matches nothing.
+        UnsupportedModelError: ``torch.func`` cannot run through a module.
+    """
+    n = inputs.shape[0] if isinstance(inputs, Tensor) and inputs.ndim else 0
+    groups = torch.as_tensor(groups)
+    if groups.ndim != 1 or groups.shape[0] != n or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError(f"groups must be an integer tensor of shape [{n}]; got {groups.dtype} of shape {tuple(groups.shape)}.")
+    groups = groups.long()
+    if n and int(groups.min()) < -1:
+        raise ValueError("groups must be >= -1 (-1 leaves a sample out).")
+    k = (int(groups.max()) + 1 if n else 0) if num_groups is None else num_groups
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n and int(groups.max()) >= k):
+        raise ValueError(f"num_groups must be an int >= 1 larger than every group index; got {num_groups!r}.")
+    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, groups, k)
+
+
+def _membership(groups: Tensor, num_groups: int, device: torch.device) -> Tensor:
+    """``[K, n]`` float64 indicator matrix of the groups (rows of ``-1`` samples are all zero)."""
+    member = torch.zeros(num_groups, groups.shape[0], dtype=torch.float64, device=device)
+    keep = groups >= 0
+    member[groups[keep].to(device), keep.nonzero().squeeze(1).to(device)] = 1.0
+    return member
+
+
+def _gram(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn | None,
+    params: ParamSelection,
+    chunk_size: int | None,
+    method: str,
+    groups: Tensor | None,
+    num_groups: int,
+) -> tuple[Tensor, Tensor]:
     if method not in GRAM_METHODS:
         raise ValueError(f"method must be one of {GRAM_METHODS}; got {method!r}.")
     n = _validate_batch(inputs, targets, chunk_size)
+
+    def reduce(gram: Tensor) -> Tensor:
+        if groups is None:
+            return gram
+        member = _membership(groups, num_groups, gram.device)
+        out = member @ gram @ member.T
+        return (out + out.T) / 2
+
     if method == "vmap":
-        return _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n)
+        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n)
+        return reduce(gram), losses
     from lightning_phases.functional.layer_gram import fast_layer_gram
 
     selected = select_parameters(model, params)
@@ -372,21 +456,23 @@ def gradient_gram(
             fast, losses, covered, _ = fast_layer_gram(
                 model, x, y, selected, loss_fn if loss_fn is not None else default_loss,
                 chunk_size=chunk_size, force=None if method == "auto" else method,
+                groups=groups, num_groups=num_groups,
             )
         except Exception as err:  # noqa: BLE001 - the vmap engine reports unsupported models clearly
             warnings.warn(
                 f"The per-layer fast Gram path failed ({type(err).__name__}: {err}); "
                 "using the vmap engine for every parameter.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             fast, covered = None, set()
     rest = [name for name in selected if name not in covered]
     if fast is None:
-        return _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+        return reduce(gram), losses
     if rest:
         other, _ = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
-        fast = fast + other.to(fast.device)
+        fast = fast + reduce(other).to(fast.device)
     return fast, losses
 
 

@@ -19,7 +19,8 @@ from lightning_phases.functional import (
     make_generator,
     noise_spectrum,
     order_parameters,
-    segment_gradients,
+    single_logit_loss,
+    segment_statistics,
     split_order_parameters,
 )
 from tests.callbacks.helpers import (
@@ -44,28 +45,35 @@ def _fit(tmp_path, callbacks, *, dataset=None, max_epochs=2, seed=0, model=None,
 def test_the_two_monitors_share_one_gram_per_measurement(tmp_path, monkeypatch):
     import lightning_phases.callbacks._probe as probe
 
-    calls = []
-    real = probe.gradient_gram
+    calls, grouped = [], []
+    real, real_grouped = probe.gradient_gram, probe.grouped_gradient_gram
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("loss_fn"))
         return real(*args, **kwargs)
 
+    def counting_grouped(*args, **kwargs):
+        grouped.append(kwargs.get("loss_fn"))
+        return real_grouped(*args, **kwargs)
+
     monkeypatch.setattr(probe, "gradient_gram", counting)
+    monkeypatch.setattr(probe, "grouped_gradient_gram", counting_grouped)
     ds = NoisyTensorDataset()
     alone = NoiseSplitTracker(probe_size=64, seed=3)
     _fit(tmp_path / "alone", [alone], dataset=ds)
-    per_measurement_alone = len(calls) / 3  # start + 2 epochs
+    assert len(calls) == 3 and len(grouped) == 3  # start + 2 epochs: the n×n Gram and the segment sums
+    assert all(fn is single_logit_loss for fn in grouped)
     calls.clear()
+    grouped.clear()
     both = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=3)]
     _fit(tmp_path / "both", both, dataset=ds)
-    assert per_measurement_alone == 2  # the tracker's Gram and its segment Gram
-    assert len(calls) == 3 * 2  # the monitor computes G, the tracker reuses it and adds its segment Gram
+    assert len(calls) == 3  # the monitor computes G, the tracker reuses it
+    assert len(grouped) == 3
     assert both[1].last == alone.last  # bit-identical statistics
     other_probe = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=4)]
     calls.clear()
     _fit(tmp_path / "other", other_probe, dataset=ds)
-    assert len(calls) == 3 * 3  # a different probe set is never served from the cache
+    assert len(calls) == 3 * 2  # a different probe set is never served from the cache
 
 
 def test_logged_values_equal_the_functional_computation(tmp_path):
@@ -91,7 +99,10 @@ def test_logged_values_equal_the_functional_computation(tmp_path):
         assert split.last[f"split/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-8), key
     assert split.last["split/L_w"] == pytest.approx(float(losses[mask].mean()), rel=1e-5)
     assert split.last["split/mask_estimated"] == 0.0 and split.mask_source == "ground_truth"
-    seg = segment_gradients(model, x, y, ds.true_targets[idx], noisy_mask=mask)
+    # segments: the n×n single-logit Gram of the independent vmap engine, summed block by block
+    pair = torch.stack([y, ds.true_targets[idx]], 1)
+    seg_gram, _ = gradient_gram(model, x, pair, loss_fn=single_logit_loss, method="vmap")
+    seg = segment_statistics(seg_gram, ds.true_targets[idx], mask)
     for k, c in enumerate(seg.classes.tolist()):
         assert split.last[f"segment/ratio/{c}"] == pytest.approx(float(seg.ratio[k]), rel=1e-4)
         assert split.last[f"segment/cos/{c}"] == pytest.approx(float(seg.cos[k]), rel=1e-4, abs=1e-6)

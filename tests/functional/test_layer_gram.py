@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_phases.errors import PhaseStatisticsWarning
 from lightning_phases.functional import (
     default_loss,
     eval_mode,
     gradient_gram,
+    grouped_gradient_gram,
     select_parameters,
     single_logit_loss,
 )
@@ -125,6 +126,60 @@ def test_fast_path_equals_vmap_engine_and_autograd_loop(name, method, chunk):
     torch.testing.assert_close(gram, ref_gram, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert torch.equal(gram, gram.T)
+
+
+def _groups(n: int, unequal: bool = False) -> tuple[Tensor, int]:
+    """Groups 0..3 with -1 (left out) samples and an empty group 4.
+
+    ``unequal``: one large group and three singletons, so that padding the
+    groups to equal size would more than double the work (the per-group path).
+    """
+    if unequal:
+        return torch.tensor([0] * (n - 4) + [1, -1, 3, 2]), 5
+    groups = torch.tensor([(3 * i) % 5 - 1 for i in range(n)])
+    groups[groups == 3] = 2
+    return groups, 5
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("method", METHODS + ["vmap"])
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("unequal", [False, True])
+def test_grouped_gram_equals_sums_of_autograd_gradients(name, method, chunk, unequal):
+    model, x, y = _case(name)
+    groups, k = _groups(x.shape[0], unequal)
+    jac, ref_losses = loop_per_sample_grads(model, x, y, default_loss)
+    sums = torch.stack([jac[groups == g].double().sum(0) for g in range(k)])  # the slow reference
+    got, losses = grouped_gradient_gram(model, x, y, groups, num_groups=k, method=method, chunk_size=chunk)
+    assert got.shape == (k, k) and got.dtype == torch.float64
+    torch.testing.assert_close(got, sums @ sums.T, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, got.T)
+    assert not got[4].any()  # the empty group
+    torch.testing.assert_close(losses, ref_losses.to(losses.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_gram_parameter_subsets_and_single_logit_loss():
+    model, x, y = _case("cnn")
+    groups, k = _groups(x.shape[0])
+    member = torch.stack([(groups == g).double() for g in range(k)])
+    pair = torch.stack([y, (y + 1) % 3], 1)
+    for params, targets, loss_fn in ((["conv2", "fc.bias"], y, default_loss), (None, pair, single_logit_loss)):
+        ref, _ = gradient_gram(model, x, targets, params=params, loss_fn=loss_fn, method="vmap")
+        got, _ = grouped_gradient_gram(model, x, targets, groups, num_groups=k, params=params, loss_fn=loss_fn)
+        torch.testing.assert_close(got, member @ ref @ member.T, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_gram_rejects_bad_groups():
+    model, x, y = _case("mlp")
+    n = x.shape[0]
+    with pytest.raises(ValueError, match="shape"):
+        grouped_gradient_gram(model, x, y, torch.zeros(n - 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        grouped_gradient_gram(model, x, y, torch.zeros(n))
+    with pytest.raises(ValueError, match=">= -1"):
+        grouped_gradient_gram(model, x, y, torch.full((n,), -2))
+    with pytest.raises(ValueError, match="num_groups"):
+        grouped_gradient_gram(model, x, y, torch.arange(n), num_groups=3)
 
 
 def test_float64_model_is_exact():
