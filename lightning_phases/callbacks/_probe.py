@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.ensemble import derived_seed
+from lightning_phases.functional.ensemble import _all_finite, derived_seed
 from lightning_phases.functional.per_sample import (
     GRAM_METHODS,
     LossFn,
@@ -93,6 +93,10 @@ def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[st
 # probe tensors, the loss and the engine settings are all the same, so a hit returns exactly what
 # a fresh computation would (measurements run in eval mode and change nothing).
 _GRAM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+# The last probe losses and predictions per module, shared in the same way.
+_LOSS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def _gram_key(pl_module: torch.nn.Module, step: int, names: list[str], chunk_size: int | None, method: str) -> tuple:
@@ -171,7 +175,11 @@ class _ProbeCallback(Callback):
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(probe_size=self.probe_size, seed=self.seed, prefix=self.prefix)
+        # Lightning reads this on every hook call (profiler names): build the string once per identity
+        ident = (self.probe_size, self.seed, self.prefix,)
+        if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
+            self._state_key_cache = (ident, self._generate_state_key(probe_size=self.probe_size, seed=self.seed, prefix=self.prefix))
+        return self._state_key_cache[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -308,7 +316,7 @@ class _ProbeCallback(Callback):
             local = self._empty_statistics(n, pl_module.device)
             failure = f"{type(err).__name__}: {err}"
         reduced = {k: (self._reduce(trainer, v) if k in self._reduce_keys else v) for k, v in local.items()}
-        if failure is not None or not all(bool(torch.isfinite(v).all()) for k, v in reduced.items() if k in self._finite_keys):
+        if failure is not None or not all(_all_finite(v) for k, v in reduced.items() if k in self._finite_keys):
             self.num_failures += 1
             reason = failure or "NaN or inf in the per-sample gradients or losses"
             self._warn_once(
@@ -367,9 +375,19 @@ class _ProbeCallback(Callback):
         )
         return gram.to(x.device)
 
-    def _losses_and_correct(self, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Per-sample losses, correctness (against the given labels) and output width; eval mode, no gradients."""
+    def _losses_and_correct(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor, int]:
+        """Per-sample losses, correctness (against the given labels) and output width; eval mode, no gradients.
+
+        Shared, like the Gram matrix, between callbacks that evaluate the same
+        probe set with the same loss on the same weights.
+        """
         loss_fn = self.loss_fn or default_loss
+        key = _gram_key(pl_module, trainer.global_step, [n for n, _ in pl_module.named_parameters()], None, "losses")
+        hit = _LOSS_CACHE.get(pl_module)
+        if hit is not None and hit["key"] == key and hit["loss_fn"] is loss_fn and torch.equal(hit["x"], x) and torch.equal(hit["y"], y):
+            return hit["losses"].clone(), hit["correct"].clone(), hit["width"]
         with torch.no_grad(), eval_mode(pl_module):
             out = pl_module(x)
             losses = torch.vmap(loss_fn)(out, y).reshape(-1)
@@ -379,7 +397,10 @@ class _ProbeCallback(Callback):
                 pred = out.argmax(-1)
             correct = pred == y.reshape(-1).long()
         width = 1 if out.ndim == 1 else int(out.reshape(out.shape[0], -1).shape[1])
-        return losses.to(torch.float64), correct.to(torch.float64), width
+        losses, correct = losses.to(torch.float64), correct.to(torch.float64)
+        _LOSS_CACHE[pl_module] = {"key": key, "loss_fn": loss_fn, "x": x, "y": y, "losses": losses.clone(),
+                                  "correct": correct.clone(), "width": width}
+        return losses, correct, width
 
     # subclass API
     def _local_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> dict[str, Tensor]:

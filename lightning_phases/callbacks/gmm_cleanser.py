@@ -150,7 +150,11 @@ class GMMCleanser(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(action=self.action, every_n_epochs=self.every_n_epochs)
+        # Lightning reads this on every hook call (profiler names): build the string once per identity
+        ident = (self.action, self.every_n_epochs,)
+        if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
+            self._state_key_cache = (ident, self._generate_state_key(action=self.action, every_n_epochs=self.every_n_epochs))
+        return self._state_key_cache[1]
 
     @property
     def t_c(self) -> int | None:

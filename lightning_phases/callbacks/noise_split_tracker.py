@@ -205,7 +205,7 @@ class NoiseSplitTracker(_ProbeCallback):
         write_phase_layout(self._tensorboard(trainer))
 
     def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        losses, correct, width = self._losses_and_correct(pl_module, x, y)
+        losses, correct, width = self._losses_and_correct(trainer, pl_module, x, y)
         stats = {"gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn), "losses": losses, "correct": correct}
         if self.segments and self._segment_groups is not None:
             groups, classes = self._segment_groups

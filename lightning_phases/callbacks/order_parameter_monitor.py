@@ -126,7 +126,7 @@ class OrderParameterMonitor(_ProbeCallback):
         write_phase_layout(self._tensorboard(trainer))
 
     def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        losses, correct, _ = self._losses_and_correct(pl_module, x, y)
+        losses, correct, _ = self._losses_and_correct(trainer, pl_module, x, y)
         return {
             "gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn),
             "losses": losses,  # identical on every rank (same weights): not reduced

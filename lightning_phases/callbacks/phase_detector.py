@@ -103,7 +103,11 @@ class PhaseDetector(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(model=self.model)
+        # Lightning reads this on every hook call (profiler names): build the string once per identity
+        ident = (self.model,)
+        if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
+            self._state_key_cache = (ident, self._generate_state_key(model=self.model))
+        return self._state_key_cache[1]
 
     @property
     def history(self) -> list[dict[str, Any]]:

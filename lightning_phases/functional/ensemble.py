@@ -140,6 +140,15 @@ def _as_gram(gram: Tensor) -> Tensor:
     return gram.to(torch.float64)
 
 
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite, from one float64 sum (a NaN or ±inf anywhere makes it non-finite).
+
+    A sum of finite entries that overflows also reads as non-finite; the
+    statistics computed from such a matrix would overflow as well.
+    """
+    return not tensor.is_floating_point() or math.isfinite(float(tensor.sum(dtype=torch.float64)))
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, PhaseStatisticsWarning, stacklevel=3)
 
@@ -156,8 +165,8 @@ def _sample_minibatches(n: int, batch_size: int, num: int, generator: torch.Gene
     return keys.topk(batch_size, dim=1, largest=False, sorted=False).indices
 
 
-def _minibatch_gram(gram: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """``(B² g^μ·g^ν, |μ ∩ ν|)`` for the minibatches ``idx [M, B]``, both ``[M, M]``.
+def _minibatch_gram(gram: Tensor, idx: Tensor) -> Tensor:
+    """``B² g^μ·g^ν`` for the minibatches ``idx [M, B]``, shape ``[M, M]``.
 
     With ``1_μ`` the membership vector of minibatch μ, ``B² g^μ·g^ν = 1_μᵀ G 1_ν``.
     For ``B ≤ n/8`` the rows of ``G`` are summed with ``embedding_bag``
@@ -166,24 +175,26 @@ def _minibatch_gram(gram: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """
     num, b = idx.shape
     n = gram.shape[0]
-    member = torch.zeros(num, n, dtype=torch.float64, device=gram.device)
-    member.scatter_(1, idx, 1.0)
     if 8 * b > n:
-        return member @ gram @ member.T, member @ member.T
+        member = torch.zeros(num, n, dtype=torch.float64, device=gram.device)
+        member.scatter_(1, idx, 1.0)
+        return member @ gram @ member.T
     rows = F.embedding_bag(idx, gram, mode="sum")  # [M, n] = member @ gram
-    mb = F.embedding_bag(idx, rows.T.contiguous(), mode="sum").T  # [μ, ν] = rows[μ, idx[ν]].sum()
-    overlap = F.embedding_bag(idx, member.T.contiguous(), mode="sum").T
-    return mb, overlap
+    return F.embedding_bag(idx, rows.T.contiguous(), mode="sum").T  # [μ, ν] = rows[μ, idx[ν]].sum()
+
+
+def _same_subset(idx: Tensor) -> Tensor:
+    """``[M, M]`` bool: minibatches ``μ`` and ``ν`` hold the same samples (always true on the diagonal)."""
+    _, label = torch.unique(idx.sort(dim=1).values, dim=0, return_inverse=True)
+    return label[:, None] == label[None, :]
 
 
 def _alignment_R(gram: Tensor, batch_size: int, num_minibatches: int, generator: torch.Generator) -> float:
     """Monte-Carlo ``R``: mean cosine over ordered pairs of distinct sampled minibatches."""
-    n = gram.shape[0]
-    idx = _sample_minibatches(n, batch_size, num_minibatches, generator).to(gram.device)
-    mb_gram, overlap = _minibatch_gram(gram, idx)
-    mb_gram = mb_gram / batch_size**2  # g^μ · g^ν
+    idx = _sample_minibatches(gram.shape[0], batch_size, num_minibatches, generator).to(gram.device)
+    mb_gram = _minibatch_gram(gram, idx) / batch_size**2  # g^μ · g^ν
     norms = mb_gram.diagonal().clamp_min(0).sqrt()
-    valid = overlap < batch_size - 0.5  # distinct subsets only (also drops μ = ν)
+    valid = ~_same_subset(idx)  # distinct subsets only (also drops μ = ν)
     valid &= (norms > 0)[:, None] & (norms > 0)[None, :]
     if not bool(valid.any()):
         return math.nan
@@ -227,7 +238,7 @@ def order_parameters(
     _check_batch_size(batch_size, n)
     if isinstance(num_minibatches, bool) or not isinstance(num_minibatches, int) or num_minibatches < 2:
         raise DegenerateInputError(f"num_minibatches must be an int >= 2; got {num_minibatches!r}.")
-    if not bool(torch.isfinite(g).all()):
+    if not _all_finite(g):
         _warn("The gradient Gram matrix contains NaN or inf (NaN loss or gradient?); order parameters are NaN.")
         return _nan_order_parameters()
     c_b = minibatch_variance_factor(n, batch_size)
@@ -276,7 +287,7 @@ def noise_spectrum(gram: Tensor, batch_size: int) -> Tensor:
     g = _as_gram(gram)
     n = g.shape[0]
     _check_batch_size(batch_size, n)
-    if not bool(torch.isfinite(g).all()):
+    if not _all_finite(g):
         _warn("The gradient Gram matrix contains NaN or inf; the noise spectrum is NaN.")
         return torch.full((n - 1,), math.nan, dtype=torch.float64, device=g.device)
     row = g.mean(dim=1, keepdim=True)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_phases.errors import DegenerateInputError
 from lightning_phases.functional.ensemble import (
+    _all_finite,
     _as_gram,
     _check_batch_size,
     _warn,
@@ -122,7 +123,7 @@ def split_order_parameters(gram: Tensor, noisy_mask: Tensor, batch_size: int) ->
             "needs both parts. Use a larger probe set or check the noise mask."
         )
     rho = n_w / n
-    if not bool(torch.isfinite(g).all()):
+    if not _all_finite(g):
         _warn("The gradient Gram matrix contains NaN or inf; split order parameters are NaN.")
         nan = math.nan
         return SplitOrderParameters(rho, nan, nan, nan, nan, nan, nan, nan, nan)
@@ -241,7 +242,7 @@ def segment_statistics_from_groups(
     k = classes.numel()
     if h.shape != (2 * k, 2 * k):
         raise DegenerateInputError(f"group_gram must have shape [{2 * k}, {2 * k}] for {k} classes; got {tuple(h.shape)}.")
-    if not bool(torch.isfinite(h).all()):
+    if not _all_finite(h):
         _warn("The segment-gradient Gram matrix contains NaN or inf; segment statistics are NaN.")
     counts = torch.bincount(groups[groups >= 0].cpu(), minlength=2 * k)
     fields: dict[str, list[float]] = {k_: [] for k_ in ("clean_norm", "noisy_norm", "ratio", "cos")}
