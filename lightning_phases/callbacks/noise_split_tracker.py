@@ -95,6 +95,14 @@ class NoiseSplitTracker(_ProbeCallback):
     :func:`~lightning_phases.functional.grouped_gradient_gram`); one-output
     models reuse the main Gram matrix. ``segments=False`` turns it off.
 
+    **Cost per measurement**: the probe set's ``n×n`` Gram matrix (as for
+    :class:`~lightning_phases.callbacks.OrderParameterMonitor`, and shared
+    with it when both probe the same samples at the same step), ``O(n²)`` for
+    the split statistics, and the segment sums above; no eigendecomposition.
+    On the digits example (MLP 64-128-128-10, ten classes, one CPU core) the
+    segment sums take ≈ 4 ms at n = 512 and ≈ 7 ms at n = 1024, the Gram
+    matrix ≈ 8 ms and ≈ 21 ms.
+
     Args:
         noisy_mask: Optional bool tensor over the training dataset.
         true_targets: Optional true labels over the training dataset.
