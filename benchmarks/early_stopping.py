@@ -1,14 +1,16 @@
 """Early stopping without clean validation data: PhaseDetector's recommended stop vs the oracle vs EarlyStopping.
 
 For each dataset and noise rate, one run trains with OrderParameterMonitor,
-NoiseSplitTracker and PhaseDetector (which only records its recommendation)
-while a recorder measures the clean test accuracy after every epoch (the
-oracle, which reads test labels). A second run with the same seed uses
-Lightning's ``EarlyStopping`` on the *noisy* validation loss plus
-``ModelCheckpoint`` (the usual recipe); its test accuracy is that of the best
-checkpoint. Prints, per setting: the oracle's best test accuracy, the test
-accuracy at PhaseDetector's recommendation (the weights it kept), and
-EarlyStopping's; and the gaps in points.
+NoiseSplitTracker and two PhaseDetectors (which only record their
+recommendation): the default one, which keeps the weights averaged over phase
+II up to the recommended stop, and one with ``average_weights=False``, which
+keeps the weights at the stop. A recorder measures the clean test accuracy
+after every epoch (the oracle, which reads test labels). A second run with the
+same seed uses Lightning's ``EarlyStopping`` on the *noisy* validation loss
+plus ``ModelCheckpoint`` (the usual recipe); its test accuracy is that of the
+best checkpoint. Prints, per setting: the oracle's best test accuracy, the
+test accuracy of PhaseDetector's kept weights (averaged, and at the stop), and
+EarlyStopping's; the gaps in points; and the mean gap per setting.
 
     python benchmarks/early_stopping.py [--quick]
 """
@@ -53,17 +55,18 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
     model = model_fn()
     recorder = TestAccuracyRecorder(test_loader)
     detector = PhaseDetector(verbose=False)
+    at_stop = PhaseDetector(verbose=False, average_weights=False)
     trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[
-        OrderParameterMonitor(probe_size=512), NoiseSplitTracker(probe_size=512), detector, recorder,
+        OrderParameterMonitor(probe_size=512), NoiseSplitTracker(probe_size=512), detector, at_stop, recorder,
     ], logger=pl.loggers.CSVLogger(tempfile.mkdtemp()))
     trainer.fit(model, datamodule=dm)
     oracle_epoch = max(recorder.by_epoch, key=recorder.by_epoch.get)
     oracle = recorder.by_epoch[oracle_epoch]
-    if detector.recommended_state_dict is not None:
-        model.load_state_dict(detector.recommended_state_dict)
-        pd_acc, pd_epoch = accuracy(model, test_loader), detector.recommended.epoch
-    else:
-        pd_acc, pd_epoch = recorder.by_epoch[max(recorder.by_epoch)], None  # no recommendation: the final model
+    final = recorder.by_epoch[max(recorder.by_epoch)]
+    pd_epoch = detector.recommended.epoch if detector.recommended is not None else None
+    # kept weights; without any (never reached phase II) the final model
+    pd_acc = _accuracy_of(model_fn, detector.recommended_state_dict, test_loader, final)
+    point_acc = _accuracy_of(model_fn, at_stop.recommended_state_dict, test_loader, final)
     # 2) EarlyStopping on the noisy validation loss, same seed
     pl.seed_everything(seed, verbose=False)
     es_model = model_fn()
@@ -75,8 +78,16 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
     best = MLPClassifier.load_from_checkpoint(ck.best_model_path)
     es_acc = accuracy(best, test_loader)
     es_epoch = torch.load(ck.best_model_path, weights_only=False)["epoch"]
-    return dict(oracle=oracle, oracle_epoch=oracle_epoch, pd=pd_acc, pd_epoch=pd_epoch, es=es_acc, es_epoch=es_epoch,
-                phases=[(p, a, b) for p, a, b in detector.tracker.timeline()])
+    return dict(oracle=oracle, oracle_epoch=oracle_epoch, pd=pd_acc, point=point_acc, pd_epoch=pd_epoch, es=es_acc,
+                es_epoch=es_epoch, phases=[(p, a, b) for p, a, b in detector.tracker.timeline()])
+
+
+def _accuracy_of(model_fn, state_dict, loader, fallback: float) -> float:
+    if state_dict is None:
+        return fallback
+    model = model_fn()
+    model.load_state_dict(state_dict)
+    return accuracy(model, loader)
 
 
 def main() -> None:
@@ -95,7 +106,8 @@ def main() -> None:
     if args.only:
         settings = [(d, float(r)) for d, r in (item.split(":") for item in args.only)]
     print(f"machine: {machine()}")
-    print(f"{'data':<9s} {'rho':>4s} {'seed':>4s} | {'oracle':>7s} (ep) | {'PhaseDet':>8s} (ep) {'gap':>6s} | {'EarlyStop':>9s} (ep) {'gap':>6s} | phases")
+    print(f"{'data':<9s} {'rho':>4s} {'seed':>4s} | {'oracle':>7s} (ep) | {'PhaseDet':>8s} (ep) {'gap':>6s} | "
+          f"{'at stop':>8s} {'gap':>6s} | {'EarlyStop':>9s} (ep) {'gap':>6s} | phases")
     rows = []
     for dataset, rate in settings:
         for seed in range(args.seeds):
@@ -105,10 +117,18 @@ def main() -> None:
             phases = " ".join(f"{p}:{a}-{b}" for p, a, b in r["phases"])
             print(f"{dataset:<9s} {rate:4.1f} {seed:4d} | {100*r['oracle']:6.2f}% ({r['oracle_epoch']:3d}) | "
                   f"{100*r['pd']:7.2f}% ({r['pd_epoch'] if r['pd_epoch'] is not None else '-':>3}) {100*(r['pd']-r['oracle']):+6.2f} | "
+                  f"{100*r['point']:7.2f}% {100*(r['point']-r['oracle']):+6.2f} | "
                   f"{100*r['es']:8.2f}% ({r['es_epoch']:3d}) {100*(r['es']-r['oracle']):+6.2f} | {phases}  [{time.time()-start:.0f}s]", flush=True)
     within = sum(100 * (r["oracle"] - r["pd"]) <= 1.5 for _, _, r in rows)
     not_worse = sum(r["pd"] >= r["es"] for _, _, r in rows)
-    print(f"PhaseDetector within 1.5 points of the oracle: {within}/{len(rows)}; no worse than EarlyStopping: {not_worse}/{len(rows)}")
+    print(f"runs: PhaseDetector within 1.5 points of the oracle: {within}/{len(rows)}; no worse than EarlyStopping: {not_worse}/{len(rows)}")
+    print("mean gap to the oracle per setting (points): PhaseDetector averaged / at the stop / EarlyStopping")
+    for dataset, rate in dict.fromkeys((d, r) for d, r, _ in rows):
+        rs = [r for d, q, r in rows if (d, q) == (dataset, rate)]
+        gap = lambda key: sum(100 * (r[key] - r["oracle"]) for r in rs) / len(rs)  # noqa: E731
+        verdict = "within 1.5" if gap("pd") >= -1.5 else "not within 1.5"
+        verdict += ", no worse than ES" if gap("pd") >= gap("es") else ", worse than ES"
+        print(f"  {dataset:<9s} {rate:.1f}: {gap('pd'):+6.2f} / {gap('point'):+6.2f} / {gap('es'):+6.2f}   ({verdict})")
 
 
 if __name__ == "__main__":

@@ -40,20 +40,34 @@ class PhaseDetector(Callback):
     statistics, so every rank takes the same decision.
 
     **Stopping point.** The recommended stop is where the clean data is
-    learned and the mislabeled data not yet: in phase II, the measurement at
-    which the smoothed loss gap ``split/L_w − split/L_c`` stops growing
-    (``gap_plateau``, see :class:`~lightning_phases.functional.phases.PhaseTracker`;
-    the start of phase III if that comes first, the start of phase II when no
-    loss statistics are logged), or the end of clean-priority learning,
-    whichever is detected first. At that moment
-    the detector keeps a CPU copy of the weights (``recommended_state_dict``),
-    optionally writes a checkpoint (``save_checkpoint=True``:
+    learned and the mislabeled data not yet: the end of phase II, i.e. the
+    first of the *memorisation onset* (the smoothed ``split/err_w`` has
+    fallen ``memorisation_drop`` below its phase-II maximum: the network has
+    started to fit the wrong labels) and the start of phase III (see
+    :class:`~lightning_phases.functional.phases.PhaseTracker`). The loss-gap
+    plateau (``clean_learned``) and the end of clean-priority learning are
+    reported as events along the way.
+
+    **Kept weights.** Phase II is a plateau on which SGD wanders between
+    equally good solutions (Feng & Tu's exploration), and the test accuracy of
+    single iterates there fluctuates by a few points from epoch to epoch. With
+    ``average_weights=True`` (default) the detector keeps the average of the
+    weights measured from the start of phase II to the stop -- stochastic
+    weight averaging over the plateau -- in ``recommended_state_dict``
+    (floating-point entries of the ``state_dict`` averaged, others as at the
+    stop; BatchNorm running statistics are averaged too, so for such models
+    consider recomputing them, e.g. with ``torch.optim.swa_utils.update_bn``).
+    This costs one float64 copy of the weights on the CPU. With
+    ``average_weights=False`` it keeps the weights at the stop. If training
+    ends in phase II, the average so far is kept (no stop is recommended).
+    ``benchmarks/early_stopping.py`` measures both against an oracle and
+    ``EarlyStopping``. At the stop the detector optionally writes a
+    checkpoint with the kept weights (``save_checkpoint=True``:
     ``<log_dir>/phase_recommended.ckpt``) and optionally stops training
     (``stop=True``). It also publishes ``phase/recommended`` (1.0 at that
-    measurement, 0.0 otherwise), so
-    ``ModelCheckpoint(monitor="phase/recommended", mode="max", save_top_k=1,
-    save_on_train_epoch_end=True)`` keeps exactly those weights. No clean
-    validation data is needed.
+    measurement, 0.0 otherwise), so ``ModelCheckpoint(monitor="phase/recommended",
+    mode="max", save_top_k=1, save_on_train_epoch_end=True)`` keeps the
+    weights *at* the stop. No clean validation data is needed.
 
     Args:
         model: Phase model: ``"auto"`` (four phases when the split statistics
@@ -61,13 +75,15 @@ class PhaseDetector(Callback):
         smoothing: EMA weight of the newest measurement, in ``(0, 1]``.
         patience: Consecutive measurements a transition condition must hold.
         stop: Stop training at the recommended point.
-        save_checkpoint: Write ``phase_recommended.ckpt`` at the recommended point.
+        save_checkpoint: Write ``phase_recommended.ckpt`` (with the kept weights) at the recommended point.
+        average_weights: Keep the weights averaged over phase II (default) instead of those at the stop.
         strict: Fail in ``setup()`` when no callback provides the needed statistics.
         verbose: Print each transition and the phase timeline at the end of fitting.
         thresholds: Extra keyword arguments for
             :class:`~lightning_phases.functional.phases.PhaseTracker`
             (``r_explore``, ``sigma2_explore``, ``balance``, ``r_cw_oppose``,
-            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``, ``gap_plateau``).
+            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``, ``gap_plateau``,
+            ``memorisation_drop``).
 
     Logged metrics:
         - ``phase/index``: index of the current phase (0-based) after each measurement.
@@ -84,6 +100,7 @@ class PhaseDetector(Callback):
         patience: int = 2,
         stop: bool = False,
         save_checkpoint: bool = False,
+        average_weights: bool = True,
         strict: bool = True,
         verbose: bool = True,
         **thresholds: float,
@@ -95,11 +112,15 @@ class PhaseDetector(Callback):
         self.model = model
         self.stop = bool(stop)
         self.save_checkpoint = bool(save_checkpoint)
+        self.average_weights = bool(average_weights)
         self.strict = bool(strict)
         self.verbose = bool(verbose)
         self._seen: dict[str, float] = {}
         self.recommended_state_dict: dict[str, torch.Tensor] | None = None
         self.recommended_checkpoint: str | None = None
+        # running sum of the weights measured in phase II (float entries, CPU, float64) and their count
+        self._weight_sum: dict[str, torch.Tensor] | None = None
+        self._weight_count: int = 0
 
     @property
     def state_key(self) -> str:
@@ -165,6 +186,13 @@ class PhaseDetector(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._poll(trainer, pl_module)
+        if self.recommended_state_dict is None and self.average_weights and self._weight_count:
+            # phase II had not ended when training did: keep its average so far (no stop was recommended)
+            self.recommended_state_dict = self._kept_weights(pl_module)
+            rank_zero_info(
+                f"PhaseDetector: training ended in phase II; keeping the weights averaged over its "
+                f"{self._weight_count} measurements (no stopping point was recommended)."
+            )
         if self.verbose:
             rank_zero_info(self.summary())
 
@@ -187,6 +215,8 @@ class PhaseDetector(Callback):
         step = int(max(self._seen.values()))
         before = self.tracker.recommended
         found = self.tracker.update(stats, step=step, epoch=trainer.current_epoch)
+        if self.average_weights and before is None and self.tracker.model == "four" and self.tracker.phase_index >= 1:
+            self._accumulate(pl_module)
         out = {"phase/index": float(self.tracker.phase_index)}
         now = self.tracker.recommended
         is_new_recommendation = before is None and now is not None
@@ -203,6 +233,7 @@ class PhaseDetector(Callback):
         what = {
             "phase": f"phase {t.from_phase} -> {t.to_phase}",
             "clean_learned": "clean data learned (the loss gap L_w - L_c stopped growing in phase II)",
+            "memorisation_onset": "memorisation onset (err_w on the mislabeled samples started to fall)",
         }.get(t.kind, "clean-priority learning ended (segment ratio reached 1)")
         keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "split/L_c", "split/L_w", "order/R",
                 "order/sigma2_lambda", "segment/ratio")
@@ -217,19 +248,47 @@ class PhaseDetector(Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text("phase/transitions", text, t.step)
 
+    def _accumulate(self, pl_module: pl.LightningModule) -> None:
+        """Add the current weights to the phase-II running sum (float entries; others keep the latest value)."""
+        state = pl_module.state_dict()
+        if self._weight_sum is None:
+            self._weight_sum = {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in state.items() if v.is_floating_point()}
+        else:
+            for k, total in self._weight_sum.items():
+                total += state[k].detach().to("cpu", torch.float64)
+        self._weight_count += 1
+
+    def _kept_weights(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The phase-II average (when averaging and anything was summed) or the current weights, on the CPU."""
+        current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        if not (self.average_weights and self._weight_sum is not None and self._weight_count):
+            return current
+        return {k: (self._weight_sum[k] / self._weight_count).to(v.dtype) if k in self._weight_sum else v for k, v in current.items()}
+
     def _on_recommended(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: PhaseTransition) -> None:
-        self.recommended_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        self.recommended_state_dict = self._kept_weights(pl_module)
+        what = "the weights averaged over" if self.average_weights and self._weight_count else "the weights at the end of"
         rank_zero_info(
-            f"PhaseDetector: recommended stop at step {t.step} (epoch {t.epoch}): the clean data is learned and the "
-            "mislabeled data not yet."
+            f"PhaseDetector: recommended stop at step {t.step} (epoch {t.epoch}), the end of phase II: the clean data "
+            f"is learned and the mislabeled data not yet; keeping {what} phase II "
+            f"({self._weight_count} measurement{'s' if self._weight_count != 1 else ''})."
         )
         if self.save_checkpoint:
             directory = trainer.log_dir or trainer.default_root_dir
             path = os.path.join(directory, "phase_recommended.ckpt")
-            trainer.save_checkpoint(path)  # collective under DDP: every rank takes this branch
+            self._save_with_kept_weights(trainer, pl_module, path)
             self.recommended_checkpoint = path
         if self.stop:
             trainer.should_stop = True
+
+    def _save_with_kept_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
+        """Write a Lightning checkpoint whose weights are the kept ones; the live weights are put back."""
+        live = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        try:
+            pl_module.load_state_dict(self.recommended_state_dict)  # type: ignore[arg-type]
+            trainer.save_checkpoint(path)  # collective under DDP: every rank takes this branch
+        finally:
+            pl_module.load_state_dict(live)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
@@ -256,13 +315,27 @@ class PhaseDetector(Callback):
         lines.append(
             f"  recommended stop: step {rec.step}, epoch {rec.epoch}" if rec else "  recommended stop: not reached"
         )
+        if self.recommended_state_dict is not None:
+            kept = (f"averaged over {self._weight_count} phase-II measurements" if self.average_weights and self._weight_count
+                    else "at the recommended stop")
+            lines.append(f"  kept weights: {kept} (recommended_state_dict)")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "seen": dict(self._seen), "recommended_checkpoint": self.recommended_checkpoint}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "seen": dict(self._seen),
+            "recommended_checkpoint": self.recommended_checkpoint,
+            "weight_sum": self._weight_sum,
+            "weight_count": self._weight_count,
+            "recommended_state_dict": self.recommended_state_dict,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
         self.recommended_checkpoint = state_dict.get("recommended_checkpoint")
+        self._weight_sum = state_dict.get("weight_sum")
+        self._weight_count = int(state_dict.get("weight_count", 0))
+        self.recommended_state_dict = state_dict.get("recommended_state_dict")

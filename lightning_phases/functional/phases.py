@@ -24,18 +24,24 @@ after its condition has held for ``patience`` consecutive measurements, and
 phases only advance, so noise cannot make the phase flap. The detection step
 is the step of the measurement that completed the patience window.
 
-The recommended stopping point -- the clean data learned, the mislabeled
-data not yet -- is, in phase II, the first measurement at which the smoothed
-loss gap ``L_w − L_c`` (``split/L_w − split/L_c``) has stopped growing: its
+Two more events are recorded in phase II. *Clean data learned*: the smoothed
+loss gap ``L_w − L_c`` (``split/L_w − split/L_c``) has stopped growing -- its
 relative growth per measurement stayed at or below ``gap_plateau`` for
-``patience`` measurements. Phase II often starts while the clean samples are
-still being learned (at high noise the clean and mislabeled directed
-activities balance early), and the gap keeps widening until they are; its
-plateau is where the loss populations are about as far apart as they get
-(Feng & Tu's t_c is the peak). If phase III arrives first, its start is the
-recommendation; without loss statistics, the start of phase II. The end of
-clean-priority learning (segment ratio at ``segment_end``) counts too, if it
-comes first. With the two-phase model there is none.
+``patience`` measurements (phase II often starts while the clean samples are
+still being learned; the gap widens until they are). *Memorisation onset*:
+the smoothed error on the mislabeled samples against their given labels,
+``split/err_w``, has fallen ``memorisation_drop`` below its maximum since
+phase II began, for ``patience`` measurements -- the network has started to
+learn the wrong labels (SPEC §2: in phase III "err_w falls toward 0").
+
+The recommended stopping point -- the clean data learned, the mislabeled
+data not yet -- is the end of phase II: the first of the memorisation onset
+and the start of phase III. (With statistics logged by hand that lack
+``split/err_w``: the first of the loss-gap plateau, the start of phase III,
+the start of phase II when no loss statistics are logged either, and the end
+of clean-priority learning.) With the two-phase model there is none.
+:class:`~lightning_phases.callbacks.PhaseDetector` keeps the weights averaged
+over phase II up to that point (or the weights at it).
 """
 
 from __future__ import annotations
@@ -119,10 +125,14 @@ class PhaseTracker:
             smoothed loss gap ``L_w − L_c`` at or below which (for
             ``patience`` measurements) the clean data counts as learned. The
             default 0.01 suits one measurement per epoch.
+        memorisation_drop: Fall of the smoothed ``err_w`` below its phase-II
+            maximum, in ``(0, 1)``, that marks the memorisation onset (for
+            ``patience`` measurements); default 0.03.
 
     Raises:
         LightningPhasesError: an unknown model, ``patience < 1``, ``smoothing``
-            outside ``(0, 1]``, ``balance < 1``.
+            outside ``(0, 1]``, ``balance < 1``, ``gap_plateau < 0``,
+            ``memorisation_drop`` outside ``(0, 1)``.
     """
 
     def __init__(
@@ -140,6 +150,7 @@ class PhaseTracker:
         activity_drop: float = 0.5,
         segment_end: float = 1.0,
         gap_plateau: float = 0.01,
+        memorisation_drop: float = 0.03,
     ) -> None:
         if model not in PHASE_MODELS:
             raise LightningPhasesError(f"phase model must be one of {PHASE_MODELS}; got {model!r}.")
@@ -156,6 +167,9 @@ class PhaseTracker:
             raise LightningPhasesError(f"gap_plateau is a relative growth >= 0; got {gap_plateau!r}.")
         self.thresholds = _Thresholds(r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end)
         self.gap_plateau = float(gap_plateau)
+        if isinstance(memorisation_drop, bool) or not isinstance(memorisation_drop, (int, float)) or not 0 < memorisation_drop < 1:
+            raise LightningPhasesError(f"memorisation_drop is a fall of err_w in (0, 1); got {memorisation_drop!r}.")
+        self.memorisation_drop = float(memorisation_drop)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -170,6 +184,8 @@ class PhaseTracker:
         self.peak_activity = 0.0
         self.gap_prev: float | None = None
         self.gap_streak = 0
+        self.err_w_max: float | None = None
+        self.onset_streak = 0
         self.transitions: list[PhaseTransition] = []
         self.history: list[dict[str, Any]] = []
 
@@ -196,6 +212,11 @@ class PhaseTracker:
         return next((t for t in self.transitions if t.kind == "clean_learned"), None)
 
     @property
+    def memorisation_onset(self) -> PhaseTransition | None:
+        """The event at which the mislabeled samples started to be memorised, if it has happened."""
+        return next((t for t in self.transitions if t.kind == "memorisation_onset"), None)
+
+    @property
     def has_gap(self) -> bool:
         """Whether the four-phase model has seen the loss statistics ``split/L_c`` and ``split/L_w``."""
         return self.model == "four" and all(k in self.smoothed for k in _GAP_KEYS)
@@ -204,12 +225,19 @@ class PhaseTracker:
     def recommended(self) -> PhaseTransition | None:
         """The recommended stopping point (see the module docstring); ``None`` until there is one.
 
-        The first of: the loss-gap plateau in phase II (``kind="clean_learned"``),
-        the start of phase III if it came before any plateau, the start of
-        phase II when no loss statistics are logged, and the end of
+        With the four-phase model and ``split/err_w``: the end of phase II, i.e.
+        the first of the memorisation onset (``kind="memorisation_onset"``) and
+        the start of phase III. Without ``split/err_w`` (statistics logged by
+        hand): the first of the loss-gap plateau in phase II
+        (``kind="clean_learned"``), the start of phase III, the start of phase
+        II when no loss statistics are logged either, and the end of
         clean-priority learning.
         """
         phase_start = {t.to_phase: t for t in self.transitions if t.kind == "phase"}
+        if self.model == "four" and "split/err_w" in self.smoothed:
+            candidates = [t for t in self.transitions if t.kind == "memorisation_onset"]
+            candidates += [phase_start[p] for p in ("III", "IV") if p in phase_start]
+            return min(candidates, key=lambda t: t.measurement) if candidates else None
         candidates = [t for t in self.transitions if t.kind in ("clean_learned", "clean_priority_end")]
         if self.has_gap:
             if "III" in phase_start:
@@ -230,6 +258,8 @@ class PhaseTracker:
             "peak_activity": self.peak_activity,
             "gap_prev": self.gap_prev,
             "gap_streak": self.gap_streak,
+            "err_w_max": self.err_w_max,
+            "onset_streak": self.onset_streak,
             "transitions": [asdict(t) for t in self.transitions],
             "history": [dict(h) for h in self.history],
         }
@@ -246,6 +276,8 @@ class PhaseTracker:
         self.peak_activity = float(state.get("peak_activity", 0.0))
         self.gap_prev = None if state.get("gap_prev") is None else float(state["gap_prev"])
         self.gap_streak = int(state.get("gap_streak", 0))
+        self.err_w_max = None if state.get("err_w_max") is None else float(state["err_w_max"])
+        self.onset_streak = int(state.get("onset_streak", 0))
         self.transitions = [PhaseTransition(**t) for t in state.get("transitions", [])]
         self.history = [dict(h) for h in state.get("history", [])]
 
@@ -307,6 +339,7 @@ class PhaseTracker:
                     self.peak_activity = self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
                 found.append(PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed)))
         found.extend(self._gap_update(step, epoch, index))
+        found.extend(self._onset_update(step, epoch, index))
         seg = self.smoothed.get(_SEGMENT_KEY)
         if self.clean_priority_end is None and seg is not None:
             self.segment_streak = self.segment_streak + 1 if seg <= self.thresholds.segment_end else 0
@@ -329,6 +362,17 @@ class PhaseTracker:
         if self.gap_streak < self.patience:
             return []
         return [PhaseTransition("clean_learned", "II", "II", step, epoch, index, dict(self.smoothed))]
+
+    def _onset_update(self, step: int, epoch: int, index: int) -> list[PhaseTransition]:
+        """From phase II on, report once when the smoothed ``err_w`` has fallen ``memorisation_drop`` below its maximum."""
+        err_w = self.smoothed.get("split/err_w")
+        if self.model != "four" or self.phase_index < 1 or err_w is None or self.memorisation_onset is not None:
+            return []
+        self.err_w_max = err_w if self.err_w_max is None else max(self.err_w_max, err_w)
+        self.onset_streak = self.onset_streak + 1 if err_w <= self.err_w_max - self.memorisation_drop else 0
+        if self.onset_streak < self.patience:
+            return []
+        return [PhaseTransition("memorisation_onset", "II", "II", step, epoch, index, dict(self.smoothed))]
 
     def run(self, series: Sequence[Mapping[str, float]], *, steps: Sequence[int] | None = None) -> list[str]:
         """Feed a whole recorded series causally; return the phase after each measurement."""

@@ -41,50 +41,97 @@ def _fit(tmp_path, detector, *, epochs, extra=(), **kwargs):
     return tr, model, truth
 
 
+class WeightRecorder(pl.Callback):
+    """The weights after every epoch, for an independent average."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.by_epoch[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def _mean_weights(recorder: WeightRecorder, epochs) -> dict[str, torch.Tensor]:
+    states = [recorder.by_epoch[e] for e in epochs]
+    return {k: torch.stack([s[k].double() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+
+
 def test_detects_the_constructed_phases_and_logs_them(tmp_path):
     detector = PhaseDetector(smoothing=1.0, patience=1)
     tr, _, truth = _fit(tmp_path, detector, epochs=24)
     assert [h["phase"] for h in detector.history] == truth
-    phase_steps = [(t.to_phase, t.epoch) for t in detector.transitions]
+    phase_steps = [(t.to_phase, t.epoch) for t in detector.transitions if t.kind == "phase"]
     assert phase_steps == [("II", 6), ("III", 12), ("IV", 18)]
-    assert detector.recommended.epoch == 6 and detector.recommended.step == 7 * 12
+    # err_w is flat in phase II and falls in phase III: phase II ends at epoch 12
+    assert detector.recommended.epoch == 12 and detector.recommended.step == 13 * 12
     logged = series(tr.loggers[0].records, "phase/index")
     assert [v for _, v in logged] == [float(["I", "II", "III", "IV"].index(p)) for p in truth]
-    assert series(tr.loggers[0].records, "phase/recommended_step")[-1][1] == 84.0
+    assert series(tr.loggers[0].records, "phase/recommended_step")[-1][1] == 156.0
     summary = detector.summary()
-    assert "II" in summary and "epochs 6-11" in summary and "recommended stop: step 84, epoch 6" in summary
+    assert "II" in summary and "epochs 6-11" in summary and "recommended stop: step 156, epoch 12" in summary
+    assert "averaged over 7 phase-II measurements" in summary
 
 
-def test_stop_and_keep_the_weights_of_the_recommended_point(tmp_path):
+def test_stop_and_keep_the_phase_two_average(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="phase/recommended", mode="max", save_top_k=1, save_on_train_epoch_end=True, filename="best")
+    weights = WeightRecorder()
     detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, save_checkpoint=True)
-    tr, model, _ = _fit(tmp_path, detector, epochs=24, extra=[ckpt], enable_checkpointing=True)
-    assert tr.current_epoch == 7  # stopped right after epoch 6's measurement
+    tr, model, _ = _fit(tmp_path, detector, epochs=24, extra=[ckpt, weights], enable_checkpointing=True)
+    assert tr.current_epoch == 13  # stopped right after epoch 12's measurement
+    expected = _mean_weights(weights, range(6, 13))  # phase II (epochs 6-11) and the stopping measurement
     assert detector.recommended_checkpoint and os.path.exists(detector.recommended_checkpoint)
     kept = torch.load(detector.recommended_checkpoint, weights_only=False)["state_dict"]
     saved = torch.load(ckpt.best_model_path, weights_only=False)["state_dict"]
     for k, v in model.state_dict().items():
-        assert torch.equal(kept[k], v) and torch.equal(saved[k], v)
-        assert torch.equal(detector.recommended_state_dict[k], v)
+        assert torch.equal(v, weights.by_epoch[12][k])  # the live weights were put back after the checkpoint
+        assert torch.equal(saved[k], v)  # ModelCheckpoint on phase/recommended: the weights at the stop
+        torch.testing.assert_close(detector.recommended_state_dict[k], expected[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(kept[k], detector.recommended_state_dict[k])
+    assert not torch.equal(detector.recommended_state_dict["net.0.weight"], model.state_dict()["net.0.weight"])
     other = TinyClassifier()
     detector.restore_recommended(other)
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, detector.recommended_state_dict[k]) for k, a in other.state_dict().items())
+
+
+def test_keep_the_weights_at_the_stop_without_averaging(tmp_path):
+    detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, average_weights=False)
+    tr, model, _ = _fit(tmp_path, detector, epochs=24)
+    assert tr.current_epoch == 13
+    for k, v in model.state_dict().items():
+        assert torch.equal(detector.recommended_state_dict[k], v)
+    assert "at the recommended stop" in detector.summary()
+
+
+def test_training_that_ends_in_phase_two_keeps_the_average_so_far(tmp_path):
+    weights = WeightRecorder()
+    detector = PhaseDetector(smoothing=1.0, patience=1)
+    _, model, _ = _fit(tmp_path, detector, epochs=10, extra=[weights])
+    assert detector.recommended is None and detector.phase == "II"
+    expected = _mean_weights(weights, range(6, 10))
+    for k in expected:
+        torch.testing.assert_close(detector.recommended_state_dict[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
 def test_resume_continues_the_phase_sequence(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    first_weights, second_weights = WeightRecorder(), WeightRecorder()
     first = PhaseDetector(smoothing=1.0, patience=1)
-    _fit(tmp_path / "a", first, epochs=9, extra=[ckpt], enable_checkpointing=True)
+    _fit(tmp_path / "a", first, epochs=9, extra=[ckpt, first_weights], enable_checkpointing=True)
     assert first.phase == "II"
     second = PhaseDetector(smoothing=1.0, patience=1)
     recorded, truth = _four_phase_series(lengths=(6, 6, 6, 6))
     pl.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path / "b", [SeriesProvider(recorded), second], max_epochs=24, enable_checkpointing=True)
+    tr = trainer(tmp_path / "b", [SeriesProvider(recorded), second, second_weights], max_epochs=24, enable_checkpointing=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert [h["phase"] for h in second.history] == truth
-    assert [t.epoch for t in second.transitions] == [6, 12, 18]
+    assert [t.epoch for t in second.transitions if t.kind == "phase"] == [6, 12, 18]
+    # the phase-II running sum survived the restart: epochs 6-8 from the first run, 9-12 from the second
+    states = [first_weights.by_epoch[e] for e in (6, 7, 8)] + [second_weights.by_epoch[e] for e in (9, 10, 11, 12)]
+    for k, v in second.recommended_state_dict.items():
+        expected = torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+        torch.testing.assert_close(v, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_works_with_the_real_monitors(tmp_path):

@@ -43,7 +43,8 @@ def test_clean_four_phase_series_is_read_exactly():
     assert tracker.model == "four"
     assert phases == truth
     assert [t.to_phase for t in tracker.transitions if t.kind == "phase"] == ["II", "III", "IV"]
-    assert tracker.recommended.to_phase == "II" and tracker.recommended.measurement == 10
+    # err_w is flat in phase II and falls from phase III on: phase II ends at measurement 40
+    assert tracker.recommended.measurement == 40 and tracker.recommended.epoch == 40
 
 
 def test_noisy_series_does_not_flap_and_lags_by_little():
@@ -54,8 +55,9 @@ def test_noisy_series_does_not_flap_and_lags_by_little():
         order = ["I", "II", "III", "IV"]
         idx = [order.index(p) for p in phases]
         assert idx == sorted(idx), "phases must only advance"
-        assert len(tracker.transitions) == 3  # each transition exactly once
-        for t in tracker.transitions:
+        phase_changes = [t for t in tracker.transitions if t.kind == "phase"]
+        assert len(phase_changes) == 3  # each transition exactly once
+        for t in phase_changes:
             true_start = truth.index(t.to_phase)
             assert true_start <= t.measurement <= true_start + 4, (seed, t)
 
@@ -70,7 +72,7 @@ def test_alternating_statistics_that_make_a_naive_rule_flap():
     tracker = PhaseTracker(smoothing=0.5, patience=2)
     phases = tracker.run(series)
     assert phases.index("III") >= 40  # smoothed + hysteretic: no false phase III
-    assert [t.to_phase for t in tracker.transitions] == ["II", "III", "IV"]
+    assert [t.to_phase for t in tracker.transitions if t.kind == "phase"] == ["II", "III", "IV"]
 
 
 def test_two_phase_model_on_clean_statistics():
@@ -121,7 +123,7 @@ def _plateau_reference(gaps, start, tol, patience):
 
 
 @pytest.mark.parametrize("patience", [1, 3])
-def test_recommendation_is_the_loss_gap_plateau_in_phase_two(patience):
+def test_clean_learned_is_the_loss_gap_plateau_in_phase_two(patience):
     # phase II starts at measurement 10 while the gap still widens (clean data still being learned),
     # then the gap saturates: 1 - exp(-k/6) growth inside phase II
     series, _ = _four_phase_series()
@@ -133,17 +135,65 @@ def test_recommendation_is_the_loss_gap_plateau_in_phase_two(patience):
     assert start.to_phase == "II" and start.measurement == 10 + patience - 1  # phase II itself is unchanged
     expected = _plateau_reference(gaps, start.measurement, 0.01, patience)
     assert expected is not None and start.measurement + 5 < expected < 40
-    rec = tracker.recommended
-    assert rec.kind == "clean_learned" and rec.measurement == expected
+    assert tracker.clean_learned.measurement == expected
+    assert tracker.recommended.measurement == 40 + patience - 1  # the stop is still the end of phase II
+    # without err_w (statistics logged by hand) the plateau itself is the recommendation
+    for stats in series:
+        del stats["split/err_w"]
+    bare = PhaseTracker(smoothing=1.0, patience=patience, gap_plateau=0.01)
+    bare.run(series)
+    assert bare.recommended.kind == "clean_learned" and bare.recommended.measurement == expected
 
 
-def test_phase_three_before_any_plateau_is_the_recommendation():
+def _onset_reference(err_w, phase_two_start, drop, patience, smoothing):
+    """The memorisation-onset rule written out: EMA of err_w, running max from phase II's first
+    measurement, first index ending `patience` consecutive measurements at or below max - drop."""
+    ema, peak, streak = None, None, 0
+    for i, e in enumerate(err_w):
+        ema = e if ema is None else smoothing * e + (1 - smoothing) * ema
+        if i < phase_two_start:
+            continue
+        peak = ema if peak is None else max(peak, ema)
+        streak = streak + 1 if ema <= peak - drop else 0
+        if streak >= patience:
+            return i
+    return None
+
+
+@pytest.mark.parametrize("smoothing,patience,drop", [(1.0, 1, 0.03), (0.5, 2, 0.03), (0.5, 3, 0.05)])
+def test_recommendation_is_the_memorisation_onset_in_phase_two(smoothing, patience, drop):
+    """err_w rises, peaks in phase II, then the mislabeled samples start to be memorised before R_cw turns positive."""
+    series, _ = _four_phase_series(lengths=(10, 40, 15, 15))
+    rng = random.Random(7)
+    err_w = []
+    for i, stats in enumerate(series):
+        if 10 <= i < 50:
+            k = i - 10
+            value = 0.90 + 0.006 * k if k < 10 else 0.96 - 0.004 * (k - 10)  # peak at 0.96, then a slow fall
+            stats["split/err_w"] = value + rng.uniform(-0.01, 0.01)
+        err_w.append(stats["split/err_w"])
+    tracker = PhaseTracker(smoothing=smoothing, patience=patience, memorisation_drop=drop)
+    tracker.run(series)
+    start = next(t for t in tracker.transitions if t.kind == "phase" and t.to_phase == "II")
+    expected = _onset_reference(err_w, start.measurement, drop, patience, smoothing)
+    assert expected is not None and start.measurement + 10 < expected < 50  # inside phase II, before phase III
+    onset = tracker.memorisation_onset
+    assert onset is not None and onset.measurement == expected
+    assert tracker.recommended == onset
+    assert tracker.phase == "IV"  # the phases themselves go on
+
+
+def test_phase_three_before_any_onset_is_the_recommendation():
     series, _ = _four_phase_series()
-    gaps = [0.1 * i for i in range(len(series))]  # the gap widens by > 1% per measurement throughout phase II
+    for stats in series[10:40]:
+        stats["split/err_w"] = 0.95  # flat: no memorisation in phase II
+    series[40]["split/R_cw"] = 0.9  # R_cw turns positive while err_w has not fallen yet
+    series[40]["split/err_w"] = 0.95
     tracker = PhaseTracker(smoothing=1.0, patience=1)
-    tracker.run(_with_gap(series, gaps))
-    assert tracker.clean_learned is None
-    assert tracker.recommended.kind == "phase" and tracker.recommended.to_phase == "III" and tracker.recommended.measurement == 40
+    tracker.run(series)
+    assert tracker.recommended.kind == "phase" and tracker.recommended.to_phase == "III"
+    assert tracker.recommended.measurement == 40
+    assert tracker.memorisation_onset.measurement == 41
 
 
 def test_state_round_trip_continues_identically():
@@ -162,7 +212,8 @@ def test_state_round_trip_continues_identically():
 @pytest.mark.parametrize(
     "kwargs,match",
     [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"),
-     (dict(balance=0.5), "balance"), (dict(gap_plateau=-0.1), "gap_plateau")],
+     (dict(balance=0.5), "balance"), (dict(gap_plateau=-0.1), "gap_plateau"),
+     (dict(memorisation_drop=0.0), "memorisation_drop"), (dict(memorisation_drop=1.0), "memorisation_drop")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):
