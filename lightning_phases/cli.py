@@ -122,6 +122,11 @@ def _demo(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         trainer.fit(model, datamodule=dm)
         test = trainer.test(model, datamodule=dm, verbose=False)
+        kept_test = None
+        if detector.recommended_state_dict is not None:
+            kept = DigitsMLP(args.lr)
+            kept.load_state_dict(detector.recommended_state_dict)
+            kept_test = trainer.test(kept, datamodule=dm, verbose=False)
     elapsed = time.time() - start
     logdir = logger.log_dir
     summary = make_report(logdir, os.path.join(logdir, "report.png"))
@@ -139,6 +144,9 @@ def _demo(args: argparse.Namespace) -> int:
         print("Cleansing time t_c: not reached (the loss populations were still separating, or the losses are not bimodal).")
     if test:
         print(f"Final test error: {test[0].get('test_err', float('nan')):.3f}")
+    if kept_test:
+        print(f"Test error with PhaseDetector's kept weights (no clean data used to choose them): "
+              f"{kept_test[0].get('test_err', float('nan')):.3f}")
     print(f"Report figure: {summary['figure']}")
     print(f"Summary: {os.path.join(os.path.dirname(summary['figure']), 'summary.json')}")
     print(f"Open TensorBoard: tensorboard --logdir {logdir}")

@@ -36,6 +36,7 @@ def test_demo_prints_what_it_promises(demo_run):
     assert "Phase timeline" in stdout and "epochs" in stdout
     assert f"tensorboard --logdir {out}" in stdout
     assert "Report figure:" in stdout and (out / "report.png").stat().st_size > 10_000
+    assert "Final test error:" in stdout and "kept weights" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["phases"] and summary["phases"][0]["first_step"] == 0
 
