@@ -37,7 +37,11 @@ class GMMCleanser(Callback):
     ``l ~ (1−r)N(m_c, s_c²) + r N(m_w, s_w²)`` with scikit-learn, and tracks
     ``ΔL = m_w − m_c``. The cleansing time ``t_c`` is the peak of ``ΔL``,
     confirmed once ``patience`` further bimodal fits have not exceeded it
-    (measurements before ``warmup_epochs`` are ignored). The flags are those
+    (measurements before ``warmup_epochs`` are ignored). The peak is taken on
+    an exponential moving average of ΔL over the bimodal fits (``smoothing``
+    is the weight of the newest fit; 1 uses the raw ΔL), so that one fit
+    that happens to split the losses a little wider does not end the search
+    while the two populations are still drifting apart. The flags are those
     of the fit at the peak: samples whose loss is above the threshold
     ``l_c``, at most ``max_fraction`` of the training set (the highest
     posteriors are kept).
@@ -77,6 +81,7 @@ class GMMCleanser(Callback):
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
         seed: ``random_state`` of the mixture fit.
         clip_percentiles, normalize: Passed to :func:`~lightning_phases.functional.fit_loss_mixture`.
+        smoothing: EMA weight of the newest ΔL in the peak search, in ``(0, 1]`` (1: raw ΔL).
 
     Logged metrics:
         - ``gmm/delta_L``: ``m_w − m_c`` of the latest fit.
@@ -87,6 +92,7 @@ class GMMCleanser(Callback):
         - ``gmm/num_flagged``: samples flagged by the latest fit (0 if not bimodal).
         - ``gmm/precision``, ``gmm/recall``, ``gmm/f1``, ``gmm/auroc``: against the
           dataset's ground truth, when it has one.
+        - ``gmm/delta_L_smoothed``: the moving average of ΔL whose peak is ``t_c`` (bimodal fits only).
         - ``gmm/t_c_step``: global step of the confirmed cleansing time (once).
     """
 
@@ -106,6 +112,7 @@ class GMMCleanser(Callback):
         seed: int = 0,
         clip_percentiles: tuple[float, float] | None = None,
         normalize: bool = True,
+        smoothing: float = 0.5,
     ) -> None:
         super().__init__()
         if action not in ACTIONS:
@@ -118,6 +125,8 @@ class GMMCleanser(Callback):
             raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
         if not 0 <= min_weight < 0.5:
             raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
         self.action = action
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs
@@ -131,7 +140,9 @@ class GMMCleanser(Callback):
         self.seed = seed
         self.clip_percentiles = clip_percentiles
         self.normalize = normalize
+        self.smoothing = float(smoothing)
         # state
+        self.smoothed_delta_L: float | None = None  # EMA of ΔL over the bimodal fits
         self.delta_L_history: list[tuple[int, int, float]] = []  # (step, epoch, ΔL) of bimodal fits
         self.best_delta_L: float = -math.inf
         self.best_step: int | None = None
@@ -272,8 +283,12 @@ class GMMCleanser(Callback):
             )
         if bimodal:
             self.delta_L_history.append((step, epoch, fit.delta_L))
-            if fit.delta_L > self.best_delta_L:
-                self.best_delta_L, self.best_step, self.best_epoch = fit.delta_L, step, epoch
+            prev = self.smoothed_delta_L
+            level = fit.delta_L if prev is None else self.smoothing * fit.delta_L + (1 - self.smoothing) * prev
+            self.smoothed_delta_L = level
+            metrics["gmm/delta_L_smoothed"] = level
+            if level > self.best_delta_L:
+                self.best_delta_L, self.best_step, self.best_epoch = level, step, epoch
                 self.since_best = 0
                 self._candidate = {"losses": losses, "given": given, "pred": pred, "flags": flags, "posterior": fit.posterior.cpu()}
                 self._candidate_fit = fit
@@ -356,6 +371,7 @@ class GMMCleanser(Callback):
             "flagged_indices": self.flagged_indices.tolist(),
             "candidate_flags": self._candidate_flags.tolist(),
             "removed": self.removed,
+            "smoothed_delta_L": self.smoothed_delta_L,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -369,3 +385,5 @@ class GMMCleanser(Callback):
         self.flagged_indices = torch.tensor(state_dict.get("flagged_indices", []), dtype=torch.long)
         self._candidate_flags = torch.tensor(state_dict.get("candidate_flags", state_dict.get("flagged_indices", [])), dtype=torch.long)
         self.removed = bool(state_dict.get("removed", False))
+        value = state_dict.get("smoothed_delta_L")
+        self.smoothed_delta_L = None if value is None else float(value)

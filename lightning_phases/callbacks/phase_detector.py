@@ -125,9 +125,9 @@ class PhaseDetector(Callback):
     @property
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names): build the string once per identity
-        ident = (self.model,)
+        ident = (self.model, self.average_weights)
         if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
-            self._state_key_cache = (ident, self._generate_state_key(model=self.model))
+            self._state_key_cache = (ident, self._generate_state_key(model=self.model, average_weights=self.average_weights))
         return self._state_key_cache[1]
 
     @property

@@ -22,7 +22,14 @@ DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak a
 
 
 class ScriptedCleanser(GMMCleanser):
-    """Losses constructed per epoch: clean ~ N(0.2, 0.1²), mislabeled ~ N(0.2 + ΔL_epoch, 0.1²)."""
+    """Losses constructed per epoch: clean ~ N(0.2, 0.1²), mislabeled ~ N(0.2 + ΔL_epoch, 0.1²).
+
+    Peak search on the raw ΔL unless a test asks for smoothing.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("smoothing", 1.0)
+        super().__init__(*args, **kwargs)
 
     def _all_losses(self, trainer, pl_module):
         ds = self._train_dataset(trainer)
@@ -57,6 +64,33 @@ def test_t_c_is_the_delta_L_peak_confirmed_after_patience(tmp_path, patience, co
     truth = NoisyTensorDataset(n=300).is_noisy
     met = detection_metrics(torch.zeros(300, dtype=torch.bool).index_fill_(0, cleanser.flagged_indices, True), truth)
     assert met.precision > 0.97 and met.recall > 0.97
+
+
+def _ema_peak_reference(deltas, smoothing, patience):
+    """The smoothed-peak rule written out: EMA over the fits, argmax, confirmed after `patience` lower values."""
+    ema, best, best_epoch, since = None, -float("inf"), None, 0
+    for epoch, delta in enumerate(deltas):
+        ema = delta if ema is None else smoothing * delta + (1 - smoothing) * ema
+        if ema > best:
+            best, best_epoch, since = ema, epoch, 0
+        else:
+            since += 1
+        if since >= patience:
+            return best_epoch, epoch
+    return None, None
+
+
+@pytest.mark.parametrize("smoothing", [0.5, 0.3])
+def test_t_c_is_the_peak_of_the_smoothed_delta_L(tmp_path, smoothing):
+    cleanser = ScriptedCleanser(patience=2, smoothing=smoothing)
+    tr, _ = _fit(tmp_path, cleanser)
+    fitted = [v for _, v in series(tr.loggers[0].records, "gmm/delta_L")]  # the raw ΔL of each fit
+    peak, confirm = _ema_peak_reference(fitted, smoothing, 2)
+    assert peak is not None and peak > 3  # later than the raw peak (epoch 3): the EMA lags it
+    assert cleanser.t_c_epoch == peak and len(fitted) == confirm + 1
+    smoothed = [v for _, v in series(tr.loggers[0].records, "gmm/delta_L_smoothed")]
+    assert smoothed[0] == pytest.approx(fitted[0])
+    assert smoothed[1] == pytest.approx(smoothing * fitted[1] + (1 - smoothing) * fitted[0])
 
 
 def test_warmup_ignores_early_epochs(tmp_path):
@@ -150,6 +184,21 @@ def test_resume_keeps_history_and_flags(tmp_path):
         second.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten())
 
 
+def test_resume_continues_the_smoothed_delta_L(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    whole = ScriptedCleanser(patience=2, smoothing=0.5)
+    _fit(tmp_path / "w", whole)
+    first = ScriptedCleanser(patience=2, smoothing=0.5)
+    _fit(tmp_path / "a", first, epochs=4, extra=[ckpt], enable_checkpointing=True)
+    second = ScriptedCleanser(patience=2, smoothing=0.5)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [second], max_epochs=12, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert second.t_c_epoch == whole.t_c_epoch and second.best_delta_L == pytest.approx(whole.best_delta_L)
+
+
 class SporadicCleanser(ScriptedCleanser):
     """Bimodal losses only at epochs 2, 4, 6, ... 10 (a clean run where a fit is bimodal now and then)."""
 
@@ -207,6 +256,8 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(max_fraction=1.5), "max_fraction"),
         (dict(action="delete"), "action must be one of"),
         (dict(every_n_epochs=0), "every_n_epochs"),
+        (dict(smoothing=0.0), "smoothing"),
+        (dict(smoothing=1.5), "smoothing"),
     ],
 )
 def test_bad_arguments(kwargs, match):

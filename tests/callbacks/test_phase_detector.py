@@ -102,6 +102,15 @@ def test_keep_the_weights_at_the_stop_without_averaging(tmp_path):
     assert "at the recommended stop" in detector.summary()
 
 
+def test_averaged_and_point_detectors_side_by_side(tmp_path):
+    """Two detectors in one Trainer (distinct state keys) take the same decision and keep different weights."""
+    averaged, at_stop = PhaseDetector(smoothing=1.0, patience=1), PhaseDetector(smoothing=1.0, patience=1, average_weights=False)
+    _, model, _ = _fit(tmp_path, averaged, epochs=24, extra=[at_stop])
+    assert averaged.state_key != at_stop.state_key
+    assert averaged.recommended == at_stop.recommended
+    assert not torch.equal(averaged.recommended_state_dict["net.0.weight"], at_stop.recommended_state_dict["net.0.weight"])
+
+
 def test_training_that_ends_in_phase_two_keeps_the_average_so_far(tmp_path):
     weights = WeightRecorder()
     detector = PhaseDetector(smoothing=1.0, patience=1)
