@@ -2,7 +2,7 @@
 
 Usage::
 
-    lightning-phases demo [--noise-rate 0.5] [--epochs 40] [--seed 0] [--output-dir runs/demo]
+    lightning-phases demo [--noise-rate 0.5] [--epochs 80] [--seed 0] [--output-dir runs/demo]
     lightning-phases report LOGDIR [-o FILE]
 """
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--noise-rate", type=float, default=0.5, help="fraction of mislabeled training samples (default 0.5)")
-    demo.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
+    demo.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the noise, the split and the model (default 0)")
     demo.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where logs and the report go (default runs/demo)")
     demo.add_argument("--probe-size", type=int, default=512, help="probe samples of the monitors (default 512)")

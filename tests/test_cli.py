@@ -25,7 +25,7 @@ def demo_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--epochs", "40", "--probe-size", "256", "--noise-rate", "0.5", "--seed", "0",
+        code = main(["demo", "--epochs", "60", "--probe-size", "256", "--noise-rate", "0.5", "--seed", "0",
                      "--output-dir", str(out), "--no-progress-bar"])
     return code, buf.getvalue(), out
 
