@@ -11,7 +11,14 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_phases import NoiseSplitTracker, OrderParameterMonitor
-from tests.callbacks.helpers import NoisyTensorDataset, RecordingLogger, TinyClassifier, loader, read_records
+from tests.callbacks.helpers import (
+    DestroyProcessGroupAtExit,
+    NoisyTensorDataset,
+    RecordingLogger,
+    TinyClassifier,
+    loader,
+    read_records,
+)
 
 
 class _DumpCallbackMetrics(pl.Callback):
@@ -34,6 +41,7 @@ def _run(tmp_path, devices: int, lr: float):
         OrderParameterMonitor(probe_size=48, batch_size=16, seed=2),
         NoiseSplitTracker(probe_size=48, batch_size=16, seed=2),
         _DumpCallbackMetrics(tmp_path),
+        DestroyProcessGroupAtExit(),
     ]
     kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
     trainer = pl.Trainer(

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_phases import GMMCleanser
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional import detection_metrics
-from tests.callbacks.helpers import NoisyTensorDataset, PlainDataset, TinyClassifier, loader, series, trainer
+from tests.callbacks.helpers import DestroyProcessGroupAtExit, NoisyTensorDataset, PlainDataset, TinyClassifier, loader, series, trainer
 
 DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak at epoch 3
 
@@ -283,7 +283,7 @@ def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
     tr = pl.Trainer(
         default_root_dir=tmp_path, max_epochs=30, accelerator="cpu", devices=2, strategy="ddp_spawn",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[cleanser, _Dump(tmp_path, cleanser)],
+        callbacks=[cleanser, _Dump(tmp_path, cleanser), DestroyProcessGroupAtExit()],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
