@@ -18,7 +18,7 @@ from lightning_phases.functional.noise_split import (
     single_logit_loss,
     split_order_parameters,
 )
-from lightning_phases.functional.per_sample import LossFn, ParamSelection, default_loss
+from lightning_phases.functional.per_sample import LossFn, ParamSelection, default_loss, reduce_gram_to_groups
 from lightning_phases.report.tensorboard import write_phase_layout
 
 __all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
@@ -220,11 +220,7 @@ class NoiseSplitTracker(_ProbeCallback):
             k = 2 * classes.numel()
             if width == 1 and self.loss_fn in (None, default_loss):
                 # the logistic-loss gradients are the ones of the main Gram: sum its blocks
-                member = torch.zeros(k, x.shape[0], dtype=torch.float64, device=stats["gram"].device)
-                g = groups.to(member.device)
-                keep = g >= 0
-                member[g[keep], keep.nonzero().squeeze(1)] = 1.0
-                stats["segment_gram"] = member @ stats["gram"] @ member.T
+                stats["segment_gram"] = reduce_gram_to_groups(stats["gram"], groups, k)
             elif width == 1:
                 stats["segment_gram"] = self._partial_grouped_gram(trainer, pl_module, x, y, default_loss, groups, k)
             else:

@@ -31,7 +31,13 @@ from lightning_phases.functional.ensemble import (
     _warn,
     minibatch_variance_factor,
 )
-from lightning_phases.functional.per_sample import ParamSelection, _model_device, eval_mode, grouped_gradient_gram
+from lightning_phases.functional.per_sample import (
+    ParamSelection,
+    _model_device,
+    eval_mode,
+    grouped_gradient_gram,
+    reduce_gram_to_groups,
+)
 
 __all__ = [
     "SplitOrderParameters",
@@ -298,10 +304,7 @@ def segment_statistics(
     if y.shape[0] != n:
         raise DegenerateInputError(f"true_targets must have shape [{n}]; got {tuple(y.shape)}.")
     groups, classes = segment_groups(y, _as_mask(noisy_mask, n).to(g.device), classes)
-    member = torch.zeros(2 * classes.numel(), n, dtype=torch.float64, device=g.device)
-    keep = groups >= 0
-    member[groups[keep], keep.nonzero().squeeze(1)] = 1.0
-    return segment_statistics_from_groups(member @ g @ member.T, y, noisy_mask, classes=classes)
+    return segment_statistics_from_groups(reduce_gram_to_groups(g, groups, 2 * classes.numel()), y, noisy_mask, classes=classes)
 
 
 def single_logit_loss(output: Tensor, target: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "per_sample_grads_and_losses",
     "gradient_gram",
     "grouped_gradient_gram",
+    "reduce_gram_to_groups",
     "eval_mode",
     "GRAM_METHODS",
 ]
@@ -413,12 +414,24 @@ def grouped_gradient_gram(
     return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, groups, k)
 
 
-def _membership(groups: Tensor, num_groups: int, device: torch.device) -> Tensor:
-    """``[K, n]`` float64 indicator matrix of the groups (rows of ``-1`` samples are all zero)."""
-    member = torch.zeros(num_groups, groups.shape[0], dtype=torch.float64, device=device)
+def reduce_gram_to_groups(gram: Tensor, groups: Tensor, num_groups: int) -> Tensor:
+    """``S G Sᵀ`` (exactly symmetric, float64): the Gram matrix of group sums from the ``n×n`` one.
+
+    Args:
+        gram: Per-sample-gradient Gram matrix ``[n, n]``.
+        groups: Group index of each sample ``[n]`` (``-1``: in no group).
+        num_groups: ``K``.
+
+    Returns:
+        ``[K, K]`` float64, ``H_kl = Σ_{i in k, j in l} G_ij``; what
+        :func:`grouped_gradient_gram` computes without the ``n×n`` matrix.
+    """
+    member = torch.zeros(num_groups, groups.shape[0], dtype=torch.float64, device=gram.device)
+    groups = groups.to(gram.device)
     keep = groups >= 0
-    member[groups[keep].to(device), keep.nonzero().squeeze(1).to(device)] = 1.0
-    return member
+    member[groups[keep], keep.nonzero().squeeze(1)] = 1.0
+    out = member @ gram.to(torch.float64) @ member.T
+    return (out + out.T) / 2
 
 
 def _gram(
@@ -437,11 +450,7 @@ def _gram(
     n = _validate_batch(inputs, targets, chunk_size)
 
     def reduce(gram: Tensor) -> Tensor:
-        if groups is None:
-            return gram
-        member = _membership(groups, num_groups, gram.device)
-        out = member @ gram @ member.T
-        return (out + out.T) / 2
+        return gram if groups is None else reduce_gram_to_groups(gram, groups, num_groups)
 
     if method == "vmap":
         gram, losses = _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n)

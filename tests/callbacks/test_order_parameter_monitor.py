@@ -251,3 +251,34 @@ def test_partition_parameters_is_balanced_and_complete():
     loads = [sum(sizes[n] for n in g) for g in groups]
     assert max(loads) - min(loads) <= 11
     assert partition_parameters(sizes, 8)[5:] == [[], [], []]
+
+
+class _OneLogit(TinyClassifier):
+    """A one-output (logistic) classifier: the tracker's segments reuse its main Gram matrix."""
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(self(x).squeeze(1), y.float())
+
+
+def test_one_output_segments_equal_the_block_sums_of_an_independent_gram(tmp_path, monkeypatch):
+    import lightning_phases.callbacks._probe as probe
+
+    grouped = []
+    real = probe.grouped_gradient_gram
+    monkeypatch.setattr(probe, "grouped_gradient_gram", lambda *a, **k: grouped.append(1) or real(*a, **k))
+    ds = NoisyTensorDataset(num_classes=2, rate=0.3)
+    split = NoiseSplitTracker(probe_size=64, seed=3)
+    _, model = _fit(tmp_path, [split], dataset=ds, model=_OneLogit())
+    assert not grouped  # no second gradient pass for one-output models
+    idx = split.probe_indices
+    x, y, true, mask = ds.x[idx], ds.noisy_targets[idx], ds.true_targets[idx], ds.is_noisy[idx]
+    gram, _ = gradient_gram(model, x, y, method="vmap")  # logistic-loss per-sample gradients
+    seg = segment_statistics(gram, true, mask)
+    assert seg.classes.tolist() == [0, 1]
+    for k, c in enumerate(seg.classes.tolist()):
+        assert split.last[f"segment/ratio/{c}"] == pytest.approx(float(seg.ratio[k]), rel=1e-4)
+        assert split.last[f"segment/cos/{c}"] == pytest.approx(float(seg.cos[k]), rel=1e-4, abs=1e-6)
