@@ -57,7 +57,9 @@ class PhaseDetector(Callback):
     (floating-point entries of the ``state_dict`` averaged, others as at the
     stop; BatchNorm running statistics are averaged too, so for such models
     consider recomputing them, e.g. with ``torch.optim.swa_utils.update_bn``).
-    This costs one float64 copy of the weights on the CPU. With
+    This costs one float64 copy of the weights on the CPU, which is also part
+    of the detector's checkpoint state (so a resumed run continues the
+    average), together with the kept weights once there are any. With
     ``average_weights=False`` it keeps the weights at the stop. If training
     ends in phase II, the average so far is kept (no stop is recommended).
     ``benchmarks/early_stopping.py`` measures both against an oracle and
