@@ -314,8 +314,10 @@ class PhaseDetector(Callback):
         for phase, first, last in self.tracker.timeline():
             lines.append(f"  {phase:<14s} epochs {first}-{last} ({last - first + 1} epoch{'s' if last > first else ''})")
         rec = self.tracker.recommended
+        why = {"memorisation_onset": "memorisation onset: err_w started to fall", "phase": "start of phase III"}
         lines.append(
-            f"  recommended stop: step {rec.step}, epoch {rec.epoch}" if rec else "  recommended stop: not reached"
+            f"  recommended stop: step {rec.step}, epoch {rec.epoch} ({why.get(rec.kind, rec.kind.replace('_', ' '))})"
+            if rec else "  recommended stop: not reached"
         )
         if self.recommended_state_dict is not None:
             kept = (f"averaged over {self._weight_count} phase-II measurements" if self.average_weights and self._weight_count
