@@ -495,6 +495,7 @@ def _accumulate_groups(gram: Tensor, module: nn.Module, plan: LayerPlan, groups:
         if has_b:
             parts.append(d.sum(1))
     else:
+        rows = []  # one flattened (weight, bias) gradient sum per present group
         for k in present.tolist():
             sel = (groups == k).nonzero().squeeze(1)
             inp_k, grad_k = inp.index_select(0, sel), out_grad.index_select(0, sel)
@@ -503,8 +504,8 @@ def _accumulate_groups(gram: Tensor, module: nn.Module, plan: LayerPlan, groups:
                 row.append(_group_weight_grad(module, inp_k, grad_k).reshape(-1))
             if has_b:
                 row.append(grad_k.sum([0, 2, 3]) if conv else grad_k.reshape(-1, grad_k.shape[-1]).sum(0))
-            parts.append(torch.cat(row)[None])
-        parts = [torch.cat(parts)]
+            rows.append(torch.cat(row))
+        parts.append(torch.stack(rows))
     mat = torch.cat(parts, dim=1)
     block = (mat @ mat.T).to(torch.float64)  # in the layer's dtype, like the n×n products
     gram[present[:, None], present[None, :]] += (block + block.T) / 2
