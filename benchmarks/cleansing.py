@@ -80,14 +80,14 @@ def cleanlab_flags(dm: NoisyDigitsDataModule, epochs: int, seed: int, lr: float,
     return torch.as_tensor(issues)
 
 
-def clean_check(epochs: int, seed: int, lr: float) -> str:
+def clean_check(epochs: int, seed: int, lr: float, heavy: float | None = None) -> str:
     """ρ = 0: the phase model PhaseDetector reports and the fraction GMMCleanser flags (target < 2%)."""
     from pytorch_lightning.loggers import CSVLogger
 
     from lightning_phases import OrderParameterMonitor, PhaseDetector
 
     dm = NoisyDigitsDataModule(noise_rate=0.0, seed=seed, batch_size=32)
-    cleanser, detector = GMMCleanser(action="flag"), PhaseDetector(verbose=False)
+    cleanser, detector = GMMCleanser(action="flag", heavy_noise_separation=heavy), PhaseDetector(verbose=False)
     pl.seed_everything(seed, verbose=False)
     model = MLPClassifier(64, 128, 10, lr=lr)
     import tempfile
@@ -113,15 +113,19 @@ def main() -> None:
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="noise rates (default 0.2 0.4 0.6 0.8)")
     parser.add_argument("--no-clean-check", action="store_true", help="skip the rho = 0 run")
+    parser.add_argument("--heavy-noise-separation", type=float, default=None,
+                        help="GMMCleanser(heavy_noise_separation=...) (default: off, the class default)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rates = args.rates or ((0.4,) if args.quick else (0.2, 0.4, 0.6, 0.8))
     epochs = 60 if args.quick else args.epochs
-    print(f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}")
+    heavy = args.heavy_noise_separation
+    print(f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}"
+          + (f"; heavy_noise_separation {heavy}" if heavy is not None else ""))
     if not (args.quick or args.no_clean_check):
-        print(clean_check(epochs, args.seed, args.lr), flush=True)
+        print(clean_check(epochs, args.seed, args.lr, heavy), flush=True)
     print(f"{'rho':>4s} | {'a_n':>6s} {'a_c':>6s} {'a_p':>6s} {'Q':>6s} | t_c  | GMM P/R/F1/AUROC          | cleanlab P/R/F1")
     for rate in rates:
         start = time.time()
@@ -129,7 +133,7 @@ def main() -> None:
         _, a_n = _fit(NoisyDigitsDataModule(**kw), epochs, args.seed, args.lr)
         _, a_p = _fit(_CleanOnly(**kw), epochs, args.seed, args.lr)
         dm = NoisyDigitsDataModule(**kw)
-        cleanser = GMMCleanser(action="remove", patience=3, max_fraction=0.95)
+        cleanser = GMMCleanser(action="remove", patience=3, max_fraction=0.95, heavy_noise_separation=heavy)
         _, a_c = _fit(dm, epochs, args.seed, args.lr, [cleanser])
         truth = dm.noisy_train.is_noisy
         flags = torch.zeros(len(truth), dtype=torch.bool)

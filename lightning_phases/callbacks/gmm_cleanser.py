@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_phases.callbacks._probe import Unpack, _check_positive_int, default_unpack
 from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.mixture import LossMixture, detection_metrics, fit_loss_mixture
+from lightning_phases.functional.mixture import LossMixture, class_dependence, detection_metrics, fit_loss_mixture
 from lightning_phases.functional.per_sample import LossFn, default_loss, eval_mode
 
 __all__ = ["GMMCleanser"]
@@ -49,6 +49,17 @@ class GMMCleanser(Callback):
     Fits that are not clearly bimodal (Ashman's separation below
     ``min_separation``, or a mislabeled weight outside
     ``(min_weight, 1 − min_weight)``) flag nothing and do not count as peaks;
+    nor do fits whose flags follow the given class (more than
+    ``max_class_dependence`` of the flags' variance explained by the label,
+    :func:`~lightning_phases.functional.class_dependence`): in the first
+    epochs, or when the network predicts a constant, the losses split by which
+    classes are learned, which can look bimodal but says nothing about
+    mislabeling (symmetric label noise spreads the mislabeled samples over all
+    classes). With heavy label noise the mislabeled component holds most of
+    the losses and the mixture has no second hump even when the two
+    populations are distinct; ``heavy_noise_separation`` (off by default)
+    accepts fits with a mislabeled weight of at least ``heavy_noise_weight``
+    from that smaller separation.
     a peak is confirmed only by ``patience`` *consecutive* bimodal fits after
     it (a fit that is not bimodal restarts the count), and
     ``flagged_indices`` stays empty until ``t_c`` is confirmed. So on data
@@ -76,6 +87,13 @@ class GMMCleanser(Callback):
         max_fraction: Never flag more than this fraction of the training set, in ``(0, 1]``.
         min_separation: Minimal Ashman's D of a fit that counts as bimodal.
         min_weight: Minimal weight of each component of a bimodal fit.
+        max_class_dependence: Largest share of the flags' variance (η²) that the
+            given class may explain for a fit to count, in ``(0, 1]`` (1 turns the
+            check off). Applies to integer class targets only.
+        heavy_noise_separation: If set, a fit whose mislabeled weight is at least
+            ``heavy_noise_weight`` counts as bimodal from this Ashman's D (below
+            ``min_separation``). For heavy label noise (ρ ≳ 0.5); ``None`` (default) off.
+        heavy_noise_weight: The mislabeled weight from which ``heavy_noise_separation`` applies, in ``(0, 1)``.
         batch_size: Batch size of the loss pass over the training set.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
@@ -89,6 +107,7 @@ class GMMCleanser(Callback):
         - ``gmm/mean_clean``, ``gmm/mean_noisy``: the component means.
         - ``gmm/weight_noisy``: the mislabeled component's weight ``r``.
         - ``gmm/separation``: Ashman's D of the fit.
+        - ``gmm/class_dependence``: η² of the fit's flags on the given class (class targets only).
         - ``gmm/num_flagged``: samples flagged by the latest fit (0 if not bimodal).
         - ``gmm/precision``, ``gmm/recall``, ``gmm/f1``, ``gmm/auroc``: against the
           dataset's ground truth, when it has one.
@@ -113,6 +132,9 @@ class GMMCleanser(Callback):
         clip_percentiles: tuple[float, float] | None = None,
         normalize: bool = True,
         smoothing: float = 0.5,
+        max_class_dependence: float = 0.2,
+        heavy_noise_separation: float | None = None,
+        heavy_noise_weight: float = 0.2,
     ) -> None:
         super().__init__()
         if action not in ACTIONS:
@@ -127,6 +149,21 @@ class GMMCleanser(Callback):
             raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
             raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
+        for name, value in (("max_class_dependence", max_class_dependence), ("heavy_noise_weight", heavy_noise_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise LightningPhasesError(f"{name} must be a number; got {value!r}.")
+        if not 0 < max_class_dependence <= 1:
+            raise LightningPhasesError(f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}.")
+        if not 0 < heavy_noise_weight < 1:
+            raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
+        if heavy_noise_separation is not None and (
+            isinstance(heavy_noise_separation, bool)
+            or not isinstance(heavy_noise_separation, (int, float))
+            or not 0 < heavy_noise_separation <= min_separation
+        ):
+            raise LightningPhasesError(
+                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; got {heavy_noise_separation!r}."
+            )
         self.action = action
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs
@@ -141,6 +178,9 @@ class GMMCleanser(Callback):
         self.clip_percentiles = clip_percentiles
         self.normalize = normalize
         self.smoothing = float(smoothing)
+        self.max_class_dependence = float(max_class_dependence)
+        self.heavy_noise_separation = None if heavy_noise_separation is None else float(heavy_noise_separation)
+        self.heavy_noise_weight = float(heavy_noise_weight)
         # state
         self.smoothed_delta_L: float | None = None  # EMA of ΔL over the bimodal fits
         self.delta_L_history: list[tuple[int, int, float]] = []  # (step, epoch, ΔL) of bimodal fits
@@ -157,7 +197,7 @@ class GMMCleanser(Callback):
         self.last: dict[str, float] = {}
         self._candidate: dict[str, Tensor] | None = None
         self._candidate_fit: LossMixture | None = None
-        self._warned_unimodal = False
+        self._warned: set[str] = set()  # rejection reasons already reported (once each)
 
     @property
     def state_key(self) -> str:
@@ -236,14 +276,32 @@ class GMMCleanser(Callback):
             losses = trainer.strategy.reduce(losses, reduce_op="sum")
             given = trainer.strategy.reduce(given, reduce_op="sum")
             pred = trainer.strategy.reduce(pred, reduce_op="sum")
-        return losses.cpu(), given.cpu().long(), pred.cpu().long()
+        return losses.cpu(), given.cpu(), pred.cpu().long()
 
-    def _bimodal(self, fit: LossMixture) -> bool:
-        return (
-            math.isfinite(fit.delta_L)
-            and fit.separation >= self.min_separation
-            and self.min_weight < fit.weight_noisy < 1 - self.min_weight
-        )
+    @staticmethod
+    def _class_labels(given: Tensor) -> Tensor | None:
+        """The given labels if they are class labels (integers, on average two or more samples per class)."""
+        if not given.numel() or not bool(torch.isfinite(given).all()) or not torch.equal(given, given.round()):
+            return None
+        labels = given.long()
+        return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
+
+    def _rejection(self, fit: LossMixture, dependence: float) -> tuple[str, str] | None:
+        """``None`` if the fit counts as bimodal, else ``(kind, reason)``."""
+        r, sep = fit.weight_noisy, fit.separation
+        if not (math.isfinite(fit.delta_L) and math.isfinite(sep)) or not self.min_weight < r < 1 - self.min_weight:
+            return "weight", f"the fit is degenerate (mislabeled weight {r:.3g})"
+        heavy = self.heavy_noise_separation is not None and r >= self.heavy_noise_weight
+        needed = self.heavy_noise_separation if heavy else self.min_separation
+        if sep < needed:
+            return "separation", f"separation {sep:.2f} < {needed}"
+        if math.isfinite(dependence) and dependence > self.max_class_dependence:
+            return "class", (
+                f"the split follows the given class (η² = {dependence:.2f} > max_class_dependence = "
+                f"{self.max_class_dependence}): some classes are learned and others not yet, or the network "
+                "predicts a constant"
+            )
+        return None
 
     def _capped_flags(self, fit: LossMixture) -> Tensor:
         flags = fit.flags.clone()
@@ -258,7 +316,10 @@ class GMMCleanser(Callback):
         losses, given, pred = self._all_losses(trainer, pl_module)
         fit = fit_loss_mixture(losses, seed=self.seed, clip_percentiles=self.clip_percentiles, normalize=self.normalize)
         step, epoch = trainer.global_step, trainer.current_epoch
-        bimodal = self._bimodal(fit)
+        labels = self._class_labels(given)
+        dependence = class_dependence(fit.flags, labels) if labels is not None and fit.flags.numel() == labels.numel() else math.nan
+        rejection = self._rejection(fit, dependence)
+        bimodal = rejection is None
         flags = self._capped_flags(fit) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)
         metrics = {
             "gmm/delta_L": fit.delta_L,
@@ -269,17 +330,19 @@ class GMMCleanser(Callback):
             "gmm/separation": fit.separation,
             "gmm/num_flagged": float(flags.sum()),
         }
+        if math.isfinite(dependence):
+            metrics["gmm/class_dependence"] = dependence
         truth = find_probe_ground_truth(self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None))
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
             det = detection_metrics(flags, truth[0])
             scores = fit.posterior if bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
             metrics.update({"gmm/precision": det.precision, "gmm/recall": det.recall, "gmm/f1": det.f1, "gmm/auroc": auroc})
-        if not bimodal and not self._warned_unimodal:
-            self._warned_unimodal = True
+        if rejection is not None and rejection[0] not in self._warned:
+            self._warned.add(rejection[0])
             rank_zero_info(
-                f"GMMCleanser: at epoch {epoch} the training losses are not bimodal (separation "
-                f"{fit.separation:.2f} < {self.min_separation}); nothing is flagged. This is expected on clean data."
+                f"GMMCleanser: at epoch {epoch} the training losses are not bimodal ({rejection[1]}); nothing is "
+                "flagged and the fit does not count towards t_c. This is expected on clean data and early in training."
             )
         if bimodal:
             self.delta_L_history.append((step, epoch, fit.delta_L))

@@ -17,6 +17,7 @@ from lightning_phases.functional.label_noise import add_target_noise, flip_label
 from lightning_phases.functional.mixture import (
     DetectionMetrics,
     LossMixture,
+    class_dependence,
     detection_metrics,
     fit_loss_mixture,
     mixture_threshold,
@@ -75,6 +76,7 @@ __all__ = [
     "LossMixture",
     "fit_loss_mixture",
     "mixture_threshold",
+    "class_dependence",
     "DetectionMetrics",
     "detection_metrics",
     "PhaseTracker",

@@ -28,6 +28,7 @@ __all__ = [
     "LossMixture",
     "fit_loss_mixture",
     "mixture_threshold",
+    "class_dependence",
     "DetectionMetrics",
     "detection_metrics",
 ]
@@ -203,6 +204,43 @@ def fit_loss_mixture(
         flags=t.detach().to(torch.float64) > threshold,
         converged=bool(gmm.converged_),
     )
+
+
+def class_dependence(flags: Tensor, labels: Tensor) -> float:
+    """Share of the flags' variance explained by the given class (the correlation ratio η²).
+
+    ``η² = Σ_k n_k (f̄_k − f̄)² / Σ_i (f_i − f̄)²`` for per-sample values ``f``
+    (flags as 0/1, or posteriors) and classes ``k`` with ``n_k`` samples and
+    mean ``f̄_k``. It is 1 when the flags are a function of the given label
+    (whole classes flagged, others not) and near 0 when every class is
+    flagged at the same rate. A loss split that follows the given class is
+    not evidence of mislabeling: it is what an untrained network (some
+    classes learned before others) or a collapsed one (predicting the class
+    frequencies) produces, whereas symmetric label noise spreads the
+    mislabeled samples over all classes.
+
+    Args:
+        flags: Per-sample flags (bool) or scores, ``[n]``.
+        labels: Given integer labels, ``[n]``.
+
+    Returns:
+        η² in ``[0, 1]``; ``nan`` if the flags are constant (nothing to explain).
+
+    Raises:
+        DegenerateInputError: On shapes that do not match or an empty input.
+    """
+    f = torch.as_tensor(flags).detach().reshape(-1).to(torch.float64).cpu()
+    y = torch.as_tensor(labels).detach().reshape(-1).cpu()
+    if f.numel() != y.numel() or f.numel() == 0:
+        raise DegenerateInputError(f"class_dependence needs flags and labels of the same non-zero length; got {f.numel()} and {y.numel()}.")
+    mean = f.mean()
+    total = float(((f - mean) ** 2).sum())
+    if not total > 0:
+        return math.nan
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inverse, f)
+    between = float((counts.to(torch.float64) * (sums / counts - mean) ** 2).sum())
+    return min(1.0, max(0.0, between / total))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_phases import GMMCleanser
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional import detection_metrics
+from lightning_phases.functional import detection_metrics, fit_loss_mixture
 from tests.callbacks.helpers import DestroyProcessGroupAtExit, NoisyTensorDataset, PlainDataset, TinyClassifier, loader, series, trainer
 
 DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak at epoch 3
@@ -221,6 +221,89 @@ def test_sporadic_bimodal_fits_confirm_nothing_and_flag_nothing(tmp_path):
     assert steady.t_c_epoch == 3 and torch.equal(steady.flagged_indices, truth)
 
 
+class ClassSplitCleanser(ScriptedCleanser):
+    """The same losses, with given labels that make the split follow the class (or not)."""
+
+    def __init__(self, *args, labels: str = "noisy", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.labels = labels
+
+    def _all_losses(self, trainer, pl_module):
+        losses, given, pred = super()._all_losses(trainer, pl_module)
+        n = losses.numel()
+        if self.labels == "noisy":  # class 1 = exactly the high-loss samples: a collapsed or half-trained network
+            given = torch.as_tensor(NoisyTensorDataset(n=n).is_noisy).long()
+        else:  # five classes, each with its share of high-loss samples
+            given = torch.arange(n) % 5
+        return losses, given, given.clone()
+
+
+def test_a_split_that_follows_the_given_class_is_not_bimodal(tmp_path, caplog):
+    cleanser = ClassSplitCleanser(patience=3)
+    with caplog.at_level("INFO", logger="lightning_phases"):
+        tr, _ = _fit(tmp_path, cleanser)
+    assert cleanser.t_c_step is None and cleanser.flagged_indices.numel() == 0 and not cleanser.delta_L_history
+    dependence = [v for _, v in series(tr.loggers[0].records, "gmm/class_dependence")]
+    assert len(dependence) == 12 and min(dependence) > 0.9
+    assert max(v for _, v in series(tr.loggers[0].records, "gmm/num_flagged")) == 0
+    assert "follows the given class" in caplog.text
+    unchecked = ClassSplitCleanser(patience=3, max_class_dependence=1.0)  # the check off: the plain peak rule
+    _fit(tmp_path / "off", unchecked)
+    assert unchecked.t_c_epoch == 3
+
+
+def test_class_dependence_is_logged_and_spread_flags_pass(tmp_path):
+    cleanser = ClassSplitCleanser(patience=3, labels="spread")
+    tr, _ = _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == 3
+    flags = cleanser._candidate["flags"]
+    labels = torch.arange(300) % 5
+    mean = flags.double().mean()  # η² written out: between-class over total sum of squares
+    between = sum(int((labels == k).sum()) * (flags[labels == k].double().mean() - mean) ** 2 for k in range(5))
+    expected = float(between / ((flags.double() - mean) ** 2).sum())
+    logged = dict(series(tr.loggers[0].records, "gmm/class_dependence"))
+    assert logged[4 * 38] == pytest.approx(expected, abs=1e-12) and expected < 0.2
+
+
+HEAVY_SCALE = 0.08  # mislabeled losses 0.08·ΔL_epoch above the clean ones: fitted D 1.0-1.95, weight ≈ 0.5-0.66
+
+
+class HeavyNoiseCleanser(ScriptedCleanser):
+    """Two thirds mislabeled with the populations close: a distinct but not two-humped mixture."""
+
+    def _all_losses(self, trainer, pl_module):
+        losses = _heavy_losses(trainer.current_epoch, len(self._train_dataset(trainer)))
+        given = torch.zeros(losses.numel(), dtype=torch.long)
+        return losses, given, given.clone()
+
+
+@pytest.mark.parametrize(
+    "kwargs,t_c",
+    [
+        (dict(), None),  # default: no fit reaches D = 2
+        (dict(heavy_noise_separation=1.2), 3),  # epochs 2-7 pass (D 1.31-1.95): peak at 3, confirmed at 6
+        (dict(heavy_noise_separation=1.2, heavy_noise_weight=0.7), None),  # fitted weights are below 0.7
+        (dict(heavy_noise_separation=1.5), None),  # epoch 6 (D 1.31) fails and restarts the count each time
+    ],
+)
+def test_heavy_noise_separation(tmp_path, kwargs, t_c):
+    cleanser = HeavyNoiseCleanser(patience=3, **kwargs)
+    tr, _ = _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == t_c
+    fits = [fit_loss_mixture(_heavy_losses(e)) for e in range(12)]
+    sep, weight = kwargs.get("heavy_noise_separation"), kwargs.get("heavy_noise_weight", 0.2)
+    accepted = [f.separation >= 2 or (sep is not None and f.separation >= sep and f.weight_noisy >= weight) for f in fits]
+    logged = series(tr.loggers[0].records, "gmm/num_flagged")
+    assert [v > 0 for _, v in logged] == accepted[: len(logged)]  # flags exactly on the accepted fits
+
+
+def _heavy_losses(epoch, n=300):
+    gen = torch.Generator().manual_seed(epoch)
+    losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    losses[torch.arange(n) % 3 != 0] += HEAVY_SCALE * DELTAS[epoch]
+    return losses
+
+
 def test_real_training_finds_the_mislabeled_samples(tmp_path):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
     cleanser = GMMCleanser(patience=2)
@@ -258,6 +341,11 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(every_n_epochs=0), "every_n_epochs"),
         (dict(smoothing=0.0), "smoothing"),
         (dict(smoothing=1.5), "smoothing"),
+        (dict(max_class_dependence=0.0), "max_class_dependence"),
+        (dict(max_class_dependence=1.5), "max_class_dependence"),
+        (dict(heavy_noise_weight=1.0), "heavy_noise_weight"),
+        (dict(heavy_noise_separation=2.5), "heavy_noise_separation"),
+        (dict(heavy_noise_separation=0.0), "heavy_noise_separation"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_phases.errors import DegenerateInputError, PhaseStatisticsWarning
-from lightning_phases.functional import detection_metrics, fit_loss_mixture, mixture_threshold
+from lightning_phases.functional import class_dependence, detection_metrics, fit_loss_mixture, mixture_threshold
 from tests.reference.ensemble import mann_whitney_auroc
 
 
@@ -161,3 +161,39 @@ def test_end_to_end_mixture_detection():
     met = detection_metrics(mix.flags, mask)
     assert met.recall > 0.95 and met.precision > 0.85
     assert detection_metrics(mix.posterior, mask).auroc > 0.95
+
+
+def _class_dependence_loop(flags, labels):
+    """η² written out with Python sums over classes and samples."""
+    f = [float(v) for v in flags]
+    y = [int(v) for v in labels]
+    mean = sum(f) / len(f)
+    total = sum((v - mean) ** 2 for v in f)
+    between = 0.0
+    for k in set(y):
+        members = [f[i] for i in range(len(f)) if y[i] == k]
+        between += len(members) * (sum(members) / len(members) - mean) ** 2
+    return between / total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_class_dependence_against_a_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 7, (300,), generator=gen)
+    rate = torch.rand(7, generator=gen)[labels]  # each class flagged at its own rate
+    flags = torch.rand(300, generator=gen) < rate
+    assert class_dependence(flags, labels) == pytest.approx(_class_dependence_loop(flags, labels), abs=1e-12)
+    scores = torch.rand(300, generator=gen, dtype=torch.float64)  # posteriors work too
+    assert class_dependence(scores, labels) == pytest.approx(_class_dependence_loop(scores, labels), abs=1e-12)
+
+
+def test_class_dependence_extremes():
+    labels = torch.arange(400) % 4
+    assert class_dependence(labels >= 2, labels) == pytest.approx(1.0)  # whole classes flagged
+    spread = (torch.arange(400) // 4) % 2 == 0  # every class flagged at exactly one half
+    assert class_dependence(spread, labels) == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(class_dependence(torch.zeros(400, dtype=torch.bool), labels))  # nothing to explain
+    with pytest.raises(DegenerateInputError):
+        class_dependence(torch.ones(3), torch.arange(4))
+    with pytest.raises(DegenerateInputError):
+        class_dependence(torch.ones(0), torch.arange(0))
