@@ -49,22 +49,23 @@ class GMMCleanser(Callback):
     Fits that are not clearly bimodal (Ashman's separation below
     ``min_separation``, or a mislabeled weight outside
     ``(min_weight, 1 − min_weight)``) flag nothing and do not count as peaks;
-    nor do fits whose flags follow the given class (more than
+    a peak is confirmed only by ``patience`` *consecutive* bimodal fits after
+    it (a fit that is not bimodal restarts the count), and
+    ``flagged_indices`` stays empty until ``t_c`` is confirmed. So on data
+    without label noise, where a fit is occasionally bimodal by chance, the
+    cleanser flags (almost) nothing and says the losses are not bimodal.
+
+    Nor do fits count whose flags follow the given class (more than
     ``max_class_dependence`` of the flags' variance explained by the label,
     :func:`~lightning_phases.functional.class_dependence`): in the first
     epochs, or when the network predicts a constant, the losses split by which
     classes are learned, which can look bimodal but says nothing about
     mislabeling (symmetric label noise spreads the mislabeled samples over all
     classes). With heavy label noise the mislabeled component holds most of
-    the losses and the mixture has no second hump even when the two
+    the losses and the mixture may have no second hump even when the two
     populations are distinct; ``heavy_noise_separation`` (off by default)
     accepts fits with a mislabeled weight of at least ``heavy_noise_weight``
     from that smaller separation.
-    a peak is confirmed only by ``patience`` *consecutive* bimodal fits after
-    it (a fit that is not bimodal restarts the count), and
-    ``flagged_indices`` stays empty until ``t_c`` is confirmed. So on data
-    without label noise, where a fit is occasionally bimodal by chance, the
-    cleanser flags (almost) nothing and says the losses are not bimodal.
 
     Actions at ``t_c``: ``"flag"`` (default) only records; ``"stop"`` stops
     training; ``"remove"`` continues the same ``fit`` without the flagged
@@ -281,6 +282,7 @@ class GMMCleanser(Callback):
     @staticmethod
     def _class_labels(given: Tensor) -> Tensor | None:
         """The given labels if they are class labels (integers, on average two or more samples per class)."""
+        given = given.to(torch.float64)
         if not given.numel() or not bool(torch.isfinite(given).all()) or not torch.equal(given, given.round()):
             return None
         labels = given.long()

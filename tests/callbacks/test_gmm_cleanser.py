@@ -380,3 +380,12 @@ def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
         r0, r1 = json.load(a), json.load(b)
     assert r0 == r1
     assert r0["t_c"] is not None and len(r0["flags"]) > 50 and r0["epoch"] < 29
+
+
+def test_class_check_applies_to_class_targets_only():
+    labels = GMMCleanser._class_labels
+    assert torch.equal(labels(torch.tensor([0.0, 2.0, 1.0, 2.0, 0.0, 1.0])), torch.tensor([0, 2, 1, 2, 0, 1]))
+    assert torch.equal(labels(torch.tensor([3, 1, 3, 1])), torch.tensor([3, 1, 3, 1]))  # integer tensors too
+    assert labels(torch.tensor([0.5, 1.2, 0.3, 2.0])) is None  # regression targets
+    assert labels(torch.arange(10.0)) is None  # one sample per value: not classes
+    assert labels(torch.tensor([0.0, float("nan"), 1.0, 1.0])) is None
