@@ -39,6 +39,12 @@ class PhaseDetector(Callback):
     causal, smoothed and hysteretic; every rank sees the same reduced
     statistics, so every rank takes the same decision.
 
+    Its place in the callback list does not change the measurements: a
+    measurement is taken once per measured step, when every provider has
+    published it. Put it after the monitors so that this happens in the same
+    hook; placed before them it waits for its next hook, so a ``stop``
+    takes effect one training step later.
+
     **Stopping point.** The recommended stop is where the clean data is
     learned and the mislabeled data not yet: the end of phase II, i.e. the
     first of the *memorisation onset* (the smoothed ``split/err_w`` has
@@ -118,6 +124,8 @@ class PhaseDetector(Callback):
         self.strict = bool(strict)
         self.verbose = bool(verbose)
         self._seen: dict[str, float] = {}
+        self._where: tuple[int | None, int | None] = (None, None)  # (step, epoch) of the last completed step
+        self._expected: tuple[str, ...] = ()  # measured-step keys the Trainer's callbacks publish (from setup)
         self.recommended_state_dict: dict[str, torch.Tensor] | None = None
         self.recommended_checkpoint: str | None = None
         # running sum of the weights measured in phase II (float entries, CPU, float64) and their count
@@ -159,6 +167,7 @@ class PhaseDetector(Callback):
         provided: set[str] = set()
         for cb in trainer.callbacks:
             provided.update(getattr(cb, "phase_metrics", ()) or ())
+        self._expected = tuple(k for k in _TRIGGERS if k in provided)
         if self.model == "auto" and self.tracker.model is None and provided:
             # decide from what the Trainer's callbacks will publish, not from the first measurement
             # (whose split statistics may be missing, e.g. a probe without mislabeled samples)
@@ -177,17 +186,29 @@ class PhaseDetector(Callback):
             )
 
     # ------------------------------------------------------------------ hooks
+    # Every hook polls. A provider later in the callback list publishes after this detector's hook in the
+    # same round; a measurement whose providers have not all caught up is therefore taken at the next hook
+    # (`_poll`), and each measured step is taken once.
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._where = (trainer.global_step, trainer.current_epoch)
+        self._poll(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._poll(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._poll(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._where = (trainer.global_step, trainer.current_epoch)
         self._poll(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._where = (trainer.global_step, trainer.current_epoch)
         self._poll(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._poll(trainer, pl_module)
+        self._poll(trainer, pl_module, final=True)
         if self.recommended_state_dict is None and self.average_weights and self._weight_count:
             # phase II had not ended when training did: keep its average so far (no stop was recommended)
             self.recommended_state_dict = self._kept_weights(pl_module)
@@ -199,24 +220,38 @@ class PhaseDetector(Callback):
             rank_zero_info(self.summary())
 
     # ------------------------------------------------------------------ logic
-    def _new_measurement(self, metrics: dict[str, Any]) -> bool:
-        fresh = False
-        for key in _TRIGGERS:
-            if key in metrics:
-                value = float(metrics[key])
-                if self._seen.get(key) != value:
-                    self._seen[key] = value
-                    fresh = True
-        return fresh
+    def _new_measurement(self, metrics: dict[str, Any], final: bool) -> int | None:
+        """The step of a measurement not taken yet whose providers have all published, else ``None``.
 
-    def _poll(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        A provider whose latest step is behind the newest one may still publish in this hook round (it
+        comes later in the callback list): the measurement waits for the next hook, once, and is then
+        taken with whatever has been published (a provider on a slower schedule keeps its last values).
+        """
+        steps = {k: float(metrics[k]) for k in _TRIGGERS if k in metrics}
+        if not steps:
+            return None
+        newest = max(steps.values())
+        if newest <= self._seen.get("taken", -math.inf):
+            return None
+        behind = any(steps.get(k, -math.inf) < newest for k in (*steps, *self._expected))
+        if not final and behind and self._seen.get("waited") != newest:
+            self._seen["waited"] = newest
+            return None
+        self._seen.update(steps)
+        self._seen["taken"] = newest
+        return int(newest)
+
+    def _poll(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
         metrics = trainer.callback_metrics
-        if not self._new_measurement(metrics):
+        step = self._new_measurement(metrics, final)
+        if step is None:
             return
         stats = {k: float(v) for k, v in metrics.items() if k.startswith(("order/", "split/", "segment/"))}
-        step = int(max(self._seen.values()))
+        # the epoch of the hook in which that step completed (a deferred measurement is taken one hook later)
+        where_step, where_epoch = self._where
+        epoch = where_epoch if where_step == step else trainer.current_epoch
         before = self.tracker.recommended
-        found = self.tracker.update(stats, step=step, epoch=trainer.current_epoch)
+        found = self.tracker.update(stats, step=step, epoch=epoch)
         if self.average_weights and before is None and self.tracker.model == "four" and self.tracker.phase_index >= 1:
             self._accumulate(pl_module)
         out = {"phase/index": float(self.tracker.phase_index)}
@@ -339,6 +374,8 @@ class PhaseDetector(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
+        if "taken" not in self._seen and any(k in self._seen for k in _TRIGGERS):  # checkpoints written before "taken" was kept
+            self._seen["taken"] = max(v for k, v in self._seen.items() if k in _TRIGGERS)
         self.recommended_checkpoint = state_dict.get("recommended_checkpoint")
         self._weight_sum = state_dict.get("weight_sum")
         self._weight_count = int(state_dict.get("weight_count", 0))

@@ -154,6 +154,36 @@ def test_works_with_the_real_monitors(tmp_path):
     assert "phase/index" in tr.callback_metrics
 
 
+def _detector_with_monitors(tmp_path, position, split_every=None, epochs=3):
+    detector = PhaseDetector(verbose=False)
+    providers = [OrderParameterMonitor(probe_size=48), NoiseSplitTracker(probe_size=48, every_n_epochs=split_every)]
+    callbacks = providers[:position] + [detector] + providers[position:]
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / str(position), callbacks, max_epochs=epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+    return detector, tr
+
+
+def test_the_place_in_the_callback_list_does_not_matter(tmp_path):
+    # providers after the detector publish later in the same hook round; each measurement is taken once,
+    # with every provider's values of that step and the epoch in which the step ran
+    runs = [_detector_with_monitors(tmp_path, position)[0] for position in (2, 1, 0)]
+    steps_per_epoch = len(loader(NoisyTensorDataset()))
+    expected = [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(3)]
+    for detector in runs:
+        assert [(h["step"], h["epoch"]) for h in detector.history] == expected
+        assert detector.tracker.state_dict() == runs[0].tracker.state_dict()  # same smoothed statistics
+
+
+def test_providers_on_different_schedules_are_each_taken_once(tmp_path):
+    detector, tr = _detector_with_monitors(tmp_path, 2, split_every=2, epochs=4)
+    steps_per_epoch = len(loader(NoisyTensorDataset()))
+    # order/* every epoch, split/* at the start and every second epoch: one measurement per order step
+    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(4)]
+
+
 def test_setup_names_the_missing_callback(tmp_path):
     with pytest.raises(LightningPhasesError, match="Add OrderParameterMonitor"):
         tr = trainer(tmp_path, [PhaseDetector()], max_epochs=1)
