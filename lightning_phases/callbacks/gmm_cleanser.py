@@ -437,7 +437,21 @@ class GMMCleanser(Callback):
             "candidate_flags": self._candidate_flags.tolist(),
             "removed": self.removed,
             "smoothed_delta_L": self.smoothed_delta_L,
+            "candidate": self._candidate_state(),
         }
+
+    _FIT_FIELDS = ("weight_noisy", "mean_clean", "mean_noisy", "std_clean", "std_noisy", "threshold", "converged")
+
+    def _candidate_state(self) -> dict[str, Any] | None:
+        """The fit at the current, not yet confirmed peak: what the CSV and histogram at t_c are made from.
+
+        Five per-sample vectors (loss, given label, prediction, flag, posterior) until t_c is confirmed.
+        """
+        if self._candidate is None or self._candidate_fit is None or self.t_c_step is not None:
+            return None
+        state: dict[str, Any] = {k: v.detach().cpu().clone() for k, v in self._candidate.items()}
+        state["fit"] = {k: getattr(self._candidate_fit, k) for k in self._FIT_FIELDS}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.delta_L_history = [(int(a), int(b), float(c)) for a, b, c in state_dict.get("delta_L_history", [])]
@@ -452,3 +466,10 @@ class GMMCleanser(Callback):
         self.removed = bool(state_dict.get("removed", False))
         value = state_dict.get("smoothed_delta_L")
         self.smoothed_delta_L = None if value is None else float(value)
+        candidate = state_dict.get("candidate")
+        if candidate:
+            fit = dict(candidate["fit"])
+            self._candidate = {k: torch.as_tensor(v) for k, v in candidate.items() if k != "fit"}
+            self._candidate_fit = LossMixture(
+                **fit, posterior=self._candidate["posterior"].to(torch.float64), flags=self._candidate["losses"].to(torch.float64) > fit["threshold"]
+            )

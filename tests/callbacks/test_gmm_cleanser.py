@@ -182,6 +182,12 @@ def test_resume_keeps_history_and_flags(tmp_path):
     assert second.t_c_epoch == 3 and len(second.delta_L_history) == 7
     assert torch.equal(second.flagged_indices, first._candidate_flags) and torch.equal(
         second.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten())
+    # the peak was found before the restart: the CSV written at t_c is the one of an uninterrupted run
+    whole = ScriptedCleanser(patience=3)
+    _fit(tmp_path / "c", whole)
+    assert second.csv_path is not None and whole.csv_path is not None
+    with open(second.csv_path) as fh, open(whole.csv_path) as gh:
+        assert list(csv.reader(fh)) == list(csv.reader(gh))
 
 
 def test_resume_continues_the_smoothed_delta_L(tmp_path):
