@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader, Subset
 from lightning_phases.callbacks._probe import Unpack, _check_positive_int, default_unpack
 from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.mixture import LossMixture, class_dependence, detection_metrics, fit_loss_mixture
+from lightning_phases.functional.mixture import (
+    LossMixture,
+    class_dependence,
+    detection_metrics,
+    fit_loss_mixture,
+    symmetric_noise_class_dependence,
+)
 from lightning_phases.functional.per_sample import LossFn, default_loss, eval_mode
 
 __all__ = ["GMMCleanser"]
@@ -89,8 +95,12 @@ class GMMCleanser(Callback):
         min_separation: Minimal Ashman's D of a fit that counts as bimodal.
         min_weight: Minimal weight of each component of a bimodal fit.
         max_class_dependence: Largest share of the flags' variance (η²) that the
-            given class may explain for a fit to count, in ``(0, 1]`` (1 turns the
-            check off). Applies to integer class targets only.
+            given class may explain, beyond what exact flags of symmetric noise at
+            the fitted rate would show with these class sizes
+            (:func:`~lightning_phases.functional.symmetric_noise_class_dependence`),
+            for a fit to count; in ``(0, 1]`` (1 turns the check off). Applies to
+            integer class targets only. Noise concentrated in a few classes (e.g.
+            pair flips between two classes only) can exceed it: raise it or pass 1.
         heavy_noise_separation: If set, a fit whose mislabeled weight is at least
             ``heavy_noise_weight`` counts as bimodal from this Ashman's D (below
             ``min_separation``). For heavy label noise (ρ ≳ 0.5); ``None`` (default) off.
@@ -108,7 +118,8 @@ class GMMCleanser(Callback):
         - ``gmm/mean_clean``, ``gmm/mean_noisy``: the component means.
         - ``gmm/weight_noisy``: the mislabeled component's weight ``r``.
         - ``gmm/separation``: Ashman's D of the fit.
-        - ``gmm/class_dependence``: η² of the fit's flags on the given class (class targets only).
+        - ``gmm/class_dependence``: η² of the fit's flags on the given class minus that of exact
+          symmetric-noise flags at the fitted rate (class targets only); compared with ``max_class_dependence``.
         - ``gmm/num_flagged``: samples flagged by the latest fit (0 if not bimodal).
         - ``gmm/precision``, ``gmm/recall``, ``gmm/f1``, ``gmm/auroc``: against the
           dataset's ground truth, when it has one.
@@ -199,6 +210,7 @@ class GMMCleanser(Callback):
         self._candidate: dict[str, Tensor] | None = None
         self._candidate_fit: LossMixture | None = None
         self._warned: set[str] = set()  # rejection reasons already reported (once each)
+        self._num_outputs: int | None = None  # the model's outputs per sample, seen in the loss pass
 
     @property
     def state_key(self) -> str:
@@ -267,6 +279,7 @@ class GMMCleanser(Callback):
                 x, y = self.unpack(batch)
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
                 out = pl_module(x)
+                self._num_outputs = int(out.shape[-1]) if out.ndim > 1 else 1
                 idx = torch.tensor(mine[offset : offset + len(y)], device=pl_module.device)
                 offset += len(y)
                 losses[idx] = torch.vmap(loss_fn)(out, y).reshape(-1).to(torch.float64)
@@ -280,12 +293,19 @@ class GMMCleanser(Callback):
         return losses.cpu(), given.cpu(), pred.cpu().long()
 
     @staticmethod
-    def _class_labels(given: Tensor) -> Tensor | None:
-        """The given labels if they are class labels (integers, on average two or more samples per class)."""
+    def _class_labels(given: Tensor, num_outputs: int | None = None) -> Tensor | None:
+        """The given labels if they are class labels, else ``None``.
+
+        Class labels: integers, on average two or more samples per class, and (when the model's number
+        of outputs is known) each one an output index -- or 0/1 for a single logit. Integer-valued
+        regression targets (counts, ratings) therefore do not count.
+        """
         given = given.to(torch.float64)
         if not given.numel() or not bool(torch.isfinite(given).all()) or not torch.equal(given, given.round()):
             return None
         labels = given.long()
+        if num_outputs is not None and (int(labels.min()) < 0 or int(labels.max()) >= max(2, num_outputs)):
+            return None
         return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
 
     def _rejection(self, fit: LossMixture, dependence: float) -> tuple[str, str] | None:
@@ -299,9 +319,9 @@ class GMMCleanser(Callback):
             return "separation", f"separation {sep:.2f} < {needed}"
         if math.isfinite(dependence) and dependence > self.max_class_dependence:
             return "class", (
-                f"the split follows the given class (η² = {dependence:.2f} > max_class_dependence = "
-                f"{self.max_class_dependence}): some classes are learned and others not yet, or the network "
-                "predicts a constant"
+                f"the split follows the given class (η² of the flags {dependence:.2f} above what symmetric noise "
+                f"would give > max_class_dependence = {self.max_class_dependence}): some classes are learned and "
+                "others not yet, or the network predicts a constant"
             )
         return None
 
@@ -318,8 +338,12 @@ class GMMCleanser(Callback):
         losses, given, pred = self._all_losses(trainer, pl_module)
         fit = fit_loss_mixture(losses, seed=self.seed, clip_percentiles=self.clip_percentiles, normalize=self.normalize)
         step, epoch = trainer.global_step, trainer.current_epoch
-        labels = self._class_labels(given)
-        dependence = class_dependence(fit.flags, labels) if labels is not None and fit.flags.numel() == labels.numel() else math.nan
+        labels = self._class_labels(given, self._num_outputs)
+        dependence = math.nan
+        if labels is not None and fit.flags.numel() == labels.numel() and math.isfinite(fit.weight_noisy):
+            # beyond what exact flags of symmetric noise at the fitted rate would show (unequal class sizes)
+            expected = symmetric_noise_class_dependence(labels, min(max(fit.weight_noisy, 0.0), 1.0))
+            dependence = class_dependence(fit.flags, labels) - expected
         rejection = self._rejection(fit, dependence)
         bimodal = rejection is None
         flags = self._capped_flags(fit) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)

@@ -21,6 +21,7 @@ from lightning_phases.functional.mixture import (
     detection_metrics,
     fit_loss_mixture,
     mixture_threshold,
+    symmetric_noise_class_dependence,
 )
 from lightning_phases.functional.noise_split import (
     SegmentGradients,
@@ -77,6 +78,7 @@ __all__ = [
     "fit_loss_mixture",
     "mixture_threshold",
     "class_dependence",
+    "symmetric_noise_class_dependence",
     "DetectionMetrics",
     "detection_metrics",
     "PhaseTracker",

@@ -29,6 +29,7 @@ __all__ = [
     "fit_loss_mixture",
     "mixture_threshold",
     "class_dependence",
+    "symmetric_noise_class_dependence",
     "DetectionMetrics",
     "detection_metrics",
 ]
@@ -241,6 +242,51 @@ def class_dependence(flags: Tensor, labels: Tensor) -> float:
     sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, inverse, f)
     between = float((counts.to(torch.float64) * (sums / counts - mean) ** 2).sum())
     return min(1.0, max(0.0, between / total))
+
+
+def symmetric_noise_class_dependence(labels: Tensor, rate: float, num_classes: int | None = None) -> float:
+    """η² that a perfect detector of *symmetric* label noise at ``rate`` has on these given labels.
+
+    With unequal class sizes the mislabeled share differs between given
+    classes even under symmetric noise (a small class receives proportionally
+    more wrong labels), so exact flags depend on the class to this extent.
+    Symmetric noise: the given label is the true one with probability
+    ``1 − ρ``, otherwise one of the other ``C − 1`` classes uniformly. From the
+    given-label shares ``q_k`` the true shares are
+    ``π_k = (q_k (C − 1) − ρ) / (C − 1 − C ρ)`` (clipped to ``[0, 1]``), the
+    mislabeled share of given class ``k`` is ``f_k = ρ (1 − π_k) / ((C − 1) q_k)``,
+    and the result is ``Σ_k q_k (f_k − f̄)² / (f̄ (1 − f̄))`` with ``f̄ = Σ_k q_k f_k``
+    (:func:`class_dependence` of the exact noise mask).
+
+    Args:
+        labels: Given integer labels, ``[n]``.
+        rate: Noise rate ``ρ`` in ``[0, 1]``.
+        num_classes: ``C``; default the number of distinct labels.
+
+    Returns:
+        The expected η² in ``[0, 1]``; 0 when every class has the same size,
+        when ``ρ = 0``, or when ``ρ ≥ (C − 1)/C`` (labels carry no information).
+    """
+    y = torch.as_tensor(labels).detach().reshape(-1).cpu()
+    if y.numel() == 0:
+        raise DegenerateInputError("symmetric_noise_class_dependence needs at least one label.")
+    if not 0 <= rate <= 1:
+        raise DegenerateInputError(f"rate must be in [0, 1]; got {rate!r}.")
+    _, counts = torch.unique(y, return_counts=True)
+    c = max(int(num_classes or 0), counts.numel())
+    q = torch.zeros(c, dtype=torch.float64)
+    q[: counts.numel()] = counts.to(torch.float64) / y.numel()
+    denominator = c - 1 - c * rate
+    if c < 2 or rate <= 0 or denominator <= 0:
+        return 0.0
+    pi = ((q * (c - 1) - rate) / denominator).clamp(0.0, 1.0)
+    present = q > 0
+    f = torch.zeros_like(q)
+    f[present] = (rate * (1 - pi[present]) / ((c - 1) * q[present])).clamp(0.0, 1.0)
+    mean = float((q * f).sum())
+    if not 0 < mean < 1:
+        return 0.0
+    return min(1.0, float((q * (f - mean) ** 2).sum()) / (mean * (1 - mean)))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from lightning_phases.errors import DegenerateInputError, PhaseStatisticsWarning
-from lightning_phases.functional import class_dependence, detection_metrics, fit_loss_mixture, mixture_threshold
+from lightning_phases.functional import (
+    class_dependence,
+    detection_metrics,
+    fit_loss_mixture,
+    mixture_threshold,
+    symmetric_noise_class_dependence,
+)
 from tests.reference.ensemble import mann_whitney_auroc
 
 
@@ -197,3 +203,37 @@ def test_class_dependence_extremes():
         class_dependence(torch.ones(3), torch.arange(4))
     with pytest.raises(DegenerateInputError):
         class_dependence(torch.ones(0), torch.arange(0))
+
+
+def _exact_symmetric_noise(true_counts, rate):
+    """Labels with exactly `rate` of each true class flipped, spread evenly over the other classes."""
+    num = len(true_counts)
+    true = torch.cat([torch.full((n,), k) for k, n in enumerate(true_counts)])
+    given, noisy, start = true.clone(), torch.zeros(len(true), dtype=torch.bool), 0
+    for k, n in enumerate(true_counts):
+        flipped = round(rate * n)
+        others = [j for j in range(num) if j != k]
+        for i in range(flipped):
+            given[start + i] = others[i % len(others)]
+        noisy[start : start + flipped] = True
+        start += n
+    return given, noisy
+
+
+@pytest.mark.parametrize(
+    "true_counts,rate",
+    [((600, 300, 100), 0.3), ((800, 200), 0.2), ((900, 100), 0.2), ((600, 600, 600, 600), 0.5), ((600, 300, 300, 150), 0.4)],
+)
+def test_symmetric_noise_class_dependence_is_that_of_the_exact_noise_mask(true_counts, rate):
+    given, noisy = _exact_symmetric_noise(true_counts, rate)
+    assert symmetric_noise_class_dependence(given, rate) == pytest.approx(class_dependence(noisy, given), abs=1e-12)
+
+
+def test_symmetric_noise_class_dependence_edge_cases():
+    labels = torch.arange(400) % 4
+    assert symmetric_noise_class_dependence(labels, 0.3) == pytest.approx(0.0, abs=1e-15)  # equal class sizes
+    imbalanced = torch.cat([torch.zeros(300), torch.ones(100)]).long()
+    assert symmetric_noise_class_dependence(imbalanced, 0.0) == 0.0
+    assert symmetric_noise_class_dependence(imbalanced, 0.5) == 0.0  # ρ ≥ (C − 1)/C: labels say nothing
+    with pytest.raises(DegenerateInputError):
+        symmetric_noise_class_dependence(imbalanced, 1.5)
