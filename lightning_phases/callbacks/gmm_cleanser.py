@@ -50,7 +50,7 @@ class GMMCleanser(Callback):
     while the two populations are still drifting apart. The flags are those
     of the fit at the peak: samples whose loss is above the threshold
     ``l_c``, at most ``max_fraction`` of the training set (the highest
-    posteriors are kept).
+    posteriors are kept, ties broken by the higher loss).
 
     Fits that are not clearly bimodal (Ashman's separation below
     ``min_separation``, or a mislabeled weight outside
@@ -325,11 +325,14 @@ class GMMCleanser(Callback):
             )
         return None
 
-    def _capped_flags(self, fit: LossMixture) -> Tensor:
+    def _capped_flags(self, fit: LossMixture, losses: Tensor) -> Tensor:
+        """The fit's flags, at most ``max_fraction`` of the samples: the highest posteriors, ties (a
+        posterior saturated at 1) broken by the higher loss."""
         flags = fit.flags.clone()
         cap = int(math.floor(self.max_fraction * flags.numel()))
         if int(flags.sum()) > cap:
-            order = torch.argsort(fit.posterior, descending=True, stable=True)
+            by_loss = torch.argsort(losses.to(fit.posterior.device), descending=True, stable=True)
+            order = by_loss[torch.argsort(fit.posterior[by_loss], descending=True, stable=True)]
             flags = torch.zeros_like(flags)
             flags[order[:cap]] = True
         return flags
@@ -346,7 +349,7 @@ class GMMCleanser(Callback):
             dependence = class_dependence(fit.flags, labels) - expected
         rejection = self._rejection(fit, dependence)
         bimodal = rejection is None
-        flags = self._capped_flags(fit) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)
+        flags = self._capped_flags(fit, losses) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)
         metrics = {
             "gmm/delta_L": fit.delta_L,
             "gmm/threshold": fit.threshold,

@@ -128,6 +128,11 @@ def test_max_fraction_caps_the_flags(tmp_path):
     cleanser = ScriptedCleanser(patience=1, max_fraction=0.1)
     _fit(tmp_path, cleanser)
     assert cleanser.flagged_indices.numel() == 30
+    posterior = cleanser._candidate["posterior"]  # the fit at t_c flagged 90 samples: the 30 most likely are kept
+    assert int(cleanser._candidate_fit.flags.sum()) == 90  # the 90 mislabeled of NoisyTensorDataset(n=300)
+    losses = cleanser._candidate["losses"]  # posteriors saturate at 1 here: ties go to the higher loss
+    top = sorted(range(300), key=lambda i: (-float(posterior[i]), -float(losses[i])))[:30]
+    assert sorted(cleanser.flagged_indices.tolist()) == sorted(top)
 
 
 class RemovableDataModule(pl.LightningDataModule):
@@ -216,9 +221,11 @@ class SporadicCleanser(ScriptedCleanser):
         return losses, given, pred
 
 
-def test_sporadic_bimodal_fits_confirm_nothing_and_flag_nothing(tmp_path):
+def test_sporadic_bimodal_fits_confirm_nothing_and_flag_nothing(tmp_path, caplog):
     cleanser = SporadicCleanser(patience=2)
-    _fit(tmp_path, cleanser)
+    with caplog.at_level("INFO", logger="lightning_phases"):
+        _fit(tmp_path, cleanser)
+    assert caplog.text.count("not bimodal (separation") == 1  # six unimodal fits, one message
     assert len(cleanser.delta_L_history) == 6  # the bimodal fits were seen (epochs 0, 2, ..., 10) ...
     assert cleanser.t_c_step is None and cleanser.flagged_indices.numel() == 0  # ... but never two in a row
     steady = ScriptedCleanser(patience=2)  # the same peak with consecutive bimodal fits is confirmed
@@ -256,7 +263,7 @@ def test_a_split_that_follows_the_given_class_is_not_bimodal(tmp_path, caplog):
     dependence = [v for _, v in series(tr.loggers[0].records, "gmm/class_dependence")]
     assert len(dependence) == 12 and min(dependence) > 0.8
     assert max(v for _, v in series(tr.loggers[0].records, "gmm/num_flagged")) == 0
-    assert "follows the given class" in caplog.text
+    assert caplog.text.count("follows the given class") == 1  # said once, not at each of the 12 fits
     unchecked = ClassSplitCleanser(patience=3, max_class_dependence=1.0)  # the check off: the plain peak rule
     _fit(tmp_path / "off", unchecked)
     assert unchecked.t_c_epoch == 3

@@ -196,17 +196,37 @@ def test_phase_three_before_any_onset_is_the_recommendation():
     assert tracker.memorisation_onset.measurement == 41
 
 
-def test_state_round_trip_continues_identically():
-    series, _ = _four_phase_series(noise=0.4, seed=3)
-    full = PhaseTracker()
+def _onset_series():
+    """Four phases with err_w peaking in phase II and then falling slowly (a memorisation onset at ≈ 32)."""
+    series, _ = _four_phase_series(lengths=(10, 40, 15, 15), noise=0.2, seed=5)
+    rng = random.Random(7)
+    for i, stats in enumerate(series):
+        if 10 <= i < 50:
+            k = i - 10
+            stats["split/err_w"] = (0.90 + 0.006 * k if k < 10 else 0.96 - 0.004 * (k - 10)) + rng.uniform(-0.01, 0.01)
+    return series
+
+
+@pytest.mark.parametrize("make", [lambda: _four_phase_series(noise=0.4, seed=3)[0], _onset_series], ids=["noisy", "onset"])
+def test_state_round_trip_continues_identically(make):
+    series = make()
+    full = PhaseTracker(patience=3, smoothing=0.5)
     expected = full.run(series)
-    first = PhaseTracker()
-    first.run(series[:25])
-    second = PhaseTracker()
-    second.load_state_dict(first.state_dict())
-    rest = [second.update(s, step=25 + i, epoch=25 + i) and second.phase or second.phase for i, s in enumerate(series[25:])]
-    assert rest == expected[25:]
-    assert [t.measurement for t in second.transitions] == [t.measurement for t in full.transitions]
+    assert full.recommended is not None
+    if make is _onset_series:
+        assert full.recommended == full.memorisation_onset
+    for cut in range(1, len(series)):  # every cut, including mid-streak and mid-onset ones
+        first = PhaseTracker(patience=3, smoothing=0.5)
+        first.run(series[:cut])
+        second = PhaseTracker(patience=3, smoothing=0.5)
+        second.load_state_dict(first.state_dict())
+        rest = []
+        for i, stats in enumerate(series[cut:]):
+            second.update(stats, step=cut + i, epoch=cut + i)
+            rest.append(second.phase)
+        assert rest == expected[cut:], cut
+        assert [(t.kind, t.measurement) for t in second.transitions] == [(t.kind, t.measurement) for t in full.transitions], cut
+        assert second.state_dict() == full.state_dict(), cut
 
 
 @pytest.mark.parametrize(
