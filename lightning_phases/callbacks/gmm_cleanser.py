@@ -103,7 +103,10 @@ class GMMCleanser(Callback):
             pair flips between two classes only) can exceed it: raise it or pass 1.
         heavy_noise_separation: If set, a fit whose mislabeled weight is at least
             ``heavy_noise_weight`` counts as bimodal from this Ashman's D (below
-            ``min_separation``). For heavy label noise (ρ ≳ 0.5); ``None`` (default) off.
+            ``min_separation``). Meant for heavy label noise, where the mislabeled
+            component is large and the mixture may have no second hump; note that
+            once on it lowers the bar for every fit with a mislabeled weight of at
+            least ``heavy_noise_weight``. ``None`` (default): off.
         heavy_noise_weight: The mislabeled weight from which ``heavy_noise_separation`` applies, in ``(0, 1)``.
         batch_size: Batch size of the loss pass over the training set.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
@@ -157,8 +160,24 @@ class GMMCleanser(Callback):
         _check_positive_int("batch_size", batch_size)
         if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
             raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
+        for name, value in (("min_separation", min_separation), ("min_weight", min_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LightningPhasesError(f"{name} must be a finite number; got {value!r}.")
+        if min_separation <= 0:
+            raise LightningPhasesError(f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}.")
         if not 0 <= min_weight < 0.5:
             raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
+        if clip_percentiles is not None:
+            lo_hi = tuple(clip_percentiles) if isinstance(clip_percentiles, (tuple, list)) else ()
+            if len(lo_hi) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
+                raise LightningPhasesError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100; got {clip_percentiles!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise LightningPhasesError(f"seed is the mixture fit's random_state, an int in [0, 2**32); got {seed!r}.")
+        for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
+            if fn is not None and not callable(fn):
+                raise LightningPhasesError(f"{name} must be callable or None; got {fn!r}.")
+        if not isinstance(normalize, bool):
+            raise LightningPhasesError(f"normalize must be True or False; got {normalize!r}.")
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
             raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
         for name, value in (("max_class_dependence", max_class_dependence), ("heavy_noise_weight", heavy_noise_weight)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -116,6 +117,14 @@ class PhaseDetector(Callback):
         super().__init__()
         if model not in PHASE_MODELS:
             raise LightningPhasesError(f"model must be one of {PHASE_MODELS}; got {model!r}.")
+        for name, value in (("stop", stop), ("save_checkpoint", save_checkpoint), ("average_weights", average_weights),
+                            ("strict", strict), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise LightningPhasesError(f"{name} must be True or False; got {value!r}.")
+        known = set(inspect.signature(PhaseTracker).parameters) - {"model", "smoothing", "patience"}
+        unknown = sorted(set(thresholds) - known)
+        if unknown:
+            raise LightningPhasesError(f"unknown PhaseDetector argument(s) {unknown}; the thresholds are {sorted(known)}.")
         self.tracker = PhaseTracker(model, smoothing=smoothing, patience=patience, **thresholds)
         self.model = model
         self.stop = bool(stop)

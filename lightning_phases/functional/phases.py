@@ -130,9 +130,13 @@ class PhaseTracker:
             ``patience`` measurements); default 0.03.
 
     Raises:
-        LightningPhasesError: an unknown model, ``patience < 1``, ``smoothing``
-            outside ``(0, 1]``, ``balance < 1``, ``gap_plateau < 0``,
-            ``memorisation_drop`` outside ``(0, 1)``.
+        LightningPhasesError: an unknown model, ``patience < 1``, a threshold
+            that is not a finite number, ``smoothing`` outside ``(0, 1]``,
+            ``balance < 1``, correlations outside ``[-1, 1]`` or
+            ``r_cw_oppose > r_cw_align``, ``memorised`` outside ``[0, 1)``,
+            ``activity_drop`` outside ``(0, 1]``, ``sigma2_explore`` or
+            ``segment_end <= 0``, ``gap_plateau < 0``, ``memorisation_drop``
+            outside ``(0, 1)``.
     """
 
     def __init__(
@@ -156,18 +160,38 @@ class PhaseTracker:
             raise LightningPhasesError(f"phase model must be one of {PHASE_MODELS}; got {model!r}.")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise LightningPhasesError(f"patience must be an int >= 1; got {patience!r}.")
-        if not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
+        for name, value in (
+            ("smoothing", smoothing), ("r_explore", r_explore), ("sigma2_explore", sigma2_explore), ("balance", balance),
+            ("r_cw_oppose", r_cw_oppose), ("r_cw_align", r_cw_align), ("memorised", memorised),
+            ("activity_drop", activity_drop), ("segment_end", segment_end), ("gap_plateau", gap_plateau),
+            ("memorisation_drop", memorisation_drop),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise LightningPhasesError(f"{name} must be a finite number; got {value!r}.")
+        if not 0 < smoothing <= 1:
             raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
         if balance < 1:
             raise LightningPhasesError(f"balance is a ratio A0_c/A0_w threshold >= 1; got {balance!r}.")
+        if not -1 <= r_explore <= 1 or not -1 <= r_cw_oppose <= 1 or not -1 <= r_cw_align <= 1:
+            raise LightningPhasesError(
+                f"r_explore, r_cw_oppose and r_cw_align are correlations in [-1, 1]; got {r_explore!r}, {r_cw_oppose!r}, {r_cw_align!r}."
+            )
+        if r_cw_oppose > r_cw_align:
+            raise LightningPhasesError(f"r_cw_oppose ({r_cw_oppose}) must not exceed r_cw_align ({r_cw_align}).")
+        if not 0 <= memorised < 1:
+            raise LightningPhasesError(f"memorised is an error rate in [0, 1); got {memorised!r}.")
+        if not 0 < activity_drop <= 1:
+            raise LightningPhasesError(f"activity_drop is a fraction of the peak activity in (0, 1]; got {activity_drop!r}.")
+        if sigma2_explore <= 0 or segment_end <= 0:
+            raise LightningPhasesError(f"sigma2_explore and segment_end must be > 0; got {sigma2_explore!r}, {segment_end!r}.")
         self.requested_model = model
         self.smoothing = float(smoothing)
         self.patience = patience
-        if not isinstance(gap_plateau, (int, float)) or not gap_plateau >= 0:
+        if not gap_plateau >= 0:
             raise LightningPhasesError(f"gap_plateau is a relative growth >= 0; got {gap_plateau!r}.")
         self.thresholds = _Thresholds(r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end)
         self.gap_plateau = float(gap_plateau)
-        if isinstance(memorisation_drop, bool) or not isinstance(memorisation_drop, (int, float)) or not 0 < memorisation_drop < 1:
+        if not 0 < memorisation_drop < 1:
             raise LightningPhasesError(f"memorisation_drop is a fall of err_w in (0, 1); got {memorisation_drop!r}.")
         self.memorisation_drop = float(memorisation_drop)
         self.reset()

@@ -377,6 +377,13 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(heavy_noise_weight=1.0), "heavy_noise_weight"),
         (dict(heavy_noise_separation=2.5), "heavy_noise_separation"),
         (dict(heavy_noise_separation=0.0), "heavy_noise_separation"),
+        (dict(min_separation=float("nan")), "min_separation"),
+        (dict(min_separation=-1.0), "min_separation"),
+        (dict(clip_percentiles=(95, 5)), "clip_percentiles"),
+        (dict(clip_percentiles=5), "clip_percentiles"),
+        (dict(seed=-1), "seed"),
+        (dict(loss_fn="ce"), "loss_fn"),
+        (dict(normalize="yes"), "normalize"),
     ],
 )
 def test_bad_arguments(kwargs, match):

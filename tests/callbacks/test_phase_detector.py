@@ -193,7 +193,12 @@ def test_setup_names_the_missing_callback(tmp_path):
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(model="six"), "model must be one of"), (dict(patience=0), "patience"), (dict(smoothing=2.0), "smoothing")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(model="six"), "model must be one of"), (dict(patience=0), "patience"), (dict(smoothing=2.0), "smoothing"),
+     (dict(stop="no"), "stop must be True or False"), (dict(average_weights=1), "average_weights"),
+     (dict(memorized=0.1), "unknown PhaseDetector argument"), (dict(activity_drop=5.0), "activity_drop")],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):
         PhaseDetector(**kwargs)

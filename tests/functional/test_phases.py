@@ -233,7 +233,11 @@ def test_state_round_trip_continues_identically(make):
     "kwargs,match",
     [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"),
      (dict(balance=0.5), "balance"), (dict(gap_plateau=-0.1), "gap_plateau"),
-     (dict(memorisation_drop=0.0), "memorisation_drop"), (dict(memorisation_drop=1.0), "memorisation_drop")],
+     (dict(memorisation_drop=0.0), "memorisation_drop"), (dict(memorisation_drop=1.0), "memorisation_drop"),
+     (dict(smoothing=True), "smoothing"), (dict(balance=float("nan")), "balance"), (dict(r_explore=float("nan")), "r_explore"),
+     (dict(r_explore=2.0), "correlations"), (dict(r_cw_oppose=0.5, r_cw_align=0.0), "must not exceed"),
+     (dict(memorised=-1.0), "memorised"), (dict(activity_drop=5.0), "activity_drop"), (dict(sigma2_explore=0.0), "sigma2_explore"),
+     (dict(segment_end="1"), "segment_end")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):
