@@ -42,9 +42,10 @@ class PhaseDetector(Callback):
 
     Its place in the callback list does not change the measurements: a
     measurement is taken once per measured step, when every provider has
-    published it. Put it after the monitors so that this happens in the same
-    hook; placed before them it waits for its next hook, so a ``stop``
-    takes effect one training step later.
+    published it (a measurement still waiting when a checkpoint is written is
+    saved with it and taken on resume). Put it after the monitors, on the same
+    schedule, so that this happens in the same hook; otherwise it waits for
+    its next hook, and a ``stop`` takes effect one training step later.
 
     **Stopping point.** The recommended stop is where the clean data is
     learned and the mislabeled data not yet: the end of phase II, i.e. the
@@ -135,6 +136,8 @@ class PhaseDetector(Callback):
         self._seen: dict[str, float] = {}
         self._where: tuple[int | None, int | None] = (None, None)  # (step, epoch) of the last completed step
         self._expected: tuple[str, ...] = ()  # measured-step keys the Trainer's callbacks publish (from setup)
+        self._trainer: pl.Trainer | None = None
+        self._pending: dict[str, Any] | None = None  # a waiting measurement restored from a checkpoint
         self.recommended_state_dict: dict[str, torch.Tensor] | None = None
         self.recommended_checkpoint: str | None = None
         # running sum of the weights measured in phase II (float entries, CPU, float64) and their count
@@ -173,6 +176,7 @@ class PhaseDetector(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._trainer = trainer  # for state_dict: a measurement waiting for its next hook is saved with its statistics
         provided: set[str] = set()
         for cb in trainer.callbacks:
             provided.update(getattr(cb, "phase_metrics", ()) or ())
@@ -194,6 +198,9 @@ class PhaseDetector(Callback):
                 f"Add {' and '.join(names)} to Trainer(callbacks=[...]) (or pass strict=False if you log them yourself)."
             )
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
     # ------------------------------------------------------------------ hooks
     # Every hook polls. A provider later in the callback list publishes after this detector's hook in the
     # same round; a measurement whose providers have not all caught up is therefore taken at the next hook
@@ -213,6 +220,11 @@ class PhaseDetector(Callback):
         self._poll(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:  # resumed from a checkpoint saved while a measurement waited for its next hook
+            pending, self._pending = self._pending, None
+            where = pending.get("where") or (None, None)
+            self._where = (where[0], where[1])
+            self._poll(trainer, pl_module, final=True, metrics=pending.get("metrics", {}))
         self._where = (trainer.global_step, trainer.current_epoch)
         self._poll(trainer, pl_module)
 
@@ -250,8 +262,10 @@ class PhaseDetector(Callback):
         self._seen["taken"] = newest
         return int(newest)
 
-    def _poll(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
-        metrics = trainer.callback_metrics
+    def _poll(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False, metrics: dict[str, Any] | None = None
+    ) -> None:
+        metrics = trainer.callback_metrics if metrics is None else metrics
         step = self._new_measurement(metrics, final)
         if step is None:
             return
@@ -370,8 +384,23 @@ class PhaseDetector(Callback):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state
+    def _waiting_measurement(self) -> dict[str, Any] | None:
+        """A measurement that waits for the next hook, with the statistics published so far (for a checkpoint)."""
+        if self._pending is not None:
+            return self._pending
+        if self._trainer is None:
+            return None
+        published = self._trainer.callback_metrics
+        newest = max((float(published[k]) for k in _TRIGGERS if k in published), default=-math.inf)
+        if not newest > self._seen.get("taken", -math.inf):  # published after this detector's last hook, not taken yet
+            return None
+        prefixes = ("order/", "split/", "segment/")
+        metrics = {k: float(v) for k, v in published.items() if k.startswith(prefixes)}
+        return {"metrics": metrics, "where": [self._trainer.global_step, self._trainer.current_epoch]}
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "pending": self._waiting_measurement(),
             "tracker": self.tracker.state_dict(),
             "seen": dict(self._seen),
             "recommended_checkpoint": self.recommended_checkpoint,
@@ -385,6 +414,7 @@ class PhaseDetector(Callback):
         self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
         if "taken" not in self._seen and any(k in self._seen for k in _TRIGGERS):  # checkpoints written before "taken" was kept
             self._seen["taken"] = max(v for k, v in self._seen.items() if k in _TRIGGERS)
+        self._pending = state_dict.get("pending")
         self.recommended_checkpoint = state_dict.get("recommended_checkpoint")
         self._weight_sum = state_dict.get("weight_sum")
         self._weight_count = int(state_dict.get("weight_count", 0))

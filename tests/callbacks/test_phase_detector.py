@@ -154,15 +154,16 @@ def test_works_with_the_real_monitors(tmp_path):
     assert "phase/index" in tr.callback_metrics
 
 
-def _detector_with_monitors(tmp_path, position, split_every=None, epochs=3):
+def _detector_with_monitors(tmp_path, position, split_every=None, epochs=3, order_kw=None, split_kw=None, extra=(), fit_kw=None, **kwargs):
     detector = PhaseDetector(verbose=False)
-    providers = [OrderParameterMonitor(probe_size=48), NoiseSplitTracker(probe_size=48, every_n_epochs=split_every)]
-    callbacks = providers[:position] + [detector] + providers[position:]
+    providers = [OrderParameterMonitor(probe_size=48, **(order_kw or {})),
+                 NoiseSplitTracker(probe_size=48, every_n_epochs=split_every, **(split_kw or {}))]
+    callbacks = providers[:position] + [detector] + providers[position:] + list(extra)
     pl.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path / str(position), callbacks, max_epochs=epochs)
+    tr = trainer(tmp_path / str(position), callbacks, max_epochs=epochs, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()), **(fit_kw or {}))
     return detector, tr
 
 
@@ -182,6 +183,39 @@ def test_providers_on_different_schedules_are_each_taken_once(tmp_path):
     steps_per_epoch = len(loader(NoisyTensorDataset()))
     # order/* every epoch, split/* at the start and every second epoch: one measurement per order step
     assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(4)]
+
+
+def test_the_last_measurement_is_taken_at_the_end_of_training(tmp_path):
+    detector, _ = _detector_with_monitors(tmp_path, 0, split_every=2, epochs=3)  # split/* lags at the last epoch
+    steps_per_epoch = len(loader(NoisyTensorDataset()))
+    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(3)]
+
+
+@pytest.mark.parametrize(
+    "position,order_kw,checkpoint_kw,first_kw",
+    [
+        (0, {}, dict(every_n_epochs=1, save_on_train_epoch_end=True), dict(epochs=2)),  # saved before the detector took it
+        (0, dict(every_n_steps=5), dict(every_n_train_steps=5), dict(max_steps=15)),
+        (2, dict(every_n_steps=5), dict(every_n_train_steps=5), dict(max_steps=15)),  # split/* on another schedule: waiting
+    ],
+)
+def test_resume_takes_a_measurement_that_was_waiting(tmp_path, position, order_kw, checkpoint_kw, first_kw):
+    whole, _ = _detector_with_monitors(tmp_path / "whole", position, order_kw=order_kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=-1, **checkpoint_kw)
+    first_kw = dict(first_kw)
+    _detector_with_monitors(tmp_path / "first", position, order_kw=order_kw, extra=[ckpt], enable_checkpointing=True,
+                            epochs=first_kw.pop("epochs", 3), **first_kw)
+    resumed, _ = _detector_with_monitors(tmp_path / "resumed", position, order_kw=order_kw,
+                                         fit_kw=dict(ckpt_path=str(tmp_path / "ck" / "last.ckpt")))
+    # every measurement once, at its step and epoch (the statistics after a resume differ: the data order does)
+    assert [(h["step"], h["epoch"]) for h in resumed.history] == [(h["step"], h["epoch"]) for h in whole.history]
+
+
+def test_checkpoints_without_the_taken_step_still_resume():
+    detector = PhaseDetector(verbose=False)
+    detector.load_state_dict({"tracker": {}, "seen": {"order/measured_step": 24.0, "split/measured_step": 12.0}})
+    assert detector._new_measurement({"order/measured_step": torch.tensor(24.0), "split/measured_step": torch.tensor(24.0)}, False) is None
+    assert detector._new_measurement({"order/measured_step": torch.tensor(36.0), "split/measured_step": torch.tensor(36.0)}, False) == 36
 
 
 def test_setup_names_the_missing_callback(tmp_path):
