@@ -98,7 +98,8 @@ class GMMCleanser(Callback):
             given class may explain, beyond what exact flags of symmetric noise at
             the fitted rate would show with these class sizes
             (:func:`~lightning_phases.functional.symmetric_noise_class_dependence`),
-            for a fit to count; in ``(0, 1]`` (1 turns the check off). Applies to
+            for a fit to count (the raw η² when the fitted weight is too close to
+            ``(C − 1)/C`` to recover the class sizes); in ``(0, 1]`` (1 turns the check off). Applies to
             integer class targets only. Noise concentrated in a few classes (e.g.
             pair flips between two classes only) can exceed it: raise it or pass 1.
         heavy_noise_separation: If set, a fit whose mislabeled weight is at least
@@ -365,7 +366,8 @@ class GMMCleanser(Callback):
         if labels is not None and fit.flags.numel() == labels.numel() and math.isfinite(fit.weight_noisy):
             # beyond what exact flags of symmetric noise at the fitted rate would show (unequal class sizes)
             expected = symmetric_noise_class_dependence(labels, min(max(fit.weight_noisy, 0.0), 1.0))
-            dependence = class_dependence(fit.flags, labels) - expected
+            # near ρ = (C − 1)/C the class sizes cannot be recovered: judge the raw η² (the cautious side)
+            dependence = class_dependence(fit.flags, labels) - (0.0 if math.isnan(expected) else expected)
         rejection = self._rejection(fit, dependence)
         bimodal = rejection is None
         flags = self._capped_flags(fit, losses) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)

@@ -263,9 +263,14 @@ def symmetric_noise_class_dependence(labels: Tensor, rate: float, num_classes: i
         rate: Noise rate ``ρ`` in ``[0, 1]``.
         num_classes: ``C``; default the number of distinct labels.
 
+    The true shares are recovered from the given ones through
+    ``1/(C − 1 − C ρ)``, so sampling noise in ``q_k`` is amplified near
+    ``ρ = (C − 1)/C``, where the given labels carry no information about the
+    true ones; there the result is ``nan``.
+
     Returns:
-        The expected η² in ``[0, 1]``; 0 when every class has the same size,
-        when ``ρ = 0``, or when ``ρ ≥ (C − 1)/C`` (labels carry no information).
+        The expected η² in ``[0, 1]`` (0 when every class has the same size or
+        ``ρ = 0``); ``nan`` when ``|C − 1 − C ρ| < 0.1 (C − 1)``.
     """
     y = torch.as_tensor(labels).detach().reshape(-1).cpu()
     if y.numel() == 0:
@@ -277,8 +282,10 @@ def symmetric_noise_class_dependence(labels: Tensor, rate: float, num_classes: i
     q = torch.zeros(c, dtype=torch.float64)
     q[: counts.numel()] = counts.to(torch.float64) / y.numel()
     denominator = c - 1 - c * rate
-    if c < 2 or rate <= 0 or denominator <= 0:
+    if c < 2 or rate <= 0:
         return 0.0
+    if abs(denominator) < 0.1 * (c - 1):
+        return math.nan
     pi = ((q * (c - 1) - rate) / denominator).clamp(0.0, 1.0)
     present = q > 0
     f = torch.zeros_like(q)

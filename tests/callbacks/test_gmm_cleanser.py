@@ -193,6 +193,9 @@ def test_resume_keeps_history_and_flags(tmp_path):
     assert second.csv_path is not None and whole.csv_path is not None
     with open(second.csv_path) as fh, open(whole.csv_path) as gh:
         assert list(csv.reader(fh)) == list(csv.reader(gh))
+    restored, reference = second._candidate_fit, whole._candidate_fit  # the fit the histogram at t_c is drawn from
+    assert restored.threshold == reference.threshold and torch.equal(restored.flags, reference.flags)
+    assert torch.equal(restored.posterior, reference.posterior)
 
 
 def test_resume_continues_the_smoothed_delta_L(tmp_path):
@@ -347,6 +350,7 @@ def test_real_training_finds_the_mislabeled_samples(tmp_path):
     flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, cleanser.flagged_indices, True)
     met = detection_metrics(flags, ds.is_noisy)
     assert met.f1 > 0.8, met
+    assert cleanser._num_outputs == 4  # seen in the loss pass: the class check knows these are class labels
 
 
 def test_clean_data_flags_almost_nothing(tmp_path):

@@ -222,7 +222,8 @@ def _exact_symmetric_noise(true_counts, rate):
 
 @pytest.mark.parametrize(
     "true_counts,rate",
-    [((600, 300, 100), 0.3), ((800, 200), 0.2), ((900, 100), 0.2), ((600, 600, 600, 600), 0.5), ((600, 300, 300, 150), 0.4)],
+    [((600, 300, 100), 0.3), ((800, 200), 0.2), ((900, 100), 0.2), ((600, 600, 600, 600), 0.5), ((600, 300, 300, 150), 0.4),
+     ((800, 200), 0.6), ((900, 100), 0.7), ((600, 300, 150), 0.8)],  # the last three above (C − 1)/C
 )
 def test_symmetric_noise_class_dependence_is_that_of_the_exact_noise_mask(true_counts, rate):
     given, noisy = _exact_symmetric_noise(true_counts, rate)
@@ -234,6 +235,7 @@ def test_symmetric_noise_class_dependence_edge_cases():
     assert symmetric_noise_class_dependence(labels, 0.3) == pytest.approx(0.0, abs=1e-15)  # equal class sizes
     imbalanced = torch.cat([torch.zeros(300), torch.ones(100)]).long()
     assert symmetric_noise_class_dependence(imbalanced, 0.0) == 0.0
-    assert symmetric_noise_class_dependence(imbalanced, 0.5) == 0.0  # ρ ≥ (C − 1)/C: labels say nothing
+    assert math.isnan(symmetric_noise_class_dependence(imbalanced, 0.5))  # ρ = (C − 1)/C: labels say nothing
+    assert math.isnan(symmetric_noise_class_dependence(imbalanced, 0.46))  # too close to it to recover the true shares
     with pytest.raises(DegenerateInputError):
         symmetric_noise_class_dependence(imbalanced, 1.5)
