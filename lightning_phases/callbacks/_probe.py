@@ -75,6 +75,12 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = False, mini
         raise LightningPhasesError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}; got {value!r}.")
 
 
+def _check_real(name: str, value: Any) -> None:
+    """``value`` must be a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LightningPhasesError(f"{name} must be a finite number; got {value!r}.")
+
+
 def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[str]]:
     """Split parameter names into ``world_size`` groups of similar total size (deterministic)."""
     groups: list[list[str]] = [[] for _ in range(world_size)]

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lightning_phases.callbacks._probe import Unpack, _check_positive_int, default_unpack
+from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _check_real, default_unpack
 from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.mixture import (
@@ -159,15 +159,28 @@ class GMMCleanser(Callback):
         _check_positive_int("warmup_epochs", warmup_epochs, minimum=0)
         _check_positive_int("patience", patience)
         _check_positive_int("batch_size", batch_size)
-        if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
+        reals = dict(max_fraction=max_fraction, min_separation=min_separation, min_weight=min_weight, smoothing=smoothing,
+                     max_class_dependence=max_class_dependence, heavy_noise_weight=heavy_noise_weight)
+        if heavy_noise_separation is not None:
+            reals["heavy_noise_separation"] = heavy_noise_separation
+        for name, value in reals.items():
+            _check_real(name, value)
+        if not 0 < max_fraction <= 1:
             raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
-        for name, value in (("min_separation", min_separation), ("min_weight", min_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise LightningPhasesError(f"{name} must be a finite number; got {value!r}.")
         if min_separation <= 0:
             raise LightningPhasesError(f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}.")
         if not 0 <= min_weight < 0.5:
             raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
+        if not 0 < smoothing <= 1:
+            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
+        if not 0 < max_class_dependence <= 1:
+            raise LightningPhasesError(f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}.")
+        if not 0 < heavy_noise_weight < 1:
+            raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
+        if heavy_noise_separation is not None and not 0 < heavy_noise_separation <= min_separation:
+            raise LightningPhasesError(
+                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; got {heavy_noise_separation!r}."
+            )
         if clip_percentiles is not None:
             lo_hi = tuple(clip_percentiles) if isinstance(clip_percentiles, (tuple, list)) else ()
             if len(lo_hi) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
@@ -179,23 +192,6 @@ class GMMCleanser(Callback):
                 raise LightningPhasesError(f"{name} must be callable or None; got {fn!r}.")
         if not isinstance(normalize, bool):
             raise LightningPhasesError(f"normalize must be True or False; got {normalize!r}.")
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 < smoothing <= 1:
-            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
-        for name, value in (("max_class_dependence", max_class_dependence), ("heavy_noise_weight", heavy_noise_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise LightningPhasesError(f"{name} must be a number; got {value!r}.")
-        if not 0 < max_class_dependence <= 1:
-            raise LightningPhasesError(f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}.")
-        if not 0 < heavy_noise_weight < 1:
-            raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
-        if heavy_noise_separation is not None and (
-            isinstance(heavy_noise_separation, bool)
-            or not isinstance(heavy_noise_separation, (int, float))
-            or not 0 < heavy_noise_separation <= min_separation
-        ):
-            raise LightningPhasesError(
-                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; got {heavy_noise_separation!r}."
-            )
         self.action = action
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs

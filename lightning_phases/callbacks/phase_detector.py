@@ -23,6 +23,12 @@ log = logging.getLogger("lightning_phases")
 
 _TRIGGERS = ("order/measured_step", "split/measured_step")
 _PROVIDERS = {"order/": "OrderParameterMonitor", "split/": "NoiseSplitTracker"}
+_STAT_PREFIXES = ("order/", "split/", "segment/")
+
+
+def _statistics(metrics: Any) -> dict[str, float]:
+    """The published phase statistics among ``metrics``, as floats."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith(_STAT_PREFIXES)}
 
 
 class PhaseDetector(Callback):
@@ -258,7 +264,6 @@ class PhaseDetector(Callback):
         if not final and behind and self._seen.get("waited") != newest:
             self._seen["waited"] = newest
             return None
-        self._seen.update(steps)
         self._seen["taken"] = newest
         return int(newest)
 
@@ -269,7 +274,7 @@ class PhaseDetector(Callback):
         step = self._new_measurement(metrics, final)
         if step is None:
             return
-        stats = {k: float(v) for k, v in metrics.items() if k.startswith(("order/", "split/", "segment/"))}
+        stats = _statistics(metrics)
         # the epoch of the hook in which that step completed (a deferred measurement is taken one hook later)
         where_step, where_epoch = self._where
         epoch = where_epoch if where_step == step else trainer.current_epoch
@@ -394,9 +399,7 @@ class PhaseDetector(Callback):
         newest = max((float(published[k]) for k in _TRIGGERS if k in published), default=-math.inf)
         if not newest > self._seen.get("taken", -math.inf):  # published after this detector's last hook, not taken yet
             return None
-        prefixes = ("order/", "split/", "segment/")
-        metrics = {k: float(v) for k, v in published.items() if k.startswith(prefixes)}
-        return {"metrics": metrics, "where": [self._trainer.global_step, self._trainer.current_epoch]}
+        return {"metrics": _statistics(published), "where": [self._trainer.global_step, self._trainer.current_epoch]}
 
     def state_dict(self) -> dict[str, Any]:
         return {
