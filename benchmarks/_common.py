@@ -41,7 +41,9 @@ class Classifier(pl.LightningModule):
 class MLPClassifier(Classifier):
     """A plain ReLU MLP ``in_dim → hidden (× depth) → num_classes`` (the digits demo's network by default)."""
 
-    def __init__(self, in_dim: int = 64, hidden: int = 128, num_classes: int = 10, lr: float = 0.05, depth: int = 2) -> None:
+    def __init__(
+        self, in_dim: int = 64, hidden: int = 128, num_classes: int = 10, lr: float = 0.05, depth: int = 2
+    ) -> None:
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(depth):
@@ -84,7 +86,14 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_phases").setLevel(logging.ERROR)
-    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -94,7 +103,10 @@ def machine() -> str:
         import subprocess
 
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.processor())
+        model = next(
+            (line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")),
+            platform.processor(),
+        )
     except OSError:
         model = platform.processor()
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import MLPClassifier, accuracy, machine, quiet_trainer  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from _common import MLPClassifier, accuracy, machine, quiet_trainer  # noqa: E402
 from lightning_phases import GMMCleanser  # noqa: E402
 from lightning_phases.data import NoisyDigitsDataModule  # noqa: E402
 from lightning_phases.functional import detection_metrics  # noqa: E402
@@ -51,7 +51,9 @@ class _CleanOnly(NoisyDigitsDataModule):
 def _fit(dm, epochs: int, seed: int, lr: float, callbacks=()) -> tuple[MLPClassifier, float]:
     pl.seed_everything(seed, verbose=False)
     model = MLPClassifier(64, 128, 10, lr=lr)
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=tempfile.mkdtemp())
+    trainer = quiet_trainer(
+        max_epochs=epochs, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=tempfile.mkdtemp()
+    )
     trainer.fit(model, datamodule=dm)
     dm.setup("test")
     return model, accuracy(model, dm.test_dataloader())
@@ -71,7 +73,9 @@ def cleanlab_flags(dm: NoisyDigitsDataModule, epochs: int, seed: int, lr: float,
         pl.seed_everything(seed + k, verbose=False)
         model = MLPClassifier(64, 128, 10, lr=lr)
         trainer = quiet_trainer(max_epochs=epochs)
-        trainer.fit(model, DataLoader(Subset(train, torch.nonzero(keep).flatten().tolist()), batch_size=32, shuffle=True))
+        trainer.fit(
+            model, DataLoader(Subset(train, torch.nonzero(keep).flatten().tolist()), batch_size=32, shuffle=True)
+        )
         model.eval()
         with torch.no_grad():
             x = torch.stack([train[int(i)][0] for i in held])
@@ -92,15 +96,21 @@ def clean_check(epochs: int, seed: int, lr: float, heavy: float | None = None) -
     model = MLPClassifier(64, 128, 10, lr=lr)
     import tempfile
 
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, logger=CSVLogger(tempfile.mkdtemp()),
-                            callbacks=[OrderParameterMonitor(probe_size=512), detector, cleanser])
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        logger=CSVLogger(tempfile.mkdtemp()),
+        callbacks=[OrderParameterMonitor(probe_size=512), detector, cleanser],
+    )
     trainer.fit(model, datamodule=dm)
     n = len(dm.noisy_train)
     flagged = cleanser.flagged_indices.numel()
     phases = " ".join(f"{p}:{a}-{b}" for p, a, b in detector.tracker.timeline())
     extra = f"; bimodal fits {len(cleanser.delta_L_history)}/{epochs}"
-    return (f"rho 0.0: phase model {detector.tracker.model!r} ({phases}); t_c {cleanser.t_c_epoch}; "
-            f"flagged {flagged}/{n} = {100 * flagged / n:.2f}%{extra}")
+    return (
+        f"rho 0.0: phase model {detector.tracker.model!r} ({phases}); t_c {cleanser.t_c_epoch}; "
+        f"flagged {flagged}/{n} = {100 * flagged / n:.2f}%{extra}"
+    )
 
 
 def main() -> None:
@@ -113,20 +123,32 @@ def main() -> None:
     parser.add_argument("--no-cleanlab", action="store_true")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="noise rates (default 0.2 0.4 0.6 0.8)")
     parser.add_argument("--no-clean-check", action="store_true", help="skip the rho = 0 run")
-    parser.add_argument("--heavy-noise-separation", type=float, default=None,
-                        help="GMMCleanser(heavy_noise_separation=...) (default: off, the class default)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)")
+    parser.add_argument(
+        "--heavy-noise-separation",
+        type=float,
+        default=None,
+        help="GMMCleanser(heavy_noise_separation=...) (default: off, the class default)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rates = args.rates or ((0.4,) if args.quick else (0.2, 0.4, 0.6, 0.8))
     epochs = 60 if args.quick else args.epochs
     heavy = args.heavy_noise_separation
-    print(f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}"
-          + (f"; heavy_noise_separation {heavy}" if heavy is not None else ""))
+    print(
+        f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}"
+        + (f"; heavy_noise_separation {heavy}" if heavy is not None else "")
+    )
     if not (args.quick or args.no_clean_check):
         print(clean_check(epochs, args.seed, args.lr, heavy), flush=True)
-    print(f"{'rho':>4s} | {'a_n':>6s} {'a_c':>6s} {'a_p':>6s} {'Q':>6s} | t_c  | GMM P/R/F1/AUROC          | cleanlab P/R/F1")
+    print(
+        f"{'rho':>4s} | {'a_n':>6s} {'a_c':>6s} {'a_p':>6s} {'Q':>6s} | t_c  | GMM P/R/F1/AUROC          | cleanlab P/R/F1"
+    )
     for rate in rates:
         start = time.time()
         kw = dict(noise_rate=rate, seed=args.seed, batch_size=32)
@@ -140,12 +162,14 @@ def main() -> None:
         flags[cleanser.flagged_indices] = True
         gm = detection_metrics(flags, truth)
         q = (a_c - a_n) / (a_p - a_n) if a_p != a_n else float("nan")
-        line = (f"{rate:4.1f} | {100*a_n:5.1f}% {100*a_c:5.1f}% {100*a_p:5.1f}% {q:6.2f} | {cleanser.t_c_epoch if cleanser.t_c_epoch is not None else '-':>4} | "
-                f"{gm.precision:.3f}/{gm.recall:.3f}/{gm.f1:.3f}/{cleanser.last.get('gmm/auroc', float('nan')):.3f} |")
+        line = (
+            f"{rate:4.1f} | {100 * a_n:5.1f}% {100 * a_c:5.1f}% {100 * a_p:5.1f}% {q:6.2f} | {cleanser.t_c_epoch if cleanser.t_c_epoch is not None else '-':>4} | "
+            f"{gm.precision:.3f}/{gm.recall:.3f}/{gm.f1:.3f}/{cleanser.last.get('gmm/auroc', float('nan')):.3f} |"
+        )
         if not args.no_cleanlab:
             cl = detection_metrics(cleanlab_flags(dm, args.cv_epochs, args.seed, args.lr), truth)
             line += f" {cl.precision:.3f}/{cl.recall:.3f}/{cl.f1:.3f}"
-        print(line + f"  [{time.time()-start:.0f}s]", flush=True)
+        print(line + f"  [{time.time() - start:.0f}s]", flush=True)
 
 
 if __name__ == "__main__":

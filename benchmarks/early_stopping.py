@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import MLPClassifier, TestAccuracyRecorder, accuracy, machine, quiet_trainer  # noqa: E402
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 
-from _common import MLPClassifier, TestAccuracyRecorder, accuracy, machine, quiet_trainer  # noqa: E402
 from lightning_phases import NoiseSplitTracker, OrderParameterMonitor, PhaseDetector  # noqa: E402
 from lightning_phases.data import GaussianClustersDataModule, NoisyDigitsDataModule  # noqa: E402
 
@@ -39,8 +39,18 @@ def make(dataset: str, rate: float, seed: int):
         dm = NoisyDigitsDataModule(noise_rate=rate, seed=seed, batch_size=32)
         model = lambda: MLPClassifier(64, 128, 10, lr=0.05)  # noqa: E731
     else:
-        dm = GaussianClustersDataModule(num_classes=4, dim=20, num_train=1500, num_val=300, num_test=2000,
-                                        separation=1.0, spread=1.6, noise_rate=rate, seed=seed, batch_size=32)
+        dm = GaussianClustersDataModule(
+            num_classes=4,
+            dim=20,
+            num_train=1500,
+            num_val=300,
+            num_test=2000,
+            separation=1.0,
+            spread=1.6,
+            noise_rate=rate,
+            seed=seed,
+            batch_size=32,
+        )
         model = lambda: MLPClassifier(20, 256, 4, lr=0.05)  # noqa: E731
     dm.setup("fit")
     dm.setup("test")
@@ -56,9 +66,18 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
     recorder = TestAccuracyRecorder(test_loader)
     detector = PhaseDetector(verbose=False)
     at_stop = PhaseDetector(verbose=False, average_weights=False)
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[
-        OrderParameterMonitor(probe_size=512), NoiseSplitTracker(probe_size=512), detector, at_stop, recorder,
-    ], logger=pl.loggers.CSVLogger(tempfile.mkdtemp()))
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        limit_val_batches=0,
+        callbacks=[
+            OrderParameterMonitor(probe_size=512),
+            NoiseSplitTracker(probe_size=512),
+            detector,
+            at_stop,
+            recorder,
+        ],
+        logger=pl.loggers.CSVLogger(tempfile.mkdtemp()),
+    )
     trainer.fit(model, datamodule=dm)
     oracle_epoch = max(recorder.by_epoch, key=recorder.by_epoch.get)
     oracle = recorder.by_epoch[oracle_epoch]
@@ -78,8 +97,16 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
     best = MLPClassifier.load_from_checkpoint(ck.best_model_path)
     es_acc = accuracy(best, test_loader)
     es_epoch = torch.load(ck.best_model_path, weights_only=False)["epoch"]
-    return dict(oracle=oracle, oracle_epoch=oracle_epoch, pd=pd_acc, point=point_acc, pd_epoch=pd_epoch, es=es_acc,
-                es_epoch=es_epoch, phases=[(p, a, b) for p, a, b in detector.tracker.timeline()])
+    return dict(
+        oracle=oracle,
+        oracle_epoch=oracle_epoch,
+        pd=pd_acc,
+        point=point_acc,
+        pd_epoch=pd_epoch,
+        es=es_acc,
+        es_epoch=es_epoch,
+        phases=[(p, a, b) for p, a, b in detector.tracker.timeline()],
+    )
 
 
 def _accuracy_of(model_fn, state_dict, loader, fallback: float) -> float:
@@ -95,8 +122,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and settings")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--only", nargs="+", default=None, help='settings to run, e.g. "digits:0.4" "clusters:0.2"')
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = [("digits", r) for r in (0.2, 0.4, 0.6)] + [("clusters", r) for r in (0.2, 0.4, 0.6)]
@@ -106,8 +137,10 @@ def main() -> None:
     if args.only:
         settings = [(d, float(r)) for d, r in (item.split(":") for item in args.only)]
     print(f"machine: {machine()}")
-    print(f"{'data':<9s} {'rho':>4s} {'seed':>4s} | {'oracle':>7s} (ep) | {'PhaseDet':>8s} (ep) {'gap':>6s} | "
-          f"{'at stop':>8s} {'gap':>6s} | {'EarlyStop':>9s} (ep) {'gap':>6s} | phases")
+    print(
+        f"{'data':<9s} {'rho':>4s} {'seed':>4s} | {'oracle':>7s} (ep) | {'PhaseDet':>8s} (ep) {'gap':>6s} | "
+        f"{'at stop':>8s} {'gap':>6s} | {'EarlyStop':>9s} (ep) {'gap':>6s} | phases"
+    )
     rows = []
     for dataset, rate in settings:
         for seed in range(args.seeds):
@@ -115,17 +148,22 @@ def main() -> None:
             r = run(dataset, rate, epochs, seed)
             rows.append((dataset, rate, r))
             phases = " ".join(f"{p}:{a}-{b}" for p, a, b in r["phases"])
-            print(f"{dataset:<9s} {rate:4.1f} {seed:4d} | {100*r['oracle']:6.2f}% ({r['oracle_epoch']:3d}) | "
-                  f"{100*r['pd']:7.2f}% ({r['pd_epoch'] if r['pd_epoch'] is not None else '-':>3}) {100*(r['pd']-r['oracle']):+6.2f} | "
-                  f"{100*r['point']:7.2f}% {100*(r['point']-r['oracle']):+6.2f} | "
-                  f"{100*r['es']:8.2f}% ({r['es_epoch']:3d}) {100*(r['es']-r['oracle']):+6.2f} | {phases}  [{time.time()-start:.0f}s]", flush=True)
+            print(
+                f"{dataset:<9s} {rate:4.1f} {seed:4d} | {100 * r['oracle']:6.2f}% ({r['oracle_epoch']:3d}) | "
+                f"{100 * r['pd']:7.2f}% ({r['pd_epoch'] if r['pd_epoch'] is not None else '-':>3}) {100 * (r['pd'] - r['oracle']):+6.2f} | "
+                f"{100 * r['point']:7.2f}% {100 * (r['point'] - r['oracle']):+6.2f} | "
+                f"{100 * r['es']:8.2f}% ({r['es_epoch']:3d}) {100 * (r['es'] - r['oracle']):+6.2f} | {phases}  [{time.time() - start:.0f}s]",
+                flush=True,
+            )
     within = sum(100 * (r["oracle"] - r["pd"]) <= 1.5 for _, _, r in rows)
     not_worse = sum(r["pd"] >= r["es"] for _, _, r in rows)
-    print(f"runs: PhaseDetector within 1.5 points of the oracle: {within}/{len(rows)}; no worse than EarlyStopping: {not_worse}/{len(rows)}")
+    print(
+        f"runs: PhaseDetector within 1.5 points of the oracle: {within}/{len(rows)}; no worse than EarlyStopping: {not_worse}/{len(rows)}"
+    )
     print("mean gap to the oracle per setting (points): PhaseDetector averaged / at the stop / EarlyStopping")
     for dataset, rate in dict.fromkeys((d, r) for d, r, _ in rows):
         rs = [r for d, q, r in rows if (d, q) == (dataset, rate)]
-        gap = lambda key: sum(100 * (r[key] - r["oracle"]) for r in rs) / len(rs)  # noqa: E731
+        gap = lambda key: sum(100 * (r[key] - r["oracle"]) for r in rs) / len(rs)  # noqa: E731, B023 - used inside the loop body
         verdict = "within 1.5" if gap("pd") >= -1.5 else "not within 1.5"
         verdict += ", no worse than ES" if gap("pd") >= gap("es") else ", worse than ES"
         print(f"  {dataset:<9s} {rate:.1f}: {gap('pd'):+6.2f} / {gap('point'):+6.2f} / {gap('es'):+6.2f}   ({verdict})")

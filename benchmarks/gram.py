@@ -54,9 +54,14 @@ def _build(model_name: str, n: int):
         x = torch.randn(n, 784)
     else:
         model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
         )
         x = torch.randn(n, 3, 32, 32)
     y = torch.randint(0, 10, (n,))
@@ -64,7 +69,6 @@ def _build(model_name: str, n: int):
 
 
 def _gram_from_jac(jac):
-    import torch
 
     from lightning_phases.functional.per_sample import _symmetric
 
@@ -131,14 +135,17 @@ def worker(model_name: str, n: int, method: str, repeats: int, warmup: bool) -> 
     model.eval()
 
     if method == "floor":
+
         def gram():
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y, reduction="sum").backward()
             return None
     elif method in ("auto", "vmap"):
+
         def gram():
             return gradient_gram(model, x, y, method=method)[0]
     elif method == "loop":
+
         def gram():
             return _gram_from_jac(_per_sample_loop(model, x, y))
     elif method == "opacus":
@@ -191,8 +198,18 @@ def _run_worker(args, model_name, n, method, repeats, warmup) -> dict | None:
         env[var] = str(args.threads)
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", model_name, str(n), method,
-           "--threads", str(args.threads), "--repeats", str(repeats)] + (["--warmup"] if warmup else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        model_name,
+        str(n),
+        method,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(repeats),
+    ] + (["--warmup"] if warmup else [])
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -215,9 +232,11 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads by default; benchmark run with {{threads}} thread(s); "
-            f"load average at start {os.getloadavg()[0]:.1f}")
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads by default; benchmark run with {{threads}} thread(s); "
+        f"load average at start {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main(argv=None) -> None:
@@ -253,10 +272,16 @@ def main(argv=None) -> None:
             for method in args.methods:
                 done = [results[(model_name, m, method)] for m in sorted(args.sizes) if m < n]
                 skipped_before = any("skipped" in r for r in done)
-                timed = [(m, r["total_s"]) for m, r in zip(sorted(m for m in args.sizes if m < n), done) if "total_s" in r]
+                timed = [
+                    (m, r["total_s"]) for m, r in zip(sorted(m for m in args.sizes if m < n), done) if "total_s" in r
+                ]
                 estimate = timed[-1][1] * n / timed[-1][0] if timed else None  # linear in n: a lower bound
                 if skipped_before or (estimate is not None and estimate > args.budget):
-                    est = "a smaller n was skipped" if skipped_before else f">{args.budget:.0f} s estimated: {estimate:.0f} s"
+                    est = (
+                        "a smaller n was skipped"
+                        if skipped_before
+                        else f">{args.budget:.0f} s estimated: {estimate:.0f} s"
+                    )
                     res = {"skipped": f"skipped ({est})"}
                 else:
                     slow = estimate is not None and estimate > 1
@@ -268,7 +293,9 @@ def main(argv=None) -> None:
                     continue
                 rg = f"{res['gram_s'] / floor:10.1f}x" if floor else "-"
                 rt = f"{res['total_s'] / floor:11.1f}x" if floor and method != "floor" else "-"
-                print(f"{method:9s} {n:5d} {res['gram_s']:9.3f} {res['total_s']:9.3f} {rg:>11s} {rt:>12s} {res['peak_extra_mb']:9.0f}")
+                print(
+                    f"{method:9s} {n:5d} {res['gram_s']:9.3f} {res['total_s']:9.3f} {rg:>11s} {rt:>12s} {res['peak_extra_mb']:9.0f}"
+                )
                 sys.stdout.flush()
         print()
 

@@ -42,9 +42,8 @@ EXAMPLE_PROBE = {"digits": 512, "cnn": None}  # what each task's example sets (N
 
 
 def _modules():
-    from torch import nn
-
     from _common import Classifier, MLPClassifier
+    from torch import nn
 
     def digits():
         return MLPClassifier(64, 128, 10, lr=0.05)  # the `lightning-phases demo` network
@@ -52,9 +51,14 @@ def _modules():
     def cnn():
         net = nn.Sequential(
             nn.Unflatten(1, (3, 32, 32)),
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
         )
         return Classifier(net, lr=0.02)
 
@@ -67,8 +71,14 @@ def _datamodule(task: str, num_train: int):
     if task == "digits":
         return NoisyDigitsDataModule(noise_rate=0.5, seed=0, batch_size=32)
     return GaussianClustersDataModule(
-        num_classes=10, dim=3 * 32 * 32, num_train=num_train, num_val=0, num_test=64,
-        noise_rate=0.2, seed=0, batch_size=64,
+        num_classes=10,
+        dim=3 * 32 * 32,
+        num_train=num_train,
+        num_val=0,
+        num_test=64,
+        noise_rate=0.2,
+        seed=0,
+        batch_size=64,
     )
 
 
@@ -93,9 +103,17 @@ def fit_once(task: str, config: str, epochs: int, num_train: int, probe_size: in
     dm = _datamodule(task, num_train)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp, name="", version=""),
-            callbacks=_callbacks(config, probe_size), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, limit_val_batches=0,
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=TensorBoardLogger(tmp, name="", version=""),
+            callbacks=_callbacks(config, probe_size),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=10,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
         )
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm)
@@ -109,8 +127,12 @@ def main(argv=None) -> None:
     parser.add_argument("--digits-epochs", type=int, default=20)
     parser.add_argument("--cnn-epochs", type=int, default=3)
     parser.add_argument("--cnn-train", type=int, default=8192, help="training samples of the CNN task")
-    parser.add_argument("--probe-size", type=int, default=None,
-                        help="probe_size of the monitors (default: the task's example, 512 on digits, 1024 on cnn)")
+    parser.add_argument(
+        "--probe-size",
+        type=int,
+        default=None,
+        help="probe_size of the monitors (default: the task's example, 512 on digits, 1024 on cnn)",
+    )
     parser.add_argument("--tasks", nargs="+", default=["digits", "cnn"], choices=["digits", "cnn"])
     args = parser.parse_args(argv)
     # the BLAS pools (numpy's LAPACK computes the noise spectrum) get the same thread count as torch;
@@ -127,8 +149,10 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical CPUs, "
-          f"load average at start {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical CPUs, "
+        f"load average at start {os.getloadavg()[0]:.1f}"
+    )
     for task in args.tasks:
         epochs = args.digits_epochs if task == "digits" else args.cnn_epochs
         probe = args.probe_size if args.probe_size is not None else EXAMPLE_PROBE[task]

@@ -11,7 +11,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def run(model_class, description: str, args=None) -> None:
     """Run ``LightningCLI`` for one example; ``fit`` is followed by ``test`` unless ``--no_test`` is given."""
-    from pytorch_lightning.cli import LightningCLI
+    import importlib
+
+    from lightning_phases._lightning import preferred
+
+    LightningCLI = importlib.import_module(preferred.__name__ + ".cli").LightningCLI
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")

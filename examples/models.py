@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-import pytorch_lightning as pl
+try:  # the unified package, or the standalone one
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover
+    import pytorch_lightning as pl  # type: ignore[no-redef]
 import torch
 from torch import nn
 
@@ -58,8 +61,15 @@ class MLPClassifier(_Classifier):
         lr, momentum, weight_decay: SGD settings.
     """
 
-    def __init__(self, in_dim: int = 784, hidden: list[int] = [50, 50], num_classes: int = 10,  # noqa: B006 - CLI default
-                 lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int = 784,
+        hidden: list[int] = [50, 50],  # noqa: B006 - a LightningCLI default, never mutated
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(lr, momentum, weight_decay)
         self.save_hyperparameters()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -85,18 +95,32 @@ class SmallCNN(_Classifier):
         lr, momentum, weight_decay: SGD settings.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, channels: list[int] = [32, 64],  # noqa: B006
-                 num_classes: int = 10, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        channels: list[int] = [32, 64],  # noqa: B006
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+    ) -> None:
         super().__init__(lr, momentum, weight_decay)
         self.save_hyperparameters()
         c1, c2 = channels
         self.in_channels, self.image_size = in_channels, image_size
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         side = image_size // 4
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x):
         x = x.reshape(x.shape[0], self.in_channels, self.image_size, self.image_size)

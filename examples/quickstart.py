@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     x, y = load_data(args.seed)
     probe_x, probe_y = x[: args.probe_size], y[: args.probe_size]
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    print(f"MLP with {sum(p.numel() for p in model.parameters())} parameters, "
-          f"probe set n={len(probe_y)}, minibatch B={args.batch_size}")
+    print(
+        f"MLP with {sum(p.numel() for p in model.parameters())} parameters, "
+        f"probe set n={len(probe_y)}, minibatch B={args.batch_size}"
+    )
     report("At initialisation", model, probe_x, probe_y, args.batch_size)
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -25,8 +25,10 @@ import os
 import sys
 import warnings
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
+try:  # the unified package, or the standalone one
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover
+    import pytorch_lightning as pl  # type: ignore[no-redef]
 
 from lightning_phases import LabelNoise, SparseLinearRegressionDataModule, TwoLayerLinearNetwork
 
@@ -36,18 +38,38 @@ RUNS = ("sgd", "label_noise_sgd", "sam")
 def train(run: str, args: argparse.Namespace) -> dict[str, float]:
     """Train one run (``sgd``, ``label_noise_sgd`` or ``sam``) and return its final neuron statistics."""
     pl.seed_everything(args.seed, verbose=False)  # the DataLoader's shuffling
-    dm = SparseLinearRegressionDataModule(dim=args.dim, sparsity=args.sparsity, num_train=args.num_train,
-                                          num_val=args.num_test, num_test=args.num_test, batch_size=args.batch_size,
-                                          seed=args.seed)
-    model = TwoLayerLinearNetwork(dim=args.dim, width=args.width, init_scale=args.init_scale, lr=args.lr,
-                                  optimizer="sam" if run == "sam" else "sgd", rho=args.rho, seed=args.seed)
+    dm = SparseLinearRegressionDataModule(
+        dim=args.dim,
+        sparsity=args.sparsity,
+        num_train=args.num_train,
+        num_val=args.num_test,
+        num_test=args.num_test,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    model = TwoLayerLinearNetwork(
+        dim=args.dim,
+        width=args.width,
+        init_scale=args.init_scale,
+        lr=args.lr,
+        optimizer="sam" if run == "sam" else "sgd",
+        rho=args.rho,
+        seed=args.seed,
+    )
     callbacks = [LabelNoise(sigma=args.sigma, seed=args.seed)] if run == "label_noise_sgd" else []
     steps_per_epoch = -(-args.num_train // args.batch_size)
     trainer = pl.Trainer(
-        default_root_dir=args.logdir, accelerator="cpu", max_steps=args.steps, callbacks=callbacks,
-        logger=TensorBoardLogger(args.logdir, name="two_layer_linear", version=run),
-        log_every_n_steps=max(1, args.steps // 200), check_val_every_n_epoch=max(1, args.steps // 20 // steps_per_epoch),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        default_root_dir=args.logdir,
+        accelerator="cpu",
+        max_steps=args.steps,
+        callbacks=callbacks,
+        logger=pl.loggers.TensorBoardLogger(args.logdir, name="two_layer_linear", version=run),
+        log_every_n_steps=max(1, args.steps // 200),
+        check_val_every_n_epoch=max(1, args.steps // 20 // steps_per_epoch),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
     test_loss = trainer.test(model, datamodule=dm, verbose=False)[0]["test_loss"]
@@ -86,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
     for run in RUNS:
         results[run] = train(run, args)
         stats = results[run]
-        print(f"{run:>16s}: mean_norm {stats['mean_norm']:.3f}  mean_abs_cosine {stats['mean_abs_cosine']:.3f}  "
-              f"test_loss {stats['test_loss']:.4f}")
+        print(
+            f"{run:>16s}: mean_norm {stats['mean_norm']:.3f}  mean_abs_cosine {stats['mean_abs_cosine']:.3f}  "
+            f"test_loss {stats['test_loss']:.4f}"
+        )
     return results
 
 

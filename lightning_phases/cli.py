@@ -36,10 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
             "then print the phase timeline, t_c, the cleansing summary and the report figure."
         ),
     )
-    demo.add_argument("--noise-rate", type=float, default=0.5, help="fraction of mislabeled training samples (default 0.5)")
+    demo.add_argument(
+        "--noise-rate", type=float, default=0.5, help="fraction of mislabeled training samples (default 0.5)"
+    )
     demo.add_argument("--epochs", type=int, default=80, help="training epochs (default 80)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the noise, the split and the model (default 0)")
-    demo.add_argument("--output-dir", default=os.path.join("runs", "demo"), help="where logs and the report go (default runs/demo)")
+    demo.add_argument(
+        "--output-dir", default=os.path.join("runs", "demo"), help="where logs and the report go (default runs/demo)"
+    )
     demo.add_argument("--probe-size", type=int, default=512, help="probe samples of the monitors (default 512)")
     demo.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
@@ -54,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.loggers import TensorBoardLogger
     from torch import nn
 
+    from lightning_phases import _lightning as pl
+    from lightning_phases._lightning import TensorBoardLogger
     from lightning_phases.callbacks import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
     from lightning_phases.data import NoisyDigitsDataModule
     from lightning_phases.report.summary import make_report
@@ -131,7 +135,9 @@ def _demo(args: argparse.Namespace) -> int:
     logdir = logger.log_dir
     summary = make_report(logdir, os.path.join(logdir, "report.png"))
     print()
-    print(f"Trained {args.epochs} epochs on digits with {args.noise_rate:.0%} mislabeled training labels in {elapsed:.0f} s.")
+    print(
+        f"Trained {args.epochs} epochs on digits with {args.noise_rate:.0%} mislabeled training labels in {elapsed:.0f} s."
+    )
     print(detector.summary())
     if cleanser.t_c_step is not None:
         c = summary["cleansing"]
@@ -141,12 +147,16 @@ def _demo(args: argparse.Namespace) -> int:
             f"recall {c.get('recall') or float('nan'):.3f} against the known noise."
         )
     else:
-        print("Cleansing time t_c: not reached (the loss populations were still separating, or the losses are not bimodal).")
+        print(
+            "Cleansing time t_c: not reached (the loss populations were still separating, or the losses are not bimodal)."
+        )
     if test:
         print(f"Final test error: {test[0].get('test_err', float('nan')):.3f}")
     if kept_test:
-        print(f"Test error with PhaseDetector's kept weights (no clean data used to choose them): "
-              f"{kept_test[0].get('test_err', float('nan')):.3f}")
+        print(
+            f"Test error with PhaseDetector's kept weights (no clean data used to choose them): "
+            f"{kept_test[0].get('test_err', float('nan')):.3f}"
+        )
     print(f"Report figure: {summary['figure']}")
     print(f"Summary: {os.path.join(os.path.dirname(summary['figure']), 'summary.json')}")
     print(f"Open TensorBoard: tensorboard --logdir {logdir}")

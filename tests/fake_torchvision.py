@@ -38,8 +38,10 @@ def write_cifar10(root, monkeypatch, n_per_batch: int = 12) -> None:
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     md5 = {}
     for name in names:
-        entry = {"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in np.arange(n_per_batch) % 10]}
+        entry = {
+            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in np.arange(n_per_batch) % 10],
+        }
         path = os.path.join(folder, name)
         with open(path, "wb") as fh:
             pickle.dump(entry, fh)
@@ -53,4 +55,6 @@ def write_cifar10(root, monkeypatch, n_per_batch: int = 12) -> None:
     # torchvision verifies the md5 sums of the real files; point it at the sums of the files written here
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": meta_md5})
+    monkeypatch.setattr(
+        torchvision.datasets.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": meta_md5}
+    )

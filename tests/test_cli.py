@@ -25,8 +25,22 @@ def demo_run(tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--epochs", "60", "--probe-size", "256", "--noise-rate", "0.5", "--seed", "0",
-                     "--output-dir", str(out), "--no-progress-bar"])
+        code = main(
+            [
+                "demo",
+                "--epochs",
+                "60",
+                "--probe-size",
+                "256",
+                "--noise-rate",
+                "0.5",
+                "--seed",
+                "0",
+                "--output-dir",
+                str(out),
+                "--no-progress-bar",
+            ]
+        )
     return code, buf.getvalue(), out
 
 
@@ -45,7 +59,7 @@ def test_demo_cleansing_numbers_match_the_flags_and_the_known_noise(demo_run):
     _, stdout, out = demo_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["t_c_step"] is not None
-    flagged = [int(row["index"]) for row in csv.DictReader(open(out / "gmm_flagged.csv"))]
+    flagged = [int(row["index"]) for row in csv.DictReader((out / "gmm_flagged.csv").read_text().splitlines())]
     dm = NoisyDigitsDataModule(noise_rate=0.5, seed=0)
     dm.setup("fit")
     truth = dm.noisy_train.is_noisy
@@ -108,6 +122,8 @@ def test_demo_bad_arguments(capsys):
 
 
 def test_help_and_console_script():
-    result = subprocess.run([sys.executable, "-m", "lightning_phases.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_phases.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "demo" in result.stdout and "report" in result.stdout
     assert main([]) == 2

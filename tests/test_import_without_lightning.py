@@ -41,15 +41,16 @@ SCRIPT = textwrap.dedent(
 
 
 def test_functional_imports_and_runs_without_lightning():
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("OK")
 
 
 def test_blocking_works():
     """The blocker itself must make a Lightning import fail, or the test above proves nothing."""
-    probe = SCRIPT.split("import torch")[0] + "\ntry:\n    import pytorch_lightning\nexcept ModuleNotFoundError:\n    print('BLOCKED')\n"
+    probe = (
+        SCRIPT.split("import torch")[0]
+        + "\ntry:\n    import pytorch_lightning\nexcept ModuleNotFoundError:\n    print('BLOCKED')\n"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "BLOCKED", result.stderr[-2000:]

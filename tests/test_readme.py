@@ -39,7 +39,10 @@ def test_quickstart_main_job_runs(tmp_path):
     command = [script] if script else [sys.executable, "-m", "lightning_phases.cli"]  # not on PATH: same entry point
     result = subprocess.run(
         [*command, "demo", "--epochs", "2", "--probe-size", "64", "--no-progress-bar", "--output-dir", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Phase timeline" in result.stdout and f"tensorboard --logdir {tmp_path}" in result.stdout

@@ -13,12 +13,12 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from lightning_phases import _lightning as pl
+from lightning_phases._lightning import Callback, tensorboard_writers
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite, derived_seed
 from lightning_phases.functional.per_sample import (
@@ -72,7 +72,9 @@ def _check_positive_int(name: str, value: Any, *, allow_none: bool = False, mini
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LightningPhasesError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}; got {value!r}.")
+        raise LightningPhasesError(
+            f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}; got {value!r}."
+        )
 
 
 def _check_real(name: str, value: Any) -> None:
@@ -98,11 +100,11 @@ def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[st
 # An entry is reused only if the step, the parameters (storage and in-place version counters), the
 # probe tensors, the loss and the engine settings are all the same, so a hit returns exactly what
 # a fresh computation would (measurements run in eval mode and change nothing).
-_GRAM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_GRAM_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 # The last probe losses and predictions per module, shared in the same way.
-_LOSS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_LOSS_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _gram_key(pl_module: torch.nn.Module, step: int, names: list[str], chunk_size: int | None, method: str) -> tuple:
@@ -182,9 +184,16 @@ class _ProbeCallback(Callback):
     @property
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names): build the string once per identity
-        ident = (self.probe_size, self.seed, self.prefix,)
+        ident = (
+            self.probe_size,
+            self.seed,
+            self.prefix,
+        )
         if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
-            self._state_key_cache = (ident, self._generate_state_key(probe_size=self.probe_size, seed=self.seed, prefix=self.prefix))
+            self._state_key_cache = (
+                ident,
+                self._generate_state_key(probe_size=self.probe_size, seed=self.seed, prefix=self.prefix),
+            )
         return self._state_key_cache[1]
 
     def state_dict(self) -> dict[str, Any]:
@@ -235,7 +244,9 @@ class _ProbeCallback(Callback):
         if self._batch_size is None:
             per_device = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
             if per_device is None:
-                raise LightningPhasesError("Cannot infer the minibatch size from the training DataLoader; pass batch_size=...")
+                raise LightningPhasesError(
+                    "Cannot infer the minibatch size from the training DataLoader; pass batch_size=..."
+                )
             # the SGD minibatch: per-device batches of every rank, accumulated
             self._batch_size = int(per_device) * max(1, trainer.world_size) * max(1, trainer.accumulate_grad_batches)
         n = min(self.probe_size, size)
@@ -275,12 +286,21 @@ class _ProbeCallback(Callback):
         if self.measure_at_start and trainer.global_step == 0 and self.last_measured_step < 0:
             self._run(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if should_measure(global_step=trainer.global_step, epoch_end=None, every_n_steps=self.every_n_steps, every_n_epochs=None):
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if should_measure(
+            global_step=trainer.global_step, epoch_end=None, every_n_steps=self.every_n_steps, every_n_epochs=None
+        ):
             self._run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_measure(global_step=trainer.global_step, epoch_end=trainer.current_epoch, every_n_steps=None, every_n_epochs=self.every_n_epochs):
+        if should_measure(
+            global_step=trainer.global_step,
+            epoch_end=trainer.current_epoch,
+            every_n_steps=None,
+            every_n_epochs=self.every_n_epochs,
+        ):
             self._run(trainer, pl_module)
 
     # ------------------------------------------------------------------ measurement
@@ -349,7 +369,9 @@ class _ProbeCallback(Callback):
         """This rank's share of the selected parameters (the Gram is a sum over parameters)."""
         selected = select_parameters(pl_module, self.params)
         sizes = {name: p.numel() for name, p in selected.items()}
-        return partition_parameters(sizes, max(1, trainer.world_size))[trainer.global_rank if trainer.world_size > 1 else 0]
+        return partition_parameters(sizes, max(1, trainer.world_size))[
+            trainer.global_rank if trainer.world_size > 1 else 0
+        ]
 
     def _partial_gram(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor, loss_fn: LossFn | None
@@ -360,24 +382,45 @@ class _ProbeCallback(Callback):
             return torch.zeros(n, n, dtype=torch.float64, device=x.device)
         key = _gram_key(pl_module, trainer.global_step, mine, self.chunk_size, self.method)
         hit = _GRAM_CACHE.get(pl_module)
-        if hit is not None and hit["key"] == key and hit["loss_fn"] is loss_fn and torch.equal(hit["x"], x) and torch.equal(hit["y"], y):
+        if (
+            hit is not None
+            and hit["key"] == key
+            and hit["loss_fn"] is loss_fn
+            and torch.equal(hit["x"], x)
+            and torch.equal(hit["y"], y)
+        ):
             return hit["gram"].clone()
-        gram, _ = gradient_gram(pl_module, x, y, loss_fn=loss_fn, params=mine, chunk_size=self.chunk_size, method=self.method)
+        gram, _ = gradient_gram(
+            pl_module, x, y, loss_fn=loss_fn, params=mine, chunk_size=self.chunk_size, method=self.method
+        )
         gram = gram.to(x.device)
         _GRAM_CACHE[pl_module] = {"key": key, "loss_fn": loss_fn, "x": x, "y": y, "gram": gram.clone()}
         return gram
 
     def _partial_grouped_gram(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor, loss_fn: LossFn | None,
-        groups: Tensor, num_groups: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        x: Tensor,
+        y: Tensor,
+        loss_fn: LossFn | None,
+        groups: Tensor,
+        num_groups: int,
     ) -> Tensor:
         """This rank's share of the ``[K, K]`` Gram matrix of group-summed gradients."""
         mine = self._my_parameters(trainer, pl_module)
         if not mine:
             return torch.zeros(num_groups, num_groups, dtype=torch.float64, device=x.device)
         gram, _ = grouped_gradient_gram(
-            pl_module, x, y, groups, num_groups=num_groups, loss_fn=loss_fn, params=mine,
-            chunk_size=self.chunk_size, method=self.method,
+            pl_module,
+            x,
+            y,
+            groups,
+            num_groups=num_groups,
+            loss_fn=loss_fn,
+            params=mine,
+            chunk_size=self.chunk_size,
+            method=self.method,
         )
         return gram.to(x.device)
 
@@ -392,7 +435,13 @@ class _ProbeCallback(Callback):
         loss_fn = self.loss_fn or default_loss
         key = _gram_key(pl_module, trainer.global_step, [n for n, _ in pl_module.named_parameters()], None, "losses")
         hit = _LOSS_CACHE.get(pl_module)
-        if hit is not None and hit["key"] == key and hit["loss_fn"] is loss_fn and torch.equal(hit["x"], x) and torch.equal(hit["y"], y):
+        if (
+            hit is not None
+            and hit["key"] == key
+            and hit["loss_fn"] is loss_fn
+            and torch.equal(hit["x"], x)
+            and torch.equal(hit["y"], y)
+        ):
             return hit["losses"].clone(), hit["correct"].clone(), hit["width"]
         with torch.no_grad(), eval_mode(pl_module):
             out = pl_module(x)
@@ -404,18 +453,29 @@ class _ProbeCallback(Callback):
             correct = pred == y.reshape(-1).long()
         width = 1 if out.ndim == 1 else int(out.reshape(out.shape[0], -1).shape[1])
         losses, correct = losses.to(torch.float64), correct.to(torch.float64)
-        _LOSS_CACHE[pl_module] = {"key": key, "loss_fn": loss_fn, "x": x, "y": y, "losses": losses.clone(),
-                                  "correct": correct.clone(), "width": width}
+        _LOSS_CACHE[pl_module] = {
+            "key": key,
+            "loss_fn": loss_fn,
+            "x": x,
+            "y": y,
+            "losses": losses.clone(),
+            "correct": correct.clone(),
+            "width": width,
+        }
         return losses, correct, width
 
     # subclass API
-    def _local_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _local_statistics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: Tensor, y: Tensor
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, Tensor]) -> dict[str, float]:
+    def _metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, Tensor]
+    ) -> dict[str, float]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ logging
@@ -437,11 +497,5 @@ class _ProbeCallback(Callback):
     @staticmethod
     def _tensorboard(trainer: pl.Trainer):
         """The TensorBoard ``SummaryWriter`` of the first TensorBoard logger, on rank 0 only."""
-        if not trainer.is_global_zero:
-            return None
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
+        writers = tensorboard_writers(trainer)
+        return writers[0] if writers else None

@@ -8,13 +8,12 @@ import math
 import os
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lightning_phases import _lightning as pl
+from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _check_real, default_unpack
 from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
@@ -159,8 +158,14 @@ class GMMCleanser(Callback):
         _check_positive_int("warmup_epochs", warmup_epochs, minimum=0)
         _check_positive_int("patience", patience)
         _check_positive_int("batch_size", batch_size)
-        reals = dict(max_fraction=max_fraction, min_separation=min_separation, min_weight=min_weight, smoothing=smoothing,
-                     max_class_dependence=max_class_dependence, heavy_noise_weight=heavy_noise_weight)
+        reals = dict(
+            max_fraction=max_fraction,
+            min_separation=min_separation,
+            min_weight=min_weight,
+            smoothing=smoothing,
+            max_class_dependence=max_class_dependence,
+            heavy_noise_weight=heavy_noise_weight,
+        )
         if heavy_noise_separation is not None:
             reals["heavy_noise_separation"] = heavy_noise_separation
         for name, value in reals.items():
@@ -168,13 +173,17 @@ class GMMCleanser(Callback):
         if not 0 < max_fraction <= 1:
             raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
         if min_separation <= 0:
-            raise LightningPhasesError(f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}.")
+            raise LightningPhasesError(
+                f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}."
+            )
         if not 0 <= min_weight < 0.5:
             raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
         if not 0 < smoothing <= 1:
             raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
         if not 0 < max_class_dependence <= 1:
-            raise LightningPhasesError(f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}.")
+            raise LightningPhasesError(
+                f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}."
+            )
         if not 0 < heavy_noise_weight < 1:
             raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
         if heavy_noise_separation is not None and not 0 < heavy_noise_separation <= min_separation:
@@ -183,8 +192,14 @@ class GMMCleanser(Callback):
             )
         if clip_percentiles is not None:
             lo_hi = tuple(clip_percentiles) if isinstance(clip_percentiles, (tuple, list)) else ()
-            if len(lo_hi) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lo_hi) or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
-                raise LightningPhasesError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100; got {clip_percentiles!r}.")
+            if (
+                len(lo_hi) != 2
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in lo_hi)
+                or not 0 <= lo_hi[0] < lo_hi[1] <= 100
+            ):
+                raise LightningPhasesError(
+                    f"clip_percentiles must be (low, high) with 0 <= low < high <= 100; got {clip_percentiles!r}."
+                )
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise LightningPhasesError(f"seed is the mixture fit's random_state, an int in [0, 2**32); got {seed!r}.")
         for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
@@ -231,9 +246,15 @@ class GMMCleanser(Callback):
     @property
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names): build the string once per identity
-        ident = (self.action, self.every_n_epochs,)
+        ident = (
+            self.action,
+            self.every_n_epochs,
+        )
         if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
-            self._state_key_cache = (ident, self._generate_state_key(action=self.action, every_n_epochs=self.every_n_epochs))
+            self._state_key_cache = (
+                ident,
+                self._generate_state_key(action=self.action, every_n_epochs=self.every_n_epochs),
+            )
         return self._state_key_cache[1]
 
     @property
@@ -274,7 +295,9 @@ class GMMCleanser(Callback):
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
         if not isinstance(loader, DataLoader):
-            raise LightningPhasesError(f"GMMCleanser needs a single map-style training DataLoader; got {type(loader).__name__}.")
+            raise LightningPhasesError(
+                f"GMMCleanser needs a single map-style training DataLoader; got {type(loader).__name__}."
+            )
         return loader.dataset
 
     def _all_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
@@ -378,12 +401,16 @@ class GMMCleanser(Callback):
         }
         if math.isfinite(dependence):
             metrics["gmm/class_dependence"] = dependence
-        truth = find_probe_ground_truth(self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None))
+        truth = find_probe_ground_truth(
+            self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None)
+        )
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
             det = detection_metrics(flags, truth[0])
             scores = fit.posterior if bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
-            metrics.update({"gmm/precision": det.precision, "gmm/recall": det.recall, "gmm/f1": det.f1, "gmm/auroc": auroc})
+            metrics.update(
+                {"gmm/precision": det.precision, "gmm/recall": det.recall, "gmm/f1": det.f1, "gmm/auroc": auroc}
+            )
         if rejection is not None and rejection[0] not in self._warned:
             self._warned.add(rejection[0])
             rank_zero_info(
@@ -399,7 +426,13 @@ class GMMCleanser(Callback):
             if level > self.best_delta_L:
                 self.best_delta_L, self.best_step, self.best_epoch = level, step, epoch
                 self.since_best = 0
-                self._candidate = {"losses": losses, "given": given, "pred": pred, "flags": flags, "posterior": fit.posterior.cpu()}
+                self._candidate = {
+                    "losses": losses,
+                    "given": given,
+                    "pred": pred,
+                    "flags": flags,
+                    "posterior": fit.posterior.cpu(),
+                }
                 self._candidate_fit = fit
                 self._candidate_flags = torch.nonzero(flags).flatten()
             else:
@@ -447,25 +480,35 @@ class GMMCleanser(Callback):
             writer = csv.writer(fh)
             writer.writerow(["index", "loss", "posterior", "given_label", "predicted_label"])
             for i in self.flagged_indices.tolist():
-                writer.writerow([i, f"{float(cand['losses'][i]):.6g}", f"{float(cand['posterior'][i]):.6g}", int(cand["given"][i]), int(cand["pred"][i])])
+                writer.writerow(
+                    [
+                        i,
+                        f"{float(cand['losses'][i]):.6g}",
+                        f"{float(cand['posterior'][i]):.6g}",
+                        int(cand["given"][i]),
+                        int(cand["pred"][i]),
+                    ]
+                )
         self.csv_path = path
 
     def _write_figure(self, trainer: pl.Trainer) -> None:
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        writers = tensorboard_writers(trainer)
         if not writers or self._candidate_fit is None or self._candidate is None:
             return
         from lightning_phases.report.tensorboard import mixture_figure
 
-        fig = mixture_figure(self._candidate["losses"], self._candidate_fit, title=f"losses at t_c (epoch {self.t_c_epoch})")
+        fig = mixture_figure(
+            self._candidate["losses"], self._candidate_fit, title=f"losses at t_c (epoch {self.t_c_epoch})"
+        )
         writers[0].add_figure("gmm/loss_histogram", fig, self.t_c_step)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items() if math.isfinite(float(v))})
+        trainer.callback_metrics.update(
+            {k: torch.tensor(float(v)) for k, v in metrics.items() if math.isfinite(float(v))}
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -506,7 +549,9 @@ class GMMCleanser(Callback):
         self.t_c_step = state_dict.get("t_c_step")
         self.t_c_epoch = state_dict.get("t_c_epoch")
         self.flagged_indices = torch.tensor(state_dict.get("flagged_indices", []), dtype=torch.long)
-        self._candidate_flags = torch.tensor(state_dict.get("candidate_flags", state_dict.get("flagged_indices", [])), dtype=torch.long)
+        self._candidate_flags = torch.tensor(
+            state_dict.get("candidate_flags", state_dict.get("flagged_indices", [])), dtype=torch.long
+        )
         self.removed = bool(state_dict.get("removed", False))
         value = state_dict.get("smoothed_delta_L")
         self.smoothed_delta_L = None if value is None else float(value)
@@ -515,5 +560,7 @@ class GMMCleanser(Callback):
             fit = dict(candidate["fit"])
             self._candidate = {k: torch.as_tensor(v) for k, v in candidate.items() if k != "fit"}
             self._candidate_fit = LossMixture(
-                **fit, posterior=self._candidate["posterior"].to(torch.float64), flags=self._candidate["losses"].to(torch.float64) > fit["threshold"]
+                **fit,
+                posterior=self._candidate["posterior"].to(torch.float64),
+                flags=self._candidate["losses"].to(torch.float64) > fit["threshold"],
             )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_phases import _lightning as pl
 from lightning_phases.callbacks._probe import Unpack, _ProbeCallback
 from lightning_phases.errors import DegenerateInputError, LightningPhasesError
 from lightning_phases.functional.mixture import fit_loss_mixture
@@ -30,8 +30,8 @@ def _truth_of(obj: Any) -> tuple[Tensor, Tensor] | None:
     """``(is_noisy, true_targets)`` if ``obj`` implements the ground-truth protocol."""
     if obj is None or not all(hasattr(obj, a) for a in _TRUTH_ATTRS):
         return None
-    mask = torch.as_tensor(getattr(obj, "is_noisy")).bool().reshape(-1).cpu()
-    true = torch.as_tensor(getattr(obj, "true_targets")).long().reshape(-1).cpu()
+    mask = torch.as_tensor(obj.is_noisy).bool().reshape(-1).cpu()
+    true = torch.as_tensor(obj.true_targets).long().reshape(-1).cpu()
     return mask, true
 
 
@@ -129,9 +129,23 @@ class NoiseSplitTracker(_ProbeCallback):
 
     prefix = "split"
     phase_metrics = (
-        "split/rho", "split/A_c", "split/A_w", "split/A0_c", "split/A0_w", "split/A0", "split/R_cw", "split/R_ac",
-        "split/R_aw", "split/L_c", "split/L_w", "split/err_c", "split/err_w", "split/mask_estimated",
-        "split/measured_step", "segment/ratio", "segment/cos",
+        "split/rho",
+        "split/A_c",
+        "split/A_w",
+        "split/A0_c",
+        "split/A0_w",
+        "split/A0",
+        "split/R_cw",
+        "split/R_ac",
+        "split/R_aw",
+        "split/L_c",
+        "split/L_w",
+        "split/err_c",
+        "split/err_w",
+        "split/mask_estimated",
+        "split/measured_step",
+        "segment/ratio",
+        "segment/cos",
     )
     _finite_keys = ("gram", "segment_gram")
     _reduce_keys = ("gram", "segment_gram")
@@ -156,14 +170,24 @@ class NoiseSplitTracker(_ProbeCallback):
         method: str = "auto",
     ) -> None:
         super().__init__(
-            probe_size=probe_size, batch_size=batch_size, every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps, measure_at_start=measure_at_start, loss_fn=loss_fn, params=params,
-            unpack=unpack, seed=seed, chunk_size=chunk_size, method=method,
+            probe_size=probe_size,
+            batch_size=batch_size,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            measure_at_start=measure_at_start,
+            loss_fn=loss_fn,
+            params=params,
+            unpack=unpack,
+            seed=seed,
+            chunk_size=chunk_size,
+            method=method,
         )
         if noisy_mask is not None:
             noisy_mask = torch.as_tensor(noisy_mask)
             if noisy_mask.ndim != 1:
-                raise LightningPhasesError(f"noisy_mask must be a 1-D bool tensor over the training set; got shape {tuple(noisy_mask.shape)}.")
+                raise LightningPhasesError(
+                    f"noisy_mask must be a 1-D bool tensor over the training set; got shape {tuple(noisy_mask.shape)}."
+                )
             noisy_mask = noisy_mask.bool()
         if true_targets is not None:
             if noisy_mask is None:
@@ -214,7 +238,11 @@ class NoiseSplitTracker(_ProbeCallback):
 
     def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         losses, correct, width = self._losses_and_correct(trainer, pl_module, x, y)
-        stats = {"gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn), "losses": losses, "correct": correct}
+        stats = {
+            "gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn),
+            "losses": losses,
+            "correct": correct,
+        }
         if self.segments and self._segment_groups is not None:
             groups, classes = self._segment_groups
             k = 2 * classes.numel()
@@ -225,12 +253,18 @@ class NoiseSplitTracker(_ProbeCallback):
                 stats["segment_gram"] = self._partial_grouped_gram(trainer, pl_module, x, y, default_loss, groups, k)
             else:
                 pair = torch.stack([y.long().reshape(-1), self._truth[1].to(y.device)], dim=1)  # type: ignore[index]
-                stats["segment_gram"] = self._partial_grouped_gram(trainer, pl_module, x, pair, single_logit_loss, groups, k)
+                stats["segment_gram"] = self._partial_grouped_gram(
+                    trainer, pl_module, x, pair, single_logit_loss, groups, k
+                )
         return stats
 
     def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
         nan = torch.full((n,), math.nan, dtype=torch.float64, device=device)
-        stats = {"gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device), "losses": nan, "correct": nan.clone()}
+        stats = {
+            "gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device),
+            "losses": nan,
+            "correct": nan.clone(),
+        }
         if self.segments and self._segment_groups is not None:
             k = 2 * self._segment_groups[1].numel()
             stats["segment_gram"] = torch.full((k, k), math.nan, dtype=torch.float64, device=device)
@@ -249,7 +283,9 @@ class NoiseSplitTracker(_ProbeCallback):
         try:
             split = split_order_parameters(stats["gram"], mask, b)
         except DegenerateInputError as err:
-            self._warn_once("split", f"NoiseSplitTracker cannot split the probe set at step {trainer.global_step}: {err}")
+            self._warn_once(
+                "split", f"NoiseSplitTracker cannot split the probe set at step {trainer.global_step}: {err}"
+            )
             return metrics
         metrics.update({f"split/{k}": v for k, v in split.as_dict().items()})
         metrics["split/L_c"] = float(losses[~mask].mean())

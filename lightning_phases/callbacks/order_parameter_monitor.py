@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_phases import _lightning as pl
 from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _ProbeCallback
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import effective_dimension, make_generator, noise_spectrum, order_parameters
@@ -93,8 +93,18 @@ class OrderParameterMonitor(_ProbeCallback):
 
     prefix = "order"
     phase_metrics = (
-        "order/A", "order/A0", "order/A_parallel", "order/A_perp", "order/D", "order/D_parallel", "order/R",
-        "order/sigma2_lambda", "order/D_s", "order/loss", "order/error", "order/measured_step",
+        "order/A",
+        "order/A0",
+        "order/A_parallel",
+        "order/A_perp",
+        "order/D",
+        "order/D_parallel",
+        "order/R",
+        "order/sigma2_lambda",
+        "order/D_s",
+        "order/loss",
+        "order/error",
+        "order/measured_step",
     )
 
     def __init__(
@@ -116,11 +126,24 @@ class OrderParameterMonitor(_ProbeCallback):
         figure_every_n: int | None = 25,
     ) -> None:
         super().__init__(
-            probe_size=probe_size, batch_size=batch_size, every_n_epochs=every_n_epochs,
-            every_n_steps=every_n_steps, measure_at_start=measure_at_start, loss_fn=loss_fn, params=params,
-            unpack=unpack, seed=seed, chunk_size=chunk_size, method=method, num_minibatches=num_minibatches,
+            probe_size=probe_size,
+            batch_size=batch_size,
+            every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            measure_at_start=measure_at_start,
+            loss_fn=loss_fn,
+            params=params,
+            unpack=unpack,
+            seed=seed,
+            chunk_size=chunk_size,
+            method=method,
+            num_minibatches=num_minibatches,
         )
-        if isinstance(spectrum_fraction, bool) or not isinstance(spectrum_fraction, (int, float)) or not 0 < spectrum_fraction <= 1:
+        if (
+            isinstance(spectrum_fraction, bool)
+            or not isinstance(spectrum_fraction, (int, float))
+            or not 0 < spectrum_fraction <= 1
+        ):
             raise LightningPhasesError(f"spectrum_fraction must be in (0, 1]; got {spectrum_fraction!r}.")
         _check_positive_int("figure_every_n", figure_every_n, allow_none=True)
         self.spectrum_fraction = float(spectrum_fraction)
@@ -140,7 +163,11 @@ class OrderParameterMonitor(_ProbeCallback):
 
     def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
         nan = torch.full((n,), math.nan, dtype=torch.float64, device=device)
-        return {"gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device), "losses": nan, "correct": nan.clone()}
+        return {
+            "gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device),
+            "losses": nan,
+            "correct": nan.clone(),
+        }
 
     def _metrics(self, trainer, pl_module, stats: dict[str, Tensor]) -> dict[str, float]:
         gram = stats["gram"]
@@ -160,7 +187,11 @@ class OrderParameterMonitor(_ProbeCallback):
             if positive.numel():
                 writer.add_histogram("order/spectrum", positive.log10().cpu().numpy(), trainer.global_step)
             if self.figure_every_n is not None and (self.num_measurements % self.figure_every_n == 0):
-                writer.add_figure("order/spectrum_figure", spectrum_figure(spectrum.cpu(), step=trainer.global_step), trainer.global_step)
+                writer.add_figure(
+                    "order/spectrum_figure",
+                    spectrum_figure(spectrum.cpu(), step=trainer.global_step),
+                    trainer.global_step,
+                )
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

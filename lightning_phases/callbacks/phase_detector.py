@@ -9,11 +9,10 @@ import math
 import os
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_phases import _lightning as pl
+from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
 
@@ -124,14 +123,21 @@ class PhaseDetector(Callback):
         super().__init__()
         if model not in PHASE_MODELS:
             raise LightningPhasesError(f"model must be one of {PHASE_MODELS}; got {model!r}.")
-        for name, value in (("stop", stop), ("save_checkpoint", save_checkpoint), ("average_weights", average_weights),
-                            ("strict", strict), ("verbose", verbose)):
+        for name, value in (
+            ("stop", stop),
+            ("save_checkpoint", save_checkpoint),
+            ("average_weights", average_weights),
+            ("strict", strict),
+            ("verbose", verbose),
+        ):
             if not isinstance(value, bool):
                 raise LightningPhasesError(f"{name} must be True or False; got {value!r}.")
         known = set(inspect.signature(PhaseTracker).parameters) - {"model", "smoothing", "patience"}
         unknown = sorted(set(thresholds) - known)
         if unknown:
-            raise LightningPhasesError(f"unknown PhaseDetector argument(s) {unknown}; the thresholds are {sorted(known)}.")
+            raise LightningPhasesError(
+                f"unknown PhaseDetector argument(s) {unknown}; the thresholds are {sorted(known)}."
+            )
         self.tracker = PhaseTracker(model, smoothing=smoothing, patience=patience, **thresholds)
         self.model = model
         self.stop = bool(stop)
@@ -155,7 +161,10 @@ class PhaseDetector(Callback):
         # Lightning reads this on every hook call (profiler names): build the string once per identity
         ident = (self.model, self.average_weights)
         if getattr(self, "_state_key_cache", (None, ""))[0] != ident:
-            self._state_key_cache = (ident, self._generate_state_key(model=self.model, average_weights=self.average_weights))
+            self._state_key_cache = (
+                ident,
+                self._generate_state_key(model=self.model, average_weights=self.average_weights),
+            )
         return self._state_key_cache[1]
 
     @property
@@ -268,7 +277,11 @@ class PhaseDetector(Callback):
         return int(newest)
 
     def _poll(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False, metrics: dict[str, Any] | None = None
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        final: bool = False,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
         metrics = trainer.callback_metrics if metrics is None else metrics
         step = self._new_measurement(metrics, final)
@@ -300,24 +313,31 @@ class PhaseDetector(Callback):
             "clean_learned": "clean data learned (the loss gap L_w - L_c stopped growing in phase II)",
             "memorisation_onset": "memorisation onset (err_w on the mislabeled samples started to fall)",
         }.get(t.kind, "clean-priority learning ended (segment ratio reached 1)")
-        keys = ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "split/L_c", "split/L_w", "order/R",
-                "order/sigma2_lambda", "segment/ratio")
+        keys = (
+            "split/A0_c",
+            "split/A0_w",
+            "split/R_cw",
+            "split/err_w",
+            "split/L_c",
+            "split/L_w",
+            "order/R",
+            "order/sigma2_lambda",
+            "segment/ratio",
+        )
         trig = ", ".join(f"{k}={t.statistics[k]:.4g}" for k in keys if k in t.statistics)
         text = f"step {t.step} (epoch {t.epoch}): {what}; smoothed {trig}"
         if self.verbose:
             rank_zero_info(f"PhaseDetector: {text}")
-        if trainer.is_global_zero:
-            from pytorch_lightning.loggers import TensorBoardLogger
-
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("phase/transitions", text, t.step)
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("phase/transitions", text, t.step)
 
     def _accumulate(self, pl_module: pl.LightningModule) -> None:
         """Add the current weights to the phase-II running sum (float entries; others keep the latest value)."""
         state = pl_module.state_dict()
         if self._weight_sum is None:
-            self._weight_sum = {k: v.detach().to("cpu", torch.float64, copy=True) for k, v in state.items() if v.is_floating_point()}
+            self._weight_sum = {
+                k: v.detach().to("cpu", torch.float64, copy=True) for k, v in state.items() if v.is_floating_point()
+            }
         else:
             for k, total in self._weight_sum.items():
                 total += state[k].detach().to("cpu", torch.float64)
@@ -328,11 +348,16 @@ class PhaseDetector(Callback):
         current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
         if not (self.average_weights and self._weight_sum is not None and self._weight_count):
             return current
-        return {k: (self._weight_sum[k] / self._weight_count).to(v.dtype) if k in self._weight_sum else v for k, v in current.items()}
+        return {
+            k: (self._weight_sum[k] / self._weight_count).to(v.dtype) if k in self._weight_sum else v
+            for k, v in current.items()
+        }
 
     def _on_recommended(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: PhaseTransition) -> None:
         self.recommended_state_dict = self._kept_weights(pl_module)
-        what = "the weights averaged over" if self.average_weights and self._weight_count else "the weights at the end of"
+        what = (
+            "the weights averaged over" if self.average_weights and self._weight_count else "the weights at the end of"
+        )
         rank_zero_info(
             f"PhaseDetector: recommended stop at step {t.step} (epoch {t.epoch}), the end of phase II: the clean data "
             f"is learned and the mislabeled data not yet; keeping {what} phase II "
@@ -375,16 +400,22 @@ class PhaseDetector(Callback):
         """A short phase timeline: epochs per phase, transitions and the recommended stop."""
         lines = [f"Phase timeline ({self.tracker.model or 'no'} model, {self.tracker.num_measurements} measurements):"]
         for phase, first, last in self.tracker.timeline():
-            lines.append(f"  {phase:<14s} epochs {first}-{last} ({last - first + 1} epoch{'s' if last > first else ''})")
+            lines.append(
+                f"  {phase:<14s} epochs {first}-{last} ({last - first + 1} epoch{'s' if last > first else ''})"
+            )
         rec = self.tracker.recommended
         why = {"memorisation_onset": "memorisation onset: err_w started to fall", "phase": "start of phase III"}
         lines.append(
             f"  recommended stop: step {rec.step}, epoch {rec.epoch} ({why.get(rec.kind, rec.kind.replace('_', ' '))})"
-            if rec else "  recommended stop: not reached"
+            if rec
+            else "  recommended stop: not reached"
         )
         if self.recommended_state_dict is not None:
-            kept = (f"averaged over {self._weight_count} phase-II measurements" if self.average_weights and self._weight_count
-                    else "at the recommended stop")
+            kept = (
+                f"averaged over {self._weight_count} phase-II measurements"
+                if self.average_weights and self._weight_count
+                else "at the recommended stop"
+            )
             lines.append(f"  kept weights: {kept} (recommended_state_dict)")
         return "\n".join(lines)
 
@@ -415,7 +446,9 @@ class PhaseDetector(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
-        if "taken" not in self._seen and any(k in self._seen for k in _TRIGGERS):  # checkpoints written before "taken" was kept
+        if "taken" not in self._seen and any(
+            k in self._seen for k in _TRIGGERS
+        ):  # checkpoints written before "taken" was kept
             self._seen["taken"] = max(v for k, v in self._seen.items() if k in _TRIGGERS)
         self._pending = state_dict.get("pending")
         self.recommended_checkpoint = state_dict.get("recommended_checkpoint")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_phases import _lightning as pl
 from lightning_phases.data.dataset import NoisyLabelDataset, dataset_targets
 from lightning_phases.data.noise import NOISE_TYPES, NoiseSpec
 from lightning_phases.errors import LabelNoiseError
@@ -48,7 +48,9 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if isinstance(noise_type, str) and noise_type not in NOISE_TYPES:
-            raise LabelNoiseError(f"unknown noise_type {noise_type!r}; use one of {NOISE_TYPES} or a C×C transition matrix.")
+            raise LabelNoiseError(
+                f"unknown noise_type {noise_type!r}; use one of {NOISE_TYPES} or a C×C transition matrix."
+            )
         if isinstance(noise_rate, bool) or not isinstance(noise_rate, (int, float)) or not 0 <= noise_rate < 1:
             raise LabelNoiseError(f"noise_rate must be in [0, 1); got {noise_rate!r}.")
         _check_int("seed", seed, 0)
@@ -75,7 +77,12 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
         self.removed_indices: Tensor = torch.zeros(0, dtype=torch.long)
         if classes is not None:
             classes = [int(c) for c in classes]
-            if len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= self.num_classes:
+            if (
+                len(classes) < 2
+                or len(set(classes)) != len(classes)
+                or min(classes) < 0
+                or max(classes) >= self.num_classes
+            ):
                 raise LabelNoiseError(
                     f"classes must be >= 2 distinct labels in [0, {self.num_classes - 1}]; got {classes!r}."
                 )
@@ -115,21 +122,28 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
             val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
             common = dict(noise=self.noise_type, num_classes=self.num_classes, class_map=self.class_map)
             self.noisy_train = NoisyLabelDataset(
-                Subset(full, train_idx.tolist()), noise_rate=self.noise_rate, seed=self.seed,
-                targets=targets[train_idx], **common,
+                Subset(full, train_idx.tolist()),
+                noise_rate=self.noise_rate,
+                seed=self.seed,
+                targets=targets[train_idx],
+                **common,
             )
             val_source = self._load_for_validation(source)  # same samples as `source`, evaluation transform
             if kept is not None:
                 val_source = Subset(val_source, kept)
             self.val_dataset = NoisyLabelDataset(
-                Subset(val_source, val_idx.tolist()), noise_rate=0.0 if self.clean_val else self.noise_rate,
-                seed=self.seed + 1, targets=targets[val_idx],
+                Subset(val_source, val_idx.tolist()),
+                noise_rate=0.0 if self.clean_val else self.noise_rate,
+                seed=self.seed + 1,
+                targets=targets[val_idx],
                 **(common if not self.clean_val else dict(noise="symmetric", num_classes=self.num_classes)),
             )
         if stage in (None, "test") and self.test_dataset is None:
             test, test_targets, _ = self._select(self._load(train=False))
             # clean labels (relabelled when `classes` is set), served through the wrapper
-            self.test_dataset = NoisyLabelDataset(test, noise_rate=0.0, num_classes=self.num_classes, targets=test_targets)
+            self.test_dataset = NoisyLabelDataset(
+                test, noise_rate=0.0, num_classes=self.num_classes, targets=test_targets
+            )
 
     @property
     def train_dataset(self) -> NoisyLabelDataset:
@@ -156,7 +170,10 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
     # -------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 

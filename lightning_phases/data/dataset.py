@@ -92,7 +92,9 @@ class NoisyLabelDataset(Dataset):
         if noisy_targets is not None:
             noisy = torch.as_tensor(noisy_targets).long().reshape(-1)
             if noisy.shape != true.shape:
-                raise LabelNoiseError(f"noisy_targets has {noisy.numel()} labels but the dataset has {true.numel()} samples.")
+                raise LabelNoiseError(
+                    f"noisy_targets has {noisy.numel()} labels but the dataset has {true.numel()} samples."
+                )
         else:
             noisy = apply_label_noise(true, noise, self.noise_rate, self.num_classes, seed=seed, class_map=class_map)
         self.noisy_targets = noisy

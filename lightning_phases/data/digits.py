@@ -51,7 +51,9 @@ class NoisyDigitsDataModule(_NoisyClassificationDataModule):
             digits = load_digits()
             x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
             y = torch.tensor(digits.target, dtype=torch.long)
-            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(derived_seed(self.split_seed, "test_split")))
+            perm = torch.randperm(
+                len(y), generator=torch.Generator().manual_seed(derived_seed(self.split_seed, "test_split"))
+            )
             n_test = int(round(self.test_fraction * len(y)))
             test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
             self._split = (TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]))

@@ -44,7 +44,7 @@ CIFAR10_PAIRFLIP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 #: MNIST's standard asymmetric map: 2→7, 3→8, 5↔6, 7→1.
 MNIST_PAIRFLIP: dict[int, int] = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
 
-NoiseSpec = Union[str, Tensor]
+NoiseSpec = Union[str, Tensor]  # noqa: UP007 - a runtime alias
 """A noise name (``"symmetric"``, ``"uniform"``, ``"pairflip"``) or a ``C×C`` transition matrix."""
 
 
@@ -64,7 +64,9 @@ def _check(targets: Tensor, rate: float, num_classes: int) -> Tensor:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise LabelNoiseError(f"num_classes must be an int >= 2; got {num_classes!r}.")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise LabelNoiseError(f"targets must lie in [0, {num_classes - 1}]; got values in [{int(y.min())}, {int(y.max())}].")
+        raise LabelNoiseError(
+            f"targets must lie in [0, {num_classes - 1}]; got values in [{int(y.min())}, {int(y.max())}]."
+        )
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise LabelNoiseError(f"noise rate must be in [0, 1); got {rate!r}. A rate of 1 would leave no clean sample.")
     return y
@@ -110,9 +112,7 @@ def _check_map(class_map: Mapping[int, int], num_classes: int) -> dict[int, int]
     for src, dst in class_map.items():
         for name, c in (("source", src), ("target", dst)):
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
-                raise LabelNoiseError(
-                    f"class_map {name} class {c!r} does not exist: classes are 0..{num_classes - 1}."
-                )
+                raise LabelNoiseError(f"class_map {name} class {c!r} does not exist: classes are 0..{num_classes - 1}.")
         if src == dst:
             raise LabelNoiseError(f"class_map maps class {src} to itself; a flip must change the label.")
         out[int(src)] = int(dst)
@@ -179,7 +179,9 @@ def apply_label_noise(
     """
     if isinstance(noise, Tensor):
         if noise.shape != (num_classes, num_classes):
-            raise LabelNoiseError(f"the transition matrix must be {num_classes}×{num_classes}; got {tuple(noise.shape)}.")
+            raise LabelNoiseError(
+                f"the transition matrix must be {num_classes}×{num_classes}; got {tuple(noise.shape)}."
+            )
         return transition_noise(targets, noise, seed=seed)
     if noise == "symmetric":
         return symmetric_noise(targets, rate, num_classes, seed=seed)

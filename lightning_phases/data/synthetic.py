@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_phases import _lightning as pl
 from lightning_phases.data.dataset import NoisyLabelDataset
 from lightning_phases.data.noise import NoiseSpec
 from lightning_phases.errors import LabelNoiseError
@@ -98,9 +98,15 @@ class GaussianClustersDataModule(pl.LightningDataModule):
         gen = torch.Generator()
         gen.set_state(self._gen_state)
         train, val, test = (self._sample(n, gen) for n in self.sizes)
-        self.noisy_train = NoisyLabelDataset(train, noise=self.noise_type, noise_rate=self.noise_rate, num_classes=self.num_classes, seed=self.seed)
+        self.noisy_train = NoisyLabelDataset(
+            train, noise=self.noise_type, noise_rate=self.noise_rate, num_classes=self.num_classes, seed=self.seed
+        )
         self.val_dataset = NoisyLabelDataset(
-            val, noise=self.noise_type, noise_rate=0.0 if self.clean_val else self.noise_rate, num_classes=self.num_classes, seed=self.seed + 1,
+            val,
+            noise=self.noise_type,
+            noise_rate=0.0 if self.clean_val else self.noise_rate,
+            num_classes=self.num_classes,
+            seed=self.seed + 1,
         )
         self.test_dataset = test
 

@@ -18,7 +18,9 @@ class _TorchvisionDataModule(_NoisyClassificationDataModule):
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
-    def __init__(self, data_dir: str = os.path.join("data"), *, download: bool = False, augment: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: str = os.path.join("data"), *, download: bool = False, augment: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.data_dir = str(data_dir)
         self.download = bool(download)
@@ -53,7 +55,9 @@ class _TorchvisionDataModule(_NoisyClassificationDataModule):
     def _load(self, train: bool, augment: bool | None = None) -> Dataset:
         cls = self._cls()
         try:
-            return cls(self.data_dir, train=train, download=False, transform=self._transform(train and augment is not False))
+            return cls(
+                self.data_dir, train=train, download=False, transform=self._transform(train and augment is not False)
+            )
         except RuntimeError as err:
             from lightning_phases.errors import LightningPhasesError
 

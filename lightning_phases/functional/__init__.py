@@ -33,8 +33,6 @@ from lightning_phases.functional.noise_split import (
     single_logit_loss,
     split_order_parameters,
 )
-from lightning_phases.functional.two_layer import NeuronStatistics, neuron_statistics
-from lightning_phases.functional.phases import PHASE_MODELS, PHASE_NAMES, PhaseTracker, PhaseTransition
 from lightning_phases.functional.per_sample import (
     LossFn,
     ParamSelection,
@@ -42,11 +40,13 @@ from lightning_phases.functional.per_sample import (
     eval_mode,
     gradient_gram,
     grouped_gradient_gram,
-    reduce_gram_to_groups,
     per_sample_grads,
     per_sample_grads_and_losses,
+    reduce_gram_to_groups,
     select_parameters,
 )
+from lightning_phases.functional.phases import PHASE_MODELS, PHASE_NAMES, PhaseTracker, PhaseTransition
+from lightning_phases.functional.two_layer import NeuronStatistics, neuron_statistics
 
 __all__ = [
     "LossFn",

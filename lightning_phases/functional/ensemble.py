@@ -132,9 +132,7 @@ def _as_gram(gram: Tensor) -> Tensor:
         raise DegenerateInputError(f"gram must be a square [n, n] matrix; got shape {tuple(gram.shape)}.")
     n = gram.shape[0]
     if n < 2:
-        raise DegenerateInputError(
-            f"The probe set has n={n} sample(s); ensemble statistics need at least 2."
-        )
+        raise DegenerateInputError(f"The probe set has n={n} sample(s); ensemble statistics need at least 2.")
     if gram.device.type == "mps":
         gram = gram.cpu()
     return gram.to(torch.float64)
@@ -257,9 +255,7 @@ def order_parameters(
         sigma2 = a_par = a_perp = d_par = math.nan
     r = _alignment_R(g, batch_size, num_minibatches, make_generator(generator))
     if math.isnan(r):
-        _warn(
-            f"R is undefined: no two distinct non-zero minibatch gradients (n={n}, B={batch_size}); R is NaN."
-        )
+        _warn(f"R is undefined: no two distinct non-zero minibatch gradients (n={n}, B={batch_size}); R is NaN.")
     return OrderParameters(
         A=a, A0=a0, A_parallel=a_par, A_perp=a_perp, D=d, D_parallel=d_par, R=r, sigma2_lambda=sigma2
     )

@@ -81,8 +81,10 @@ def supported_layer(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
     if type(module) is nn.Conv2d:
-        return module.groups == 1 and module.padding_mode == "zeros" and not (
-            isinstance(module.padding, str) and module.padding != "valid"
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not (isinstance(module.padding, str) and module.padding != "valid")
         )
     return False
 
@@ -243,7 +245,9 @@ def _check_directions(module: nn.Module, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
-def _projected_check(module: nn.Module, inp: Tensor, out_grad: Tensor, weight_grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _projected_check(
+    module: nn.Module, inp: Tensor, out_grad: Tensor, weight_grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(Σ_i g_i V, ∇W V, bound)`` along a few fixed directions ``V`` (each ``[d_out, k]``).
 
     ``g_i = Σ_t δ_it a_itᵀ`` is the per-sample weight gradient implied by the
@@ -338,7 +342,9 @@ def fast_layer_gram(
             with torch.enable_grad():
                 out = model(x)
                 chunk_losses = vloss(out, y).reshape(-1)
-                live = [m for m in modules if recorder.calls.get(m) == 1 and m in recorder.outputs and m not in rejected]
+                live = [
+                    m for m in modules if recorder.calls.get(m) == 1 and m in recorder.outputs and m not in rejected
+                ]
                 for m in modules:
                     if m not in live:
                         rejected.add(m)
@@ -349,9 +355,7 @@ def fast_layer_gram(
                     if pn in selected
                 }
                 grads = (
-                    torch.autograd.grad(chunk_losses.sum(), list(wanted.values()), allow_unused=True)
-                    if wanted
-                    else []
+                    torch.autograd.grad(chunk_losses.sum(), list(wanted.values()), allow_unused=True) if wanted else []
                 )
                 param_grads = dict(zip(wanted, grads))
             losses.append(chunk_losses.detach())

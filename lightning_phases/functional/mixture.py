@@ -114,7 +114,12 @@ def mixture_threshold(
 def _nan_mixture(n: int, device: torch.device) -> LossMixture:
     nan = math.nan
     return LossMixture(
-        nan, nan, nan, nan, nan, nan,
+        nan,
+        nan,
+        nan,
+        nan,
+        nan,
+        nan,
         posterior=torch.full((n,), nan, dtype=torch.float64, device=device),
         flags=torch.zeros(n, dtype=torch.bool, device=device),
         converged=False,
@@ -163,7 +168,9 @@ def fit_loss_mixture(
     if clip_percentiles is not None:
         lo_p, hi_p = clip_percentiles
         if not 0 <= lo_p < hi_p <= 100:
-            raise DegenerateInputError(f"clip_percentiles must be (lo, hi) with 0 <= lo < hi <= 100; got {clip_percentiles!r}.")
+            raise DegenerateInputError(
+                f"clip_percentiles must be (lo, hi) with 0 <= lo < hi <= 100; got {clip_percentiles!r}."
+            )
     n = t.shape[0]
     x = t.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(x).all():
@@ -233,7 +240,9 @@ def class_dependence(flags: Tensor, labels: Tensor) -> float:
     f = torch.as_tensor(flags).detach().reshape(-1).to(torch.float64).cpu()
     y = torch.as_tensor(labels).detach().reshape(-1).cpu()
     if f.numel() != y.numel() or f.numel() == 0:
-        raise DegenerateInputError(f"class_dependence needs flags and labels of the same non-zero length; got {f.numel()} and {y.numel()}.")
+        raise DegenerateInputError(
+            f"class_dependence needs flags and labels of the same non-zero length; got {f.numel()} and {y.numel()}."
+        )
     mean = f.mean()
     total = float(((f - mean) ** 2).sum())
     if not total > 0:
@@ -313,9 +322,7 @@ class DetectionMetrics:
     auroc: float
 
 
-def detection_metrics(
-    scores_or_flags: Tensor, true_mask: Tensor, *, threshold: float = 0.5
-) -> DetectionMetrics:
+def detection_metrics(scores_or_flags: Tensor, true_mask: Tensor, *, threshold: float = 0.5) -> DetectionMetrics:
     """Precision, recall, F1 and AUROC of a detector of mislabeled samples (torchmetrics).
 
     Args:

@@ -247,7 +247,9 @@ def segment_statistics_from_groups(
     h = torch.as_tensor(group_gram).to(torch.float64).cpu()
     k = classes.numel()
     if h.shape != (2 * k, 2 * k):
-        raise DegenerateInputError(f"group_gram must have shape [{2 * k}, {2 * k}] for {k} classes; got {tuple(h.shape)}.")
+        raise DegenerateInputError(
+            f"group_gram must have shape [{2 * k}, {2 * k}] for {k} classes; got {tuple(h.shape)}."
+        )
     if not _all_finite(h):
         _warn("The segment-gradient Gram matrix contains NaN or inf; segment statistics are NaN.")
     counts = torch.bincount(groups[groups >= 0].cpu(), minlength=2 * k)
@@ -304,7 +306,9 @@ def segment_statistics(
     if y.shape[0] != n:
         raise DegenerateInputError(f"true_targets must have shape [{n}]; got {tuple(y.shape)}.")
     groups, classes = segment_groups(y, _as_mask(noisy_mask, n).to(g.device), classes)
-    return segment_statistics_from_groups(reduce_gram_to_groups(g, groups, 2 * classes.numel()), y, noisy_mask, classes=classes)
+    return segment_statistics_from_groups(
+        reduce_gram_to_groups(g, groups, 2 * classes.numel()), y, noisy_mask, classes=classes
+    )
 
 
 def single_logit_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -373,8 +377,14 @@ def segment_gradients(
     else:
         pair = torch.stack([targets.long(), true_targets.long()], dim=1)
         group_gram, _ = grouped_gradient_gram(
-            model, inputs, pair, groups, num_groups=2 * classes.numel(), loss_fn=single_logit_loss,
-            params=params, chunk_size=chunk_size,
+            model,
+            inputs,
+            pair,
+            groups,
+            num_groups=2 * classes.numel(),
+            loss_fn=single_logit_loss,
+            params=params,
+            chunk_size=chunk_size,
         )
     return segment_statistics_from_groups(group_gram, true_targets, noisy_mask, classes=classes)
 

@@ -52,10 +52,11 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(output_of_one_sample, target_of_one_sample) -> scalar loss``."""
 
-ParamSelection = Union[None, str, Iterable[str], Callable[[str, nn.Parameter], bool]]
+ParamSelection = Union[None, str, Iterable[str], Callable[[str, nn.Parameter], bool]]  # noqa: UP007 - a runtime alias
 """Which trainable parameters to differentiate: ``None`` (all), names or module
 prefixes (``"fc1"`` selects ``fc1.weight`` and ``fc1.bias``), or a predicate
 ``(name, parameter) -> bool``."""
+
 
 def default_loss(output: Tensor, target: Tensor) -> Tensor:
     """Loss of one sample: cross-entropy on ``C >= 2`` logits, logistic loss on one logit.
@@ -93,8 +94,7 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ParameterSelectionError(
-            f"{type(model).__name__} has no parameter with requires_grad=True; "
-            "there is nothing to take gradients of."
+            f"{type(model).__name__} has no parameter with requires_grad=True; there is nothing to take gradients of."
         )
     available = ", ".join(name for name, _ in trainable[:20]) + (" ..." if len(trainable) > 20 else "")
     if params is None:
@@ -102,9 +102,7 @@ def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[s
     if callable(params):
         selected = {name: p for name, p in trainable if params(name, p)}
         if not selected:
-            raise ParameterSelectionError(
-                f"params={params!r} selected no trainable parameter. Available: {available}."
-            )
+            raise ParameterSelectionError(f"params={params!r} selected no trainable parameter. Available: {available}.")
         return selected
     names = [params] if isinstance(params, str) else list(params)
     if not names or not all(isinstance(n, str) for n in names):
@@ -173,9 +171,7 @@ def _validate_batch(inputs: Tensor, targets: Tensor, chunk_size: int | None) -> 
         raise ValueError("inputs and targets need a leading sample dimension.")
     n = inputs.shape[0]
     if targets.shape[0] != n:
-        raise ValueError(
-            f"inputs has {n} samples but targets has {targets.shape[0]}; they must match along dim 0."
-        )
+        raise ValueError(f"inputs has {n} samples but targets has {targets.shape[0]}; they must match along dim 0.")
     if n == 0:
         raise ValueError("inputs is empty: per-sample gradients need at least one sample.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
@@ -295,9 +291,7 @@ def per_sample_grads(
         UnsupportedModelError: ``torch.func`` cannot run through a module; the
             message names the module and a fix.
     """
-    return per_sample_grads_and_losses(
-        model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size
-    )[0]
+    return per_sample_grads_and_losses(model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size)[0]
 
 
 def _symmetric(block: Tensor) -> Tensor:
@@ -404,7 +398,9 @@ def grouped_gradient_gram(
     n = inputs.shape[0] if isinstance(inputs, Tensor) and inputs.ndim else 0
     groups = torch.as_tensor(groups)
     if groups.ndim != 1 or groups.shape[0] != n or groups.dtype.is_floating_point or groups.dtype == torch.bool:
-        raise ValueError(f"groups must be an integer tensor of shape [{n}]; got {groups.dtype} of shape {tuple(groups.shape)}.")
+        raise ValueError(
+            f"groups must be an integer tensor of shape [{n}]; got {groups.dtype} of shape {tuple(groups.shape)}."
+        )
     groups = groups.long()
     if n and int(groups.min()) < -1:
         raise ValueError("groups must be >= -1 (-1 leaves a sample out).")
@@ -463,9 +459,15 @@ def _gram(
     with eval_mode(model):
         try:
             fast, losses, covered, _ = fast_layer_gram(
-                model, x, y, selected, loss_fn if loss_fn is not None else default_loss,
-                chunk_size=chunk_size, force=None if method == "auto" else method,
-                groups=groups, num_groups=num_groups,
+                model,
+                x,
+                y,
+                selected,
+                loss_fn if loss_fn is not None else default_loss,
+                chunk_size=chunk_size,
+                force=None if method == "auto" else method,
+                groups=groups,
+                num_groups=num_groups,
             )
         except Exception as err:  # noqa: BLE001 - the vmap engine reports unsupported models clearly
             warnings.warn(

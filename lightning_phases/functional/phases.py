@@ -161,9 +161,16 @@ class PhaseTracker:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise LightningPhasesError(f"patience must be an int >= 1; got {patience!r}.")
         for name, value in (
-            ("smoothing", smoothing), ("r_explore", r_explore), ("sigma2_explore", sigma2_explore), ("balance", balance),
-            ("r_cw_oppose", r_cw_oppose), ("r_cw_align", r_cw_align), ("memorised", memorised),
-            ("activity_drop", activity_drop), ("segment_end", segment_end), ("gap_plateau", gap_plateau),
+            ("smoothing", smoothing),
+            ("r_explore", r_explore),
+            ("sigma2_explore", sigma2_explore),
+            ("balance", balance),
+            ("r_cw_oppose", r_cw_oppose),
+            ("r_cw_align", r_cw_align),
+            ("memorised", memorised),
+            ("activity_drop", activity_drop),
+            ("segment_end", segment_end),
+            ("gap_plateau", gap_plateau),
             ("memorisation_drop", memorisation_drop),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -181,15 +188,21 @@ class PhaseTracker:
         if not 0 <= memorised < 1:
             raise LightningPhasesError(f"memorised is an error rate in [0, 1); got {memorised!r}.")
         if not 0 < activity_drop <= 1:
-            raise LightningPhasesError(f"activity_drop is a fraction of the peak activity in (0, 1]; got {activity_drop!r}.")
+            raise LightningPhasesError(
+                f"activity_drop is a fraction of the peak activity in (0, 1]; got {activity_drop!r}."
+            )
         if sigma2_explore <= 0 or segment_end <= 0:
-            raise LightningPhasesError(f"sigma2_explore and segment_end must be > 0; got {sigma2_explore!r}, {segment_end!r}.")
+            raise LightningPhasesError(
+                f"sigma2_explore and segment_end must be > 0; got {sigma2_explore!r}, {segment_end!r}."
+            )
         self.requested_model = model
         self.smoothing = float(smoothing)
         self.patience = patience
         if not gap_plateau >= 0:
             raise LightningPhasesError(f"gap_plateau is a relative growth >= 0; got {gap_plateau!r}.")
-        self.thresholds = _Thresholds(r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end)
+        self.thresholds = _Thresholds(
+            r_explore, sigma2_explore, balance, r_cw_oppose, r_cw_align, memorised, activity_drop, segment_end
+        )
         self.gap_plateau = float(gap_plateau)
         if not 0 < memorisation_drop < 1:
             raise LightningPhasesError(f"memorisation_drop is a fall of err_w in (0, 1); got {memorisation_drop!r}.")
@@ -351,7 +364,9 @@ class PhaseTracker:
         index = self.num_measurements
         self.num_measurements += 1
         if self.model == "four" and self.phase_index == 2:
-            self.peak_activity = max(self.peak_activity, self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0)))
+            self.peak_activity = max(
+                self.peak_activity, self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
+            )
         found: list[PhaseTransition] = []
         if self.phase_index < len(self.phases) - 1:
             self.streak = self.streak + 1 if self._condition() else 0
@@ -361,14 +376,20 @@ class PhaseTracker:
                 self.streak = 0
                 if self.model == "four" and self.phase_index == 2:
                     self.peak_activity = self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
-                found.append(PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed)))
+                found.append(
+                    PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed))
+                )
         found.extend(self._gap_update(step, epoch, index))
         found.extend(self._onset_update(step, epoch, index))
         seg = self.smoothed.get(_SEGMENT_KEY)
         if self.clean_priority_end is None and seg is not None:
             self.segment_streak = self.segment_streak + 1 if seg <= self.thresholds.segment_end else 0
             if self.segment_streak >= self.patience:
-                found.append(PhaseTransition("clean_priority_end", "clean_priority", "balanced", step, epoch, index, dict(self.smoothed)))
+                found.append(
+                    PhaseTransition(
+                        "clean_priority_end", "clean_priority", "balanced", step, epoch, index, dict(self.smoothed)
+                    )
+                )
         self.transitions.extend(found)
         self.history.append({"step": step, "epoch": epoch, "phase": self.phase, "phase_index": self.phase_index})
         return found

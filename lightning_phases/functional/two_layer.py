@@ -52,7 +52,9 @@ def neuron_statistics(weight: Tensor, theta_star: Tensor, output_weight: Tensor 
             f"weight must be [m, d] and theta_star [d]; got {tuple(weight.shape)} and {tuple(theta_star.shape)}."
         )
     if output_weight is not None and output_weight.reshape(-1).shape[0] != weight.shape[0]:
-        raise DegenerateInputError(f"output_weight must have m={weight.shape[0]} entries; got {tuple(output_weight.shape)}.")
+        raise DegenerateInputError(
+            f"output_weight must have m={weight.shape[0]} entries; got {tuple(output_weight.shape)}."
+        )
     w = weight.detach().double()
     theta = theta_star.detach().to(w.device).double()
     theta_norm = theta.norm()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_phases import _lightning as pl
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.two_layer import neuron_statistics
 from lightning_phases.optim.sam import SAM

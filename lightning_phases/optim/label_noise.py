@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import MutableMapping, MutableSequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_phases import _lightning as pl
 from lightning_phases.errors import LabelNoiseError
 from lightning_phases.functional.ensemble import derived_seed
 from lightning_phases.functional.label_noise import DrawFrom, add_target_noise, flip_labels
@@ -64,12 +64,16 @@ class LabelNoise(pl.Callback):
         target_key: int | str = 1,
     ) -> None:
         if (tau is None) == (sigma is None):
-            raise LabelNoiseError(f"Give exactly one of tau (classification) or sigma (regression); got tau={tau!r}, sigma={sigma!r}.")
+            raise LabelNoiseError(
+                f"Give exactly one of tau (classification) or sigma (regression); got tau={tau!r}, sigma={sigma!r}."
+            )
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
             raise LabelNoiseError(f"tau must be a float in [0, 1]; got {tau!r}.")
         if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0):
             raise LabelNoiseError(f"sigma must be a float >= 0; got {sigma!r}.")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise LabelNoiseError(f"num_classes must be an int >= 2 or None; got {num_classes!r}.")
         if draw_from not in ("other", "all"):
             raise LabelNoiseError(f"draw_from must be 'other' or 'all'; got {draw_from!r}.")
@@ -94,7 +98,9 @@ class LabelNoise(pl.Callback):
                 )
             self.num_classes = found
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._perturb(batch, trainer.global_rank)
 
     def generator(self, rank: int, batch_number: int) -> torch.Generator:
@@ -111,9 +117,13 @@ class LabelNoise(pl.Callback):
 
     def _perturb(self, batch: Any, rank: int) -> None:
         key = self.target_key
-        if isinstance(batch, MutableSequence) and isinstance(key, int) and -len(batch) <= key < len(batch):
-            pass
-        elif isinstance(batch, MutableMapping) and key in batch:
+        if (
+            isinstance(batch, MutableSequence)
+            and isinstance(key, int)
+            and -len(batch) <= key < len(batch)
+            or isinstance(batch, MutableMapping)
+            and key in batch
+        ):
             pass
         else:
             raise LabelNoiseError(

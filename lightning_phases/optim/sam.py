@@ -191,7 +191,7 @@ class _frozen_batchnorm_stats:
 
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
-    def __enter__(self) -> "_frozen_batchnorm_stats":
+    def __enter__(self) -> _frozen_batchnorm_stats:
         self._saved: dict[int, list[dict[str, Tensor]]] = {}
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(self._pre),

@@ -3,4 +3,12 @@
 from lightning_phases.report.summary import RunData, make_report, read_run
 from lightning_phases.report.tensorboard import PHASE_LAYOUT, mixture_figure, spectrum_figure, write_phase_layout
 
-__all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_layout", "RunData", "make_report", "read_run"]
+__all__ = [
+    "PHASE_LAYOUT",
+    "mixture_figure",
+    "spectrum_figure",
+    "write_phase_layout",
+    "RunData",
+    "make_report",
+    "read_run",
+]

@@ -102,7 +102,16 @@ def _shade(ax, spans, model: str) -> None:
     labels = PHASE_LABELS[model]
     for idx, start, end in spans:
         ax.axvspan(start, end, color=PHASE_COLOURS[idx % len(PHASE_COLOURS)], alpha=0.6, lw=0, zorder=0)
-        ax.text((start + end) / 2, 0.02, labels[idx] if idx < len(labels) else str(idx), transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="0.35")
+        ax.text(
+            (start + end) / 2,
+            0.02,
+            labels[idx] if idx < len(labels) else str(idx),
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.35",
+        )
 
 
 def _plot(ax, data: RunData, tags: list[str], *, log: bool = False) -> bool:
@@ -140,7 +149,11 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
     model = _phase_model(data)
     spans = _phase_spans(data)
     panels = [
-        ("errors and losses (clean vs mislabeled)", ["split/err_c", "split/err_w", "split/L_c", "split/L_w", "val_err", "test_err"], False),
+        (
+            "errors and losses (clean vs mislabeled)",
+            ["split/err_c", "split/err_w", "split/L_c", "split/L_w", "val_err", "test_err"],
+            False,
+        ),
         ("total activities", ["order/A", "split/A_c", "split/A_w"], True),
         ("directed activities", ["order/A0", "split/A0_c", "split/A0_w"], True),
         ("alignments", ["order/R", "split/R_cw", "split/R_ac", "split/R_aw"], False),
@@ -173,7 +186,9 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
         img = mpimg.imread(io.BytesIO(data.images["gmm/loss_histogram"][-1][1]), format="png")
         hist_ax.imshow(img)
     else:
-        notes.append("losses and fitted mixture at t_c: no gmm/loss_histogram image (GMMCleanser absent or t_c not reached)")
+        notes.append(
+            "losses and fitted mixture at t_c: no gmm/loss_histogram image (GMMCleanser absent or t_c not reached)"
+        )
         hist_ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=hist_ax.transAxes, color="0.5")
     seg_ax = axes[7]
     seg_ax.set_title("segment gradients (ratio, cos)", fontsize=10)
@@ -222,7 +237,9 @@ def _summary(data: RunData, spans, model: str, notes: list[str]) -> dict[str, An
             pts = dict(data.scalars.get(f"gmm/{key}", []))
             # the values of the fit at t_c
             cleansing[key] = pts.get(int(t_c))
-    final = {tag: pts[-1][1] for tag, pts in data.scalars.items() if tag.startswith(("order/", "split/", "segment/")) and pts}
+    final = {
+        tag: pts[-1][1] for tag, pts in data.scalars.items() if tag.startswith(("order/", "split/", "segment/")) and pts
+    }
     return {
         "logdir": os.path.abspath(data.logdir),
         "phase_model": model,

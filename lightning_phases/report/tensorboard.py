@@ -14,8 +14,14 @@ __all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_lay
 PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Phases of learning": {
         "total activities (A, A_c, A_w)": ["Multiline", [r"order/A$", r"split/A_c$", r"split/A_w$"]],
-        "directed activities (A0, A0_c, A0_w)": ["Multiline", [r"order/A0$", r"split/A0$", r"split/A0_c$", r"split/A0_w$"]],
-        "alignments (R, R_cw, R_ac, R_aw)": ["Multiline", [r"order/R$", r"split/R_cw$", r"split/R_ac$", r"split/R_aw$"]],
+        "directed activities (A0, A0_c, A0_w)": [
+            "Multiline",
+            [r"order/A0$", r"split/A0$", r"split/A0_c$", r"split/A0_w$"],
+        ],
+        "alignments (R, R_cw, R_ac, R_aw)": [
+            "Multiline",
+            [r"order/R$", r"split/R_cw$", r"split/R_ac$", r"split/R_aw$"],
+        ],
         "sigma2_lambda": ["Multiline", [r"order/sigma2_lambda$"]],
         "noise (D, D_parallel, A_perp)": ["Multiline", [r"order/D$", r"order/D_parallel$", r"order/A_perp$"]],
         "segment losses (L_c, L_w)": ["Multiline", [r"split/L_c$", r"split/L_w$", r"order/loss$"]],
@@ -27,7 +33,7 @@ PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
     }
 }
 
-_written: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_written: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def write_phase_layout(writer: Any) -> None:
@@ -61,7 +67,9 @@ def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
         rank = torch.arange(1, e.numel() + 1, dtype=torch.float64)
         cumulative = e.cumsum(0) / e.sum()
         # at most 256 points, evenly spaced in log(rank): what a log-log plot shows
-        keep = torch.unique(torch.logspace(0, float(torch.log10(rank[-1])), 256, dtype=torch.float64).round().long() - 1)
+        keep = torch.unique(
+            torch.logspace(0, float(torch.log10(rank[-1])), 256, dtype=torch.float64).round().long() - 1
+        )
         x = torch.log10(rank[keep]).numpy()
         ax.plot(x, torch.log10(e[keep]).numpy(), ".-", ms=3)
         inset = ax.inset_axes([0.55, 0.55, 0.4, 0.38])
@@ -102,8 +110,12 @@ def mixture_figure(losses: Tensor, fit: Any, *, title: str = "per-sample losses"
         def pdf(m: float, s: float) -> np.ndarray:
             return np.exp(-0.5 * ((grid - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
 
-        ax.plot(grid, (1 - fit.weight_noisy) * pdf(fit.mean_clean, fit.std_clean), color="tab:blue", label="clean component")
-        ax.plot(grid, fit.weight_noisy * pdf(fit.mean_noisy, fit.std_noisy), color="tab:red", label="mislabeled component")
+        ax.plot(
+            grid, (1 - fit.weight_noisy) * pdf(fit.mean_clean, fit.std_clean), color="tab:blue", label="clean component"
+        )
+        ax.plot(
+            grid, fit.weight_noisy * pdf(fit.mean_noisy, fit.std_noisy), color="tab:red", label="mislabeled component"
+        )
         ax.axvline(fit.threshold, color="k", ls="--", lw=1, label=f"threshold {fit.threshold:.3g}")
     ax.set_xlabel("loss")
     ax.set_ylabel("density")

@@ -18,7 +18,9 @@ class NoisyTensorDataset(Dataset):
         self.x = centres[self.true_targets] + 0.7 * torch.randn(n, dim, generator=gen)
         flip = torch.randperm(n, generator=gen)[: round(rate * n)]
         self.noisy_targets = self.true_targets.clone()
-        self.noisy_targets[flip] = (self.true_targets[flip] + torch.randint(1, num_classes, (len(flip),), generator=gen)) % num_classes
+        self.noisy_targets[flip] = (
+            self.true_targets[flip] + torch.randint(1, num_classes, (len(flip),), generator=gen)
+        ) % num_classes
         self.is_noisy = self.noisy_targets != self.true_targets
 
     def __len__(self) -> int:
@@ -42,7 +44,9 @@ class PlainDataset(Dataset):
 
 
 class TinyClassifier(pl.LightningModule):
-    def __init__(self, dim: int = 6, num_classes: int = 3, hidden: int = 16, lr: float = 0.2, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int = 6, num_classes: int = 3, hidden: int = 16, lr: float = 0.2, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
         self.lr = lr

@@ -28,7 +28,9 @@ class _DumpCallbackMetrics(pl.Callback):
         self.directory = str(directory)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("order/", "split/", "segment/"))}
+        values = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("order/", "split/", "segment/"))
+        }
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as fh:
             json.dump(values, fh)
 
@@ -45,9 +47,16 @@ def _run(tmp_path, devices: int, lr: float):
     ]
     kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", devices=devices,
-        logger=RecordingLogger(tmp_path / "log.jsonl"), callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **kwargs,
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=devices,
+        logger=RecordingLogger(tmp_path / "log.jsonl"),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,8 +15,20 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_phases import GMMCleanser
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional import class_dependence, detection_metrics, fit_loss_mixture, symmetric_noise_class_dependence
-from tests.callbacks.helpers import DestroyProcessGroupAtExit, NoisyTensorDataset, PlainDataset, TinyClassifier, loader, series, trainer
+from lightning_phases.functional import (
+    class_dependence,
+    detection_metrics,
+    fit_loss_mixture,
+    symmetric_noise_class_dependence,
+)
+from tests.callbacks.helpers import (
+    DestroyProcessGroupAtExit,
+    NoisyTensorDataset,
+    TinyClassifier,
+    loader,
+    series,
+    trainer,
+)
 
 DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak at epoch 3
 
@@ -186,7 +198,8 @@ def test_resume_keeps_history_and_flags(tmp_path):
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert second.t_c_epoch == 3 and len(second.delta_L_history) == 7
     assert torch.equal(second.flagged_indices, first._candidate_flags) and torch.equal(
-        second.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten())
+        second.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten()
+    )
     # the peak was found before the restart: the CSV written at t_c is the one of an uninterrupted run
     whole = ScriptedCleanser(patience=3)
     _fit(tmp_path / "c", whole)
@@ -326,7 +339,9 @@ def test_heavy_noise_separation(tmp_path, kwargs, t_c):
     assert cleanser.t_c_epoch == t_c
     fits = [fit_loss_mixture(_heavy_losses(e)) for e in range(12)]
     sep, weight = kwargs.get("heavy_noise_separation"), kwargs.get("heavy_noise_weight", 0.2)
-    accepted = [f.separation >= 2 or (sep is not None and f.separation >= sep and f.weight_noisy >= weight) for f in fits]
+    accepted = [
+        f.separation >= 2 or (sep is not None and f.separation >= sep and f.weight_noisy >= weight) for f in fits
+    ]
     logged = series(tr.loggers[0].records, "gmm/num_flagged")
     assert [v > 0 for _, v in logged] == accepted[: len(logged)]  # flags exactly on the accepted fits
 
@@ -401,7 +416,14 @@ class _Dump(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump({"flags": self.cleanser.flagged_indices.tolist(), "t_c": self.cleanser.t_c_step, "epoch": trainer.current_epoch}, fh)
+            json.dump(
+                {
+                    "flags": self.cleanser.flagged_indices.tolist(),
+                    "t_c": self.cleanser.t_c_step,
+                    "epoch": trainer.current_epoch,
+                },
+                fh,
+            )
 
 
 def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
@@ -411,8 +433,15 @@ def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
     cleanser = GMMCleanser(action="stop", patience=2)
     pl.seed_everything(0, verbose=False)
     tr = pl.Trainer(
-        default_root_dir=tmp_path, max_epochs=30, accelerator="cpu", devices=2, strategy="ddp_spawn",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        max_epochs=30,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[cleanser, _Dump(tmp_path, cleanser), DestroyProcessGroupAtExit()],
     )
     with warnings.catch_warnings():
@@ -433,5 +462,7 @@ def test_class_check_applies_to_class_targets_only():
     assert labels(torch.tensor([0.0, float("nan"), 1.0, 1.0])) is None
     counts = torch.tensor([0.0, 3.0, 5.0, 3.0, 0.0, 5.0])  # integer regression targets of a one-output model
     assert labels(counts) is not None and labels(counts, num_outputs=1) is None
-    assert torch.equal(labels(torch.tensor([0.0, 1.0, 1.0, 0.0]), num_outputs=1), torch.tensor([0, 1, 1, 0]))  # one logit
+    assert torch.equal(
+        labels(torch.tensor([0.0, 1.0, 1.0, 0.0]), num_outputs=1), torch.tensor([0, 1, 1, 0])
+    )  # one logit
     assert labels(torch.tensor([0.0, 7.0, 7.0, 0.0]), num_outputs=5) is None  # not an output index

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -19,14 +18,13 @@ from lightning_phases.functional import (
     make_generator,
     noise_spectrum,
     order_parameters,
-    single_logit_loss,
     segment_statistics,
+    single_logit_loss,
     split_order_parameters,
 )
 from tests.callbacks.helpers import (
     NoisyTensorDataset,
     PlainDataset,
-    RecordingLogger,
     TinyClassifier,
     loader,
     series,

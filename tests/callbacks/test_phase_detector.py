@@ -19,7 +19,16 @@ from tests.functional.test_phases import _four_phase_series
 class SeriesProvider(pl.Callback):
     """Publishes one entry of a recorded series into callback_metrics at each epoch end (like the monitors)."""
 
-    phase_metrics = ("order/R", "order/sigma2_lambda", "order/A", "split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/measured_step")
+    phase_metrics = (
+        "order/R",
+        "order/sigma2_lambda",
+        "order/A",
+        "split/A0_c",
+        "split/A0_w",
+        "split/R_cw",
+        "split/err_w",
+        "order/measured_step",
+    )
 
     def __init__(self, recorded) -> None:
         self.recorded = recorded
@@ -73,7 +82,14 @@ def test_detects_the_constructed_phases_and_logs_them(tmp_path):
 
 
 def test_stop_and_keep_the_phase_two_average(tmp_path):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="phase/recommended", mode="max", save_top_k=1, save_on_train_epoch_end=True, filename="best")
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ck",
+        monitor="phase/recommended",
+        mode="max",
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        filename="best",
+    )
     weights = WeightRecorder()
     detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, save_checkpoint=True)
     tr, model, _ = _fit(tmp_path, detector, epochs=24, extra=[ckpt, weights], enable_checkpointing=True)
@@ -104,11 +120,16 @@ def test_keep_the_weights_at_the_stop_without_averaging(tmp_path):
 
 def test_averaged_and_point_detectors_side_by_side(tmp_path):
     """Two detectors in one Trainer (distinct state keys) take the same decision and keep different weights."""
-    averaged, at_stop = PhaseDetector(smoothing=1.0, patience=1), PhaseDetector(smoothing=1.0, patience=1, average_weights=False)
+    averaged, at_stop = (
+        PhaseDetector(smoothing=1.0, patience=1),
+        PhaseDetector(smoothing=1.0, patience=1, average_weights=False),
+    )
     _, model, _ = _fit(tmp_path, averaged, epochs=24, extra=[at_stop])
     assert averaged.state_key != at_stop.state_key
     assert averaged.recommended == at_stop.recommended
-    assert not torch.equal(averaged.recommended_state_dict["net.0.weight"], at_stop.recommended_state_dict["net.0.weight"])
+    assert not torch.equal(
+        averaged.recommended_state_dict["net.0.weight"], at_stop.recommended_state_dict["net.0.weight"]
+    )
 
 
 def test_training_that_ends_in_phase_two_keeps_the_average_so_far(tmp_path):
@@ -130,7 +151,9 @@ def test_resume_continues_the_phase_sequence(tmp_path):
     second = PhaseDetector(smoothing=1.0, patience=1)
     recorded, truth = _four_phase_series(lengths=(6, 6, 6, 6))
     pl.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path / "b", [SeriesProvider(recorded), second, second_weights], max_epochs=24, enable_checkpointing=True)
+    tr = trainer(
+        tmp_path / "b", [SeriesProvider(recorded), second, second_weights], max_epochs=24, enable_checkpointing=True
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
@@ -146,7 +169,9 @@ def test_resume_continues_the_phase_sequence(tmp_path):
 def test_works_with_the_real_monitors(tmp_path):
     detector = PhaseDetector()
     pl.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path, [OrderParameterMonitor(probe_size=48), NoiseSplitTracker(probe_size=48), detector], max_epochs=3)
+    tr = trainer(
+        tmp_path, [OrderParameterMonitor(probe_size=48), NoiseSplitTracker(probe_size=48), detector], max_epochs=3
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
@@ -154,10 +179,14 @@ def test_works_with_the_real_monitors(tmp_path):
     assert "phase/index" in tr.callback_metrics
 
 
-def _detector_with_monitors(tmp_path, position, split_every=None, epochs=3, order_kw=None, split_kw=None, extra=(), fit_kw=None, **kwargs):
+def _detector_with_monitors(
+    tmp_path, position, split_every=None, epochs=3, order_kw=None, split_kw=None, extra=(), fit_kw=None, **kwargs
+):
     detector = PhaseDetector(verbose=False)
-    providers = [OrderParameterMonitor(probe_size=48, **(order_kw or {})),
-                 NoiseSplitTracker(probe_size=48, every_n_epochs=split_every, **(split_kw or {}))]
+    providers = [
+        OrderParameterMonitor(probe_size=48, **(order_kw or {})),
+        NoiseSplitTracker(probe_size=48, every_n_epochs=split_every, **(split_kw or {})),
+    ]
     callbacks = providers[:position] + [detector] + providers[position:] + list(extra)
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path / str(position), callbacks, max_epochs=epochs, **kwargs)
@@ -182,31 +211,53 @@ def test_providers_on_different_schedules_are_each_taken_once(tmp_path):
     detector, tr = _detector_with_monitors(tmp_path, 2, split_every=2, epochs=4)
     steps_per_epoch = len(loader(NoisyTensorDataset()))
     # order/* every epoch, split/* at the start and every second epoch: one measurement per order step
-    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(4)]
+    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [
+        ((e + 1) * steps_per_epoch, e) for e in range(4)
+    ]
 
 
 def test_the_last_measurement_is_taken_at_the_end_of_training(tmp_path):
     detector, _ = _detector_with_monitors(tmp_path, 0, split_every=2, epochs=3)  # split/* lags at the last epoch
     steps_per_epoch = len(loader(NoisyTensorDataset()))
-    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [((e + 1) * steps_per_epoch, e) for e in range(3)]
+    assert [(h["step"], h["epoch"]) for h in detector.history] == [(0, 0)] + [
+        ((e + 1) * steps_per_epoch, e) for e in range(3)
+    ]
 
 
 @pytest.mark.parametrize(
     "position,order_kw,checkpoint_kw,first_kw",
     [
-        (0, {}, dict(every_n_epochs=1, save_on_train_epoch_end=True), dict(epochs=2)),  # saved before the detector took it
+        (
+            0,
+            {},
+            dict(every_n_epochs=1, save_on_train_epoch_end=True),
+            dict(epochs=2),
+        ),  # saved before the detector took it
         (0, dict(every_n_steps=5), dict(every_n_train_steps=5), dict(max_steps=15)),
-        (2, dict(every_n_steps=5), dict(every_n_train_steps=5), dict(max_steps=15)),  # split/* on another schedule: waiting
+        (
+            2,
+            dict(every_n_steps=5),
+            dict(every_n_train_steps=5),
+            dict(max_steps=15),
+        ),  # split/* on another schedule: waiting
     ],
 )
 def test_resume_takes_a_measurement_that_was_waiting(tmp_path, position, order_kw, checkpoint_kw, first_kw):
     whole, _ = _detector_with_monitors(tmp_path / "whole", position, order_kw=order_kw)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=-1, **checkpoint_kw)
     first_kw = dict(first_kw)
-    _detector_with_monitors(tmp_path / "first", position, order_kw=order_kw, extra=[ckpt], enable_checkpointing=True,
-                            epochs=first_kw.pop("epochs", 3), **first_kw)
-    resumed, _ = _detector_with_monitors(tmp_path / "resumed", position, order_kw=order_kw,
-                                         fit_kw=dict(ckpt_path=str(tmp_path / "ck" / "last.ckpt")))
+    _detector_with_monitors(
+        tmp_path / "first",
+        position,
+        order_kw=order_kw,
+        extra=[ckpt],
+        enable_checkpointing=True,
+        epochs=first_kw.pop("epochs", 3),
+        **first_kw,
+    )
+    resumed, _ = _detector_with_monitors(
+        tmp_path / "resumed", position, order_kw=order_kw, fit_kw=dict(ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    )
     # every measurement once, at its step and epoch (the statistics after a resume differ: the data order does)
     assert [(h["step"], h["epoch"]) for h in resumed.history] == [(h["step"], h["epoch"]) for h in whole.history]
 
@@ -214,8 +265,18 @@ def test_resume_takes_a_measurement_that_was_waiting(tmp_path, position, order_k
 def test_checkpoints_without_the_taken_step_still_resume():
     detector = PhaseDetector(verbose=False)
     detector.load_state_dict({"tracker": {}, "seen": {"order/measured_step": 24.0, "split/measured_step": 12.0}})
-    assert detector._new_measurement({"order/measured_step": torch.tensor(24.0), "split/measured_step": torch.tensor(24.0)}, False) is None
-    assert detector._new_measurement({"order/measured_step": torch.tensor(36.0), "split/measured_step": torch.tensor(36.0)}, False) == 36
+    assert (
+        detector._new_measurement(
+            {"order/measured_step": torch.tensor(24.0), "split/measured_step": torch.tensor(24.0)}, False
+        )
+        is None
+    )
+    assert (
+        detector._new_measurement(
+            {"order/measured_step": torch.tensor(36.0), "split/measured_step": torch.tensor(36.0)}, False
+        )
+        == 36
+    )
 
 
 def test_setup_names_the_missing_callback(tmp_path):
@@ -229,9 +290,15 @@ def test_setup_names_the_missing_callback(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(model="six"), "model must be one of"), (dict(patience=0), "patience"), (dict(smoothing=2.0), "smoothing"),
-     (dict(stop="no"), "stop must be True or False"), (dict(average_weights=1), "average_weights"),
-     (dict(memorized=0.1), "unknown PhaseDetector argument"), (dict(activity_drop=5.0), "activity_drop")],
+    [
+        (dict(model="six"), "model must be one of"),
+        (dict(patience=0), "patience"),
+        (dict(smoothing=2.0), "smoothing"),
+        (dict(stop="no"), "stop must be True or False"),
+        (dict(average_weights=1), "average_weights"),
+        (dict(memorized=0.1), "unknown PhaseDetector argument"),
+        (dict(activity_drop=5.0), "activity_drop"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):

@@ -36,9 +36,14 @@ def logdir(tmp_path):
     pl.seed_everything(0, verbose=False)
     logger = TensorBoardLogger(tmp_path, name="run")
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", logger=logger,
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        logger=logger,
         callbacks=[OrderParameterMonitor(probe_size=48, figure_every_n=1), NoiseSplitTracker(probe_size=48)],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -50,9 +55,23 @@ def logdir(tmp_path):
 def test_tensorboard_serves_tags_and_layout(logdir):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -68,7 +87,16 @@ def test_tensorboard_serves_tags_and_layout(logdir):
             time.sleep(1)
         assert tags, "TensorBoard did not answer"
         run_tags = set().union(*[set(t) for t in tags.values()])
-        for key in ("order/A", "order/A0", "order/R", "order/sigma2_lambda", "order/D_s", "split/R_cw", "split/A0_c", "segment/ratio"):
+        for key in (
+            "order/A",
+            "order/A0",
+            "order/R",
+            "order/sigma2_lambda",
+            "order/D_s",
+            "split/R_cw",
+            "split/A0_c",
+            "segment/ratio",
+        ):
             assert key in run_tags, key
         layout = _get(f"{base}/data/plugin/custom_scalars/layout")
         titles = [chart["title"] for cat in layout["category"] for chart in cat["chart"]]

@@ -49,10 +49,23 @@ def test_example_smoke(module, config, needs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written relative to the working directory stays here
     monkeypatch.setattr(sys, "argv", [f"{module}.py"])
     args = [
-        "fit", "--config", str(CONFIGS / config),
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.limit_test_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
     ]
     if needs == "mnist":
         write_idx(tmp_path / "data", "MNIST", n_train=240, n_test=40)
@@ -68,7 +81,10 @@ def test_example_smoke(module, config, needs, tmp_path, monkeypatch):
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    callbacks = {c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load((CONFIGS / config).read_text())["trainer"]["callbacks"]}
+    callbacks = {
+        c["class_path"].rsplit(".", 1)[-1]
+        for c in yaml.safe_load((CONFIGS / config).read_text())["trainer"]["callbacks"]
+    }
     expected = {"test_err"}
     if "OrderParameterMonitor" in callbacks:
         expected |= {"order/A", "order/R", "order/sigma2_lambda"}
@@ -87,14 +103,28 @@ def test_example_smoke(module, config, needs, tmp_path, monkeypatch):
 def test_two_layer_linear_cli_configs(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["two_layer_linear.py"])
-    _example("two_layer_linear").main([
-        "fit", "--config", str(CONFIGS / config), "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-    ])
+    _example("two_layer_linear").main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--trainer.max_steps",
+            "8",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     cfg = yaml.safe_load((CONFIGS / config).read_text())
-    acc = EventAccumulator(str(tmp_path / "runs" / "two_layer_linear" / cfg["trainer"]["logger"]["init_args"]["version"]),
-                           size_guidance={"scalars": 0})
+    acc = EventAccumulator(
+        str(tmp_path / "runs" / "two_layer_linear" / cfg["trainer"]["logger"]["init_args"]["version"]),
+        size_guidance={"scalars": 0},
+    )
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"two_layer/mean_norm", "two_layer/mean_abs_cosine", "train_loss", "test_loss"} <= tags

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quickstart_script_runs():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "1", "--probe-size", "64"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "At initialisation" in result.stdout and "sigma2_lambda" in result.stdout

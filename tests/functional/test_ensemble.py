@@ -31,7 +31,9 @@ EXACT = ("A", "A0", "A_parallel", "A_perp", "D", "D_parallel", "sigma2_lambda")
 def _jac(n: int, p: int, seed: int, shift: float = 0.7) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     # a common direction plus noise, like real per-sample gradients
-    return torch.randn(n, p, generator=gen, dtype=torch.float64) + shift * torch.randn(1, p, generator=gen, dtype=torch.float64)
+    return torch.randn(n, p, generator=gen, dtype=torch.float64) + shift * torch.randn(
+        1, p, generator=gen, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("n,b,p,seed", [(9, 3, 5, 0), (9, 3, 20, 1), (8, 2, 12, 2), (7, 6, 4, 3), (6, 1, 9, 4)])
@@ -117,8 +119,15 @@ def test_spectrum_of_a_real_model_and_effective_dimension():
 
 @pytest.mark.parametrize(
     "eig,f,k",
-    [([5.0, 3.0, 2.0], 0.5, 1), ([5.0, 3.0, 2.0], 0.8, 2), ([5.0, 3.0, 2.0], 0.81, 3), ([2.0, 3.0, 5.0], 0.8, 2),
-     ([1.0, 1.0, 1.0, 1.0], 0.9, 4), ([0.0, 0.0], 0.9, 0), ([7.0, 0.0, 0.0], 1.0, 1)],
+    [
+        ([5.0, 3.0, 2.0], 0.5, 1),
+        ([5.0, 3.0, 2.0], 0.8, 2),
+        ([5.0, 3.0, 2.0], 0.81, 3),
+        ([2.0, 3.0, 5.0], 0.8, 2),
+        ([1.0, 1.0, 1.0, 1.0], 0.9, 4),
+        ([0.0, 0.0], 0.9, 0),
+        ([7.0, 0.0, 0.0], 1.0, 1),
+    ],
 )
 def test_effective_dimension_cases(eig, f, k):
     assert effective_dimension(torch.tensor(eig), f) == k == (effective_dimension_loop(eig, f) if sum(eig) else 0)
@@ -142,6 +151,7 @@ def test_minibatch_variance_factor():
 
 
 # ----------------------------------------------------------------- degenerate input
+
 
 def test_too_few_samples_and_bad_batch_size():
     g = torch.eye(1, dtype=torch.float64)
@@ -183,7 +193,7 @@ def test_zero_mean_gradient():
     with pytest.warns(PhaseStatisticsWarning, match="mean gradient is zero") as record:
         op = order_parameters(jac @ jac.T, 2)
     assert len(record) == 1
-    assert op.A0 == pytest.approx(0.0, abs=1e-12)
+    assert pytest.approx(0.0, abs=1e-12) == op.A0
     assert op.D > 0 and math.isclose(op.A, op.D)
     assert math.isnan(op.sigma2_lambda) and math.isnan(op.A_perp)
     assert math.isfinite(op.R)

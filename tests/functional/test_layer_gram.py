@@ -95,9 +95,17 @@ class _Tied(nn.Module):
 def _case(name: str):
     torch.manual_seed(0)
     if name == "mlp":
-        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)), torch.randn(13, 6), torch.randint(0, 4, (13,))
+        return (
+            nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)),
+            torch.randn(13, 6),
+            torch.randint(0, 4, (13,)),
+        )
     if name == "mlp_nobias":
-        return nn.Sequential(nn.Linear(6, 9, bias=False), nn.ReLU(), nn.Linear(9, 4)), torch.randn(10, 6), torch.randint(0, 4, (10,))
+        return (
+            nn.Sequential(nn.Linear(6, 9, bias=False), nn.ReLU(), nn.Linear(9, 4)),
+            torch.randn(10, 6),
+            torch.randint(0, 4, (10,)),
+        )
     if name == "cnn":
         return _CNN(), torch.randn(9, 2, 8, 8), torch.randint(0, 3, (9,))
     if name == "mixed":
@@ -105,7 +113,11 @@ def _case(name: str):
     if name == "sequence":
         return _Sequence(), torch.randn(8, 4, 5), torch.randint(0, 3, (8,))
     if name == "binary":
-        return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 1)), torch.randn(9, 5), torch.randint(0, 2, (9,)).float()
+        return (
+            nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 1)),
+            torch.randn(9, 5),
+            torch.randint(0, 2, (9,)).float(),
+        )
     if name == "shared":
         return _Shared(), torch.randn(7, 6), torch.randint(0, 3, (7,))
     raise KeyError(name)
@@ -193,7 +205,9 @@ def test_float64_model_is_exact():
 
 def _plans(model, x, y, params=None, loss_fn=default_loss, force=None, chunk_size=None):
     with eval_mode(model):
-        return fast_layer_gram(model, x, y, select_parameters(model, params), loss_fn, chunk_size=chunk_size, force=force)
+        return fast_layer_gram(
+            model, x, y, select_parameters(model, params), loss_fn, chunk_size=chunk_size, force=force
+        )
 
 
 def test_fast_path_covers_the_supported_layers():
@@ -299,8 +313,14 @@ def test_no_false_tying_alarm_from_float32_rounding():
     torch.manual_seed(0)
     nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
     )
     torch.randn(1024, 784), torch.randint(0, 10, (1024,))
     x, y = torch.randn(1024, 3, 32, 32), torch.randint(0, 10, (1024,))

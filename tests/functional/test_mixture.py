@@ -46,7 +46,9 @@ def test_fit_recovers_components():
     assert mix.delta_L == pytest.approx(mix.mean_noisy - mix.mean_clean)
     assert mix.separation > 2 and mix.converged
     # threshold: the two weighted densities are equal there (and nowhere else between the means)
-    dc, dw = _weighted_densities(mix.threshold, mix.weight_noisy, mix.mean_clean, mix.mean_noisy, mix.std_clean, mix.std_noisy)
+    dc, dw = _weighted_densities(
+        mix.threshold, mix.weight_noisy, mix.mean_clean, mix.mean_noisy, mix.std_clean, mix.std_noisy
+    )
     assert dc == pytest.approx(dw, rel=1e-6)
     assert mix.mean_clean < mix.threshold < mix.mean_noisy
     assert torch.equal(mix.flags, losses > mix.threshold)
@@ -57,7 +59,9 @@ def test_posterior_is_bayes_rule_of_the_fitted_components():
     losses, _ = _bimodal(seed=1)
     mix = fit_loss_mixture(losses)
     for i in [0, 10, 699, 700, 999]:
-        dc, dw = _weighted_densities(float(losses[i]), mix.weight_noisy, mix.mean_clean, mix.mean_noisy, mix.std_clean, mix.std_noisy)
+        dc, dw = _weighted_densities(
+            float(losses[i]), mix.weight_noisy, mix.mean_clean, mix.mean_noisy, mix.std_clean, mix.std_noisy
+        )
         assert float(mix.posterior[i]) == pytest.approx(dw / (dc + dw), abs=1e-6)
 
 
@@ -222,8 +226,16 @@ def _exact_symmetric_noise(true_counts, rate):
 
 @pytest.mark.parametrize(
     "true_counts,rate",
-    [((600, 300, 100), 0.3), ((800, 200), 0.2), ((900, 100), 0.2), ((600, 600, 600, 600), 0.5), ((600, 300, 300, 150), 0.4),
-     ((800, 200), 0.6), ((900, 100), 0.7), ((600, 300, 150), 0.8)],  # the last three above (C − 1)/C
+    [
+        ((600, 300, 100), 0.3),
+        ((800, 200), 0.2),
+        ((900, 100), 0.2),
+        ((600, 600, 600, 600), 0.5),
+        ((600, 300, 300, 150), 0.4),
+        ((800, 200), 0.6),
+        ((900, 100), 0.7),
+        ((600, 300, 150), 0.8),
+    ],  # the last three above (C − 1)/C
 )
 def test_symmetric_noise_class_dependence_is_that_of_the_exact_noise_mask(true_counts, rate):
     given, noisy = _exact_symmetric_noise(true_counts, rate)

@@ -26,7 +26,9 @@ FIELDS = ("rho", "A_c", "A_w", "A0_c", "A0_w", "A0", "R_cw", "R_ac", "R_aw")
 
 def _jac(n: int, p: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, p, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(1, p, generator=gen, dtype=torch.float64)
+    return torch.randn(n, p, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
+        1, p, generator=gen, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize(

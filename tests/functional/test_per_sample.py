@@ -134,7 +134,9 @@ def test_param_selection_by_name_prefix_and_predicate():
     start = offsets["4.weight"]
     torch.testing.assert_close(last, full[:, start : start + sizes[-2] + sizes[-1]])
     only_bias = per_sample_grads(model, x, y, params=lambda n, p: n.endswith("bias"))
-    cols = torch.cat([torch.arange(offsets[n], offsets[n] + p.numel()) for n, p in model.named_parameters() if n.endswith("bias")])
+    cols = torch.cat(
+        [torch.arange(offsets[n], offsets[n] + p.numel()) for n, p in model.named_parameters() if n.endswith("bias")]
+    )
     torch.testing.assert_close(only_bias, full[:, cols])
     assert list(select_parameters(model, ["0.weight", "4"])) == ["0.weight", "4.weight", "4.bias"]
 

@@ -27,11 +27,17 @@ def _four_phase_series(noise: float = 0.0, seed: int = 0, lengths=(10, 30, 15, 1
             else:  # memorised, activity collapsed, opposed again
                 a0c, a0w, rcw, err_w, a = 0.05, 0.05, -0.5, 0.01, 0.5
             jitter = lambda v: v * (1 + noise * rng.uniform(-1, 1))  # noqa: E731
-            series.append({
-                "split/A0_c": jitter(a0c), "split/A0_w": jitter(a0w),
-                "split/R_cw": rcw + noise * rng.uniform(-1, 1) * 0.3, "split/err_w": err_w, "order/A": jitter(a),
-                "order/R": 0.1, "order/sigma2_lambda": 1.0,
-            })
+            series.append(
+                {
+                    "split/A0_c": jitter(a0c),
+                    "split/A0_w": jitter(a0w),
+                    "split/R_cw": rcw + noise * rng.uniform(-1, 1) * 0.3,
+                    "split/err_w": err_w,
+                    "order/A": jitter(a),
+                    "order/R": 0.1,
+                    "order/sigma2_lambda": 1.0,
+                }
+            )
             truth.append(("I", "II", "III", "IV")[phase])
     return series, truth
 
@@ -88,7 +94,9 @@ def test_two_phase_model_on_clean_statistics():
 
 
 def test_segment_ratio_end_of_clean_priority():
-    series = [{"segment/ratio": 9.0 * math.exp(-i / 5) + 0.5, "order/R": 0.3, "order/sigma2_lambda": 0.5} for i in range(30)]
+    series = [
+        {"segment/ratio": 9.0 * math.exp(-i / 5) + 0.5, "order/R": 0.3, "order/sigma2_lambda": 0.5} for i in range(30)
+    ]
     tracker = PhaseTracker(smoothing=1.0, patience=2)
     tracker.run(series)
     event = tracker.clean_priority_end
@@ -207,7 +215,9 @@ def _onset_series():
     return series
 
 
-@pytest.mark.parametrize("make", [lambda: _four_phase_series(noise=0.4, seed=3)[0], _onset_series], ids=["noisy", "onset"])
+@pytest.mark.parametrize(
+    "make", [lambda: _four_phase_series(noise=0.4, seed=3)[0], _onset_series], ids=["noisy", "onset"]
+)
 def test_state_round_trip_continues_identically(make):
     series = make()
     full = PhaseTracker(patience=3, smoothing=0.5)
@@ -225,19 +235,32 @@ def test_state_round_trip_continues_identically(make):
             second.update(stats, step=cut + i, epoch=cut + i)
             rest.append(second.phase)
         assert rest == expected[cut:], cut
-        assert [(t.kind, t.measurement) for t in second.transitions] == [(t.kind, t.measurement) for t in full.transitions], cut
+        assert [(t.kind, t.measurement) for t in second.transitions] == [
+            (t.kind, t.measurement) for t in full.transitions
+        ], cut
         assert second.state_dict() == full.state_dict(), cut
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(model="five"), "phase model"), (dict(patience=0), "patience"), (dict(smoothing=0.0), "smoothing"),
-     (dict(balance=0.5), "balance"), (dict(gap_plateau=-0.1), "gap_plateau"),
-     (dict(memorisation_drop=0.0), "memorisation_drop"), (dict(memorisation_drop=1.0), "memorisation_drop"),
-     (dict(smoothing=True), "smoothing"), (dict(balance=float("nan")), "balance"), (dict(r_explore=float("nan")), "r_explore"),
-     (dict(r_explore=2.0), "correlations"), (dict(r_cw_oppose=0.5, r_cw_align=0.0), "must not exceed"),
-     (dict(memorised=-1.0), "memorised"), (dict(activity_drop=5.0), "activity_drop"), (dict(sigma2_explore=0.0), "sigma2_explore"),
-     (dict(segment_end="1"), "segment_end")],
+    [
+        (dict(model="five"), "phase model"),
+        (dict(patience=0), "patience"),
+        (dict(smoothing=0.0), "smoothing"),
+        (dict(balance=0.5), "balance"),
+        (dict(gap_plateau=-0.1), "gap_plateau"),
+        (dict(memorisation_drop=0.0), "memorisation_drop"),
+        (dict(memorisation_drop=1.0), "memorisation_drop"),
+        (dict(smoothing=True), "smoothing"),
+        (dict(balance=float("nan")), "balance"),
+        (dict(r_explore=float("nan")), "r_explore"),
+        (dict(r_explore=2.0), "correlations"),
+        (dict(r_cw_oppose=0.5, r_cw_align=0.0), "must not exceed"),
+        (dict(memorised=-1.0), "memorised"),
+        (dict(activity_drop=5.0), "activity_drop"),
+        (dict(sigma2_explore=0.0), "sigma2_explore"),
+        (dict(segment_end="1"), "segment_end"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):

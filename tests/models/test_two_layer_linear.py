@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl  # TwoLayerLinearNetwork is a LightningModule of the preferred namespace
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from lightning_phases import LabelNoise, LightningPhasesError, SparseLinearRegressionDataModule, TwoLayerLinearNetwork
@@ -15,13 +15,24 @@ STEPS, EVERY = 600, 25
 
 def _run(tmp_path, name, callbacks, steps=STEPS):
     torch.manual_seed(0)  # the DataLoader's shuffling
-    dm = SparseLinearRegressionDataModule(dim=10, sparsity=3, num_train=40, num_val=0, num_test=200, batch_size=10, seed=0)
+    dm = SparseLinearRegressionDataModule(
+        dim=10, sparsity=3, num_train=40, num_val=0, num_test=200, batch_size=10, seed=0
+    )
     model = TwoLayerLinearNetwork(dim=10, width=20, init_scale=1.0, lr=0.1, seed=0)
     init = neuron_statistics(model.weight, dm.theta_star, model.output_weight)
     logger = RecordingLogger(tmp_path / name / "log.jsonl")
-    trainer = pl.Trainer(default_root_dir=tmp_path / name, accelerator="cpu", max_steps=steps, logger=logger,
-                         log_every_n_steps=EVERY, callbacks=callbacks, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path / name,
+        accelerator="cpu",
+        max_steps=steps,
+        logger=logger,
+        log_every_n_steps=EVERY,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     return model, dm, init, logger.records
 
@@ -53,8 +64,16 @@ def test_logged_statistics_are_those_of_the_weights(tmp_path):
     model = TwoLayerLinearNetwork(dim=10, width=20, seed=0)
     before = neuron_statistics(model.weight, dm.theta_star, model.output_weight)
     logger = RecordingLogger(tmp_path / "log.jsonl")
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=1, logger=logger, log_every_n_steps=1,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=1,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(model, datamodule=dm)
     logged = logger.records[0][1]
     for key, value in before.as_dict().items():

@@ -42,11 +42,17 @@ def _dataset(n=512, regression=False):
 
 def _fit(tmp_path, callback, ds, *, epochs=2, batch_size=128, workers=0, regression=False, ckpt=None, module=None):
     module = module or _Recorder(regression)
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=epochs, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[callback])
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        persistent_workers=workers > 0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+    )
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
     trainer.fit(module, loader, ckpt_path=ckpt)
     return module, trainer
 
@@ -108,7 +114,7 @@ def test_resume_continues_the_noise_stream(tmp_path):
     ckpt = tmp_path / "one.ckpt"
     first.save_checkpoint(ckpt)
     resumed, _ = _fit(tmp_path / "resumed", LabelNoise(tau=0.4, num_classes=3, seed=3), ds, epochs=3, ckpt=ckpt)
-    assert torch.equal(_targets(full)[-len(_targets(resumed)):], _targets(resumed))
+    assert torch.equal(_targets(full)[-len(_targets(resumed)) :], _targets(resumed))
     assert len(_targets(resumed)) == 2 * len(ds)
 
 

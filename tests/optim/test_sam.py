@@ -15,7 +15,6 @@ from lightning_phases import LightningPhasesError
 from lightning_phases.optim import SAM
 from tests.reference.sam import sam_reference_loop
 
-
 # -- a quadratic by hand ---------------------------------------------------------------------------
 
 A = np.array([[3.0, 0.5], [0.5, 1.0]])
@@ -143,8 +142,15 @@ def _data(n=48):
 
 
 def _trainer(tmp_path, **kw):
-    return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=kw.pop("enable_checkpointing", False), **kw)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("clip", [None, 0.05])
@@ -167,7 +173,7 @@ def test_lightning_scheduler_and_checkpoint_resume(tmp_path):
     ds = _data()
     full = copy.deepcopy(init)
     _trainer(tmp_path / "full", max_epochs=3).fit(full, DataLoader(ds, batch_size=8))
-    assert full.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert full.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
     first = copy.deepcopy(init)
     t1 = _trainer(tmp_path / "a", max_epochs=2, enable_checkpointing=True)

@@ -39,8 +39,15 @@ def enumerate_order_parameters(jac: Tensor, batch_size: int) -> dict[str, float]
     m = cos.shape[0]
     r = float((cos.sum() - cos.diagonal().sum()) / (m * (m - 1)))
     return {
-        "A": a, "A0": a0, "A_parallel": a_par, "A_perp": a_perp, "D": d,
-        "D_parallel": sigma2 * a0, "R": r, "sigma2_lambda": sigma2, "mean_lambda": float(lam.mean()),
+        "A": a,
+        "A0": a0,
+        "A_parallel": a_par,
+        "A_perp": a_perp,
+        "D": d,
+        "D_parallel": sigma2 * a0,
+        "R": r,
+        "sigma2_lambda": sigma2,
+        "mean_lambda": float(lam.mean()),
     }
 
 
@@ -68,9 +75,15 @@ def enumerate_split(jac: Tensor, noisy: Tensor, batch_size: int) -> dict[str, fl
         return float(u @ v / (u.norm() * v.norm()))
 
     return {
-        "rho": rho, "A_c": a_c, "A_w": a_w,
-        "A0_c": (1 - rho) ** 2 * float(gc @ gc), "A0_w": rho**2 * float(gw @ gw), "A0": float(g @ g),
-        "R_cw": cos(gc, gw), "R_ac": cos(g, gc), "R_aw": cos(g, gw),
+        "rho": rho,
+        "A_c": a_c,
+        "A_w": a_w,
+        "A0_c": (1 - rho) ** 2 * float(gc @ gc),
+        "A0_w": rho**2 * float(gw @ gw),
+        "A0": float(g @ g),
+        "R_cw": cos(gc, gw),
+        "R_ac": cos(g, gc),
+        "R_aw": cos(g, gw),
     }
 
 

@@ -42,12 +42,13 @@ def sam_reference_loop(
     params = list(model.parameters())
     bufs: list[Tensor | None] = [None] * len(params)
     for x, y in batches:
+
         def loss_fn(m: nn.Module) -> Tensor:
-            return loss(m(x), y)
+            return loss(m(x), y)  # noqa: B023 - called within this iteration
 
         g = _clip(_grads(model, loss_fn), clip_norm)
         scaled = [(p.detach().abs() * gi if adaptive else gi) for p, gi in zip(params, g)]
-        norm = torch.sqrt(sum((s ** 2).sum() for s in scaled))
+        norm = torch.sqrt(sum((s**2).sum() for s in scaled))
         old = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, s in zip(params, scaled):

@@ -17,7 +17,7 @@ def test_spectrum_figure_plots_the_eigenvalues():
     assert 10 < len(x) <= 256
     assert x[0] == 0.0 and math.isclose(x[-1], math.log10(1000))
     for xi, yi in zip(x, y):
-        rank = round(10 ** xi)
+        rank = round(10**xi)
         assert math.isclose(yi, math.log10(float(e[rank - 1])), rel_tol=1e-9, abs_tol=1e-9)
     inset = ax.child_axes[0]
     cx, cy = inset.lines[0].get_data()
