@@ -66,8 +66,11 @@ def _combined(attr: str, name: str) -> type:
     return type(name, bases, {"__module__": __name__, "__doc__": f"``{attr}`` of every installed Lightning namespace."})
 
 
-if TYPE_CHECKING:
-    from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+if TYPE_CHECKING:  # either namespace's classes: annotations accept both
+    Callback = Any
+    LightningDataModule = Any
+    LightningModule = Any
+    Trainer = Any
 else:
     Callback = _combined("Callback", "Callback")
     LightningDataModule = _combined("LightningDataModule", "LightningDataModule")
