@@ -71,6 +71,7 @@ class TwoLayerLinearNetwork(pl.LightningModule):
         gen = torch.Generator().manual_seed(seed)
         self.weight = nn.Parameter(init_scale * torch.randn(width, dim, generator=gen) / math.sqrt(dim))
         self.output_weight = nn.Parameter(torch.randn(width, generator=gen) / math.sqrt(width))
+        self.theta_star: Tensor | None
         self.register_buffer("theta_star", None if theta_star is None else theta_star.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
