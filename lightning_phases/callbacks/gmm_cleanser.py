@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_phases import _lightning as pl
 from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _check_real, default_unpack
-from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
+from lightning_phases.data.protocol import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.mixture import (
     LossMixture,
