@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_phases import _lightning as pl
-from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
-from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _check_real, default_unpack
-from lightning_phases.callbacks.noise_split_tracker import find_probe_ground_truth
+from lightning_phases._io import atomic_write
+from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases.callbacks._probe import Unpack, _check_positive_int, default_unpack
+from lightning_phases.data.protocol import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.mixture import (
-    LossMixture,
-    class_dependence,
-    detection_metrics,
-    fit_loss_mixture,
-    symmetric_noise_class_dependence,
-)
+from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence
+from lightning_phases.functional.ensemble import derived_seed
+from lightning_phases.functional.mixture import LossMixture, detection_metrics, fit_loss_mixture
 from lightning_phases.functional.per_sample import LossFn, default_loss, eval_mode
 
 __all__ = ["GMMCleanser"]
 
 log = logging.getLogger("lightning_phases")
 
-ACTIONS = ("flag", "remove", "stop")
+Action = Literal["flag", "remove", "stop"]
+ACTIONS: tuple[Action, ...] = ("flag", "remove", "stop")
 
 
 class GMMCleanser(Callback):
@@ -132,7 +132,7 @@ class GMMCleanser(Callback):
 
     def __init__(
         self,
-        action: str = "flag",
+        action: Action = "flag",
         *,
         every_n_epochs: int = 1,
         warmup_epochs: int = 0,
@@ -152,44 +152,22 @@ class GMMCleanser(Callback):
         heavy_noise_weight: float = 0.2,
     ) -> None:
         super().__init__()
-        if action not in ACTIONS:
+        if not isinstance(action, str) or action not in ACTIONS:
             raise LightningPhasesError(f"action must be one of {ACTIONS}; got {action!r}.")
         _check_positive_int("every_n_epochs", every_n_epochs)
         _check_positive_int("warmup_epochs", warmup_epochs, minimum=0)
-        _check_positive_int("patience", patience)
         _check_positive_int("batch_size", batch_size)
-        reals = dict(
+        # the decision's own arguments (patience, max_fraction, separations, weights, smoothing, class check)
+        self.tracker = CleansingTracker(
+            patience=patience,
             max_fraction=max_fraction,
             min_separation=min_separation,
             min_weight=min_weight,
             smoothing=smoothing,
             max_class_dependence=max_class_dependence,
+            heavy_noise_separation=heavy_noise_separation,
             heavy_noise_weight=heavy_noise_weight,
         )
-        if heavy_noise_separation is not None:
-            reals["heavy_noise_separation"] = heavy_noise_separation
-        for name, value in reals.items():
-            _check_real(name, value)
-        if not 0 < max_fraction <= 1:
-            raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
-        if min_separation <= 0:
-            raise LightningPhasesError(
-                f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}."
-            )
-        if not 0 <= min_weight < 0.5:
-            raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
-        if not 0 < smoothing <= 1:
-            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
-        if not 0 < max_class_dependence <= 1:
-            raise LightningPhasesError(
-                f"max_class_dependence is a share of variance in (0, 1] (1 turns the check off); got {max_class_dependence!r}."
-            )
-        if not 0 < heavy_noise_weight < 1:
-            raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
-        if heavy_noise_separation is not None and not 0 < heavy_noise_separation <= min_separation:
-            raise LightningPhasesError(
-                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; got {heavy_noise_separation!r}."
-            )
         if clip_percentiles is not None:
             lo_hi = tuple(clip_percentiles) if isinstance(clip_percentiles, (tuple, list)) else ()
             if (
@@ -200,48 +178,62 @@ class GMMCleanser(Callback):
                 raise LightningPhasesError(
                     f"clip_percentiles must be (low, high) with 0 <= low < high <= 100; got {clip_percentiles!r}."
                 )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise LightningPhasesError(f"seed is the mixture fit's random_state, an int in [0, 2**32); got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise LightningPhasesError(
+                f"seed is the mixture fit's random_state: pass a non-negative int such as 0; got {seed!r}."
+            )
         for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
             if fn is not None and not callable(fn):
                 raise LightningPhasesError(f"{name} must be callable or None; got {fn!r}.")
         if not isinstance(normalize, bool):
-            raise LightningPhasesError(f"normalize must be True or False; got {normalize!r}.")
+            raise LightningPhasesError(f"normalize must be True or False (a bool, not a string); got {normalize!r}.")
         self.action = action
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs
-        self.patience = patience
-        self.max_fraction = float(max_fraction)
-        self.min_separation = float(min_separation)
-        self.min_weight = float(min_weight)
         self.batch_size = batch_size
         self.loss_fn = loss_fn
         self.unpack = unpack or default_unpack
         self.seed = seed
         self.clip_percentiles = clip_percentiles
         self.normalize = normalize
-        self.smoothing = float(smoothing)
-        self.max_class_dependence = float(max_class_dependence)
-        self.heavy_noise_separation = None if heavy_noise_separation is None else float(heavy_noise_separation)
-        self.heavy_noise_weight = float(heavy_noise_weight)
-        # state
-        self.smoothed_delta_L: float | None = None  # EMA of ΔL over the bimodal fits
-        self.delta_L_history: list[tuple[int, int, float]] = []  # (step, epoch, ΔL) of bimodal fits
-        self.best_delta_L: float = -math.inf
-        self.best_step: int | None = None
-        self.best_epoch: int | None = None
-        self.since_best: int = 0
-        self.t_c_step: int | None = None
-        self.t_c_epoch: int | None = None
-        self.flagged_indices: Tensor = torch.zeros(0, dtype=torch.long)
-        self._candidate_flags: Tensor = torch.zeros(0, dtype=torch.long)  # flags of the current peak, until confirmed
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every measurement: a new ``fit`` starts here (and a resumed one then loads its checkpoint)."""
+        self.tracker.reset()
         self.removed: bool = False
         self.csv_path: str | None = None
         self.last: dict[str, float] = {}
-        self._candidate: dict[str, Tensor] | None = None
+        self.skipped: int = 0  # pieces of work that failed and were skipped (logged as gmm/skipped)
+        self._candidate: dict[str, Tensor] | None = None  # the per-sample vectors of the fit at the current peak
         self._candidate_fit: LossMixture | None = None
         self._warned: set[str] = set()  # rejection reasons already reported (once each)
+        self._failed: set[str] = set()  # kinds of failure already warned about (once each)
         self._num_outputs: int | None = None  # the model's outputs per sample, seen in the loss pass
+
+    # The decision state lives in the tracker; these read it.
+    patience = property(lambda self: self.tracker.patience)
+    max_fraction = property(lambda self: self.tracker.max_fraction)
+    min_separation = property(lambda self: self.tracker.min_separation)
+    min_weight = property(lambda self: self.tracker.min_weight)
+    smoothing = property(lambda self: self.tracker.smoothing)
+    max_class_dependence = property(lambda self: self.tracker.max_class_dependence)
+    heavy_noise_separation = property(lambda self: self.tracker.heavy_noise_separation)
+    heavy_noise_weight = property(lambda self: self.tracker.heavy_noise_weight)
+    smoothed_delta_L = property(lambda self: self.tracker.smoothed_delta_L, doc="EMA of ΔL over the bimodal fits.")
+    delta_L_history = property(
+        lambda self: self.tracker.delta_L_history, doc="``(step, epoch, ΔL)`` of every bimodal fit."
+    )
+    best_delta_L = property(lambda self: self.tracker.best_delta_L, doc="The smoothed ΔL at the current peak.")
+    best_step = property(lambda self: self.tracker.best_step, doc="Global step of the current peak.")
+    best_epoch = property(lambda self: self.tracker.best_epoch, doc="Epoch of the current peak.")
+    since_best = property(lambda self: self.tracker.since_best, doc="Consecutive bimodal fits since the peak.")
+    t_c_step = property(lambda self: self.tracker.t_c_step, doc="Global step of the confirmed ``t_c``.")
+    t_c_epoch = property(lambda self: self.tracker.t_c_epoch, doc="Epoch of the confirmed ``t_c``.")
+    flagged_indices = property(
+        lambda self: self.tracker.flagged_indices, doc="Indices flagged at ``t_c`` (empty until confirmed), long."
+    )
+    _candidate_flags = property(lambda self: self.tracker.peak_flags)
 
     @property
     def state_key(self) -> str:
@@ -266,6 +258,8 @@ class GMMCleanser(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # a new fit starts fresh; fit(ckpt_path=...) restores the checkpoint's state after this hook
+        self._reset()
         if self.action == "remove":
             dm = getattr(trainer, "datamodule", None)
             if dm is None or not callable(getattr(dm, "remove_train_samples", None)):
@@ -281,7 +275,9 @@ class GMMCleanser(Callback):
         # resumed after a removal: the fresh datamodule must drop the same samples again (indices are
         # relative to the full training set, which is what the datamodule serves before any removal)
         if self.removed and self.flagged_indices.numel() and self.action == "remove":
-            trainer.datamodule.remove_train_samples(self.flagged_indices.clone())
+            failed = self._attempt(trainer, "removing the flagged samples again after resuming", self._remove, trainer)
+            if self._any_rank(trainer, pl_module, failed):
+                self.removed = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -289,47 +285,115 @@ class GMMCleanser(Callback):
             return
         self._measure(trainer, pl_module)
 
+    # ------------------------------------------------------------------ the safety net
+    def _skip(self, trainer: pl.Trainer, what: str, error: BaseException | str, epoch: int | None = None) -> None:
+        """Count a failed piece of work in ``gmm/skipped``, warn once per kind (rank zero); training goes on."""
+        self.skipped += 1
+        if what not in self._failed:
+            self._failed.add(what)
+            why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            when = "" if epoch is None else f" at epoch {epoch}"
+            rank_zero_warn(
+                f"GMMCleanser: {what}{when} failed and was skipped ({why}); training goes on. Further failures "
+                "are counted in gmm/skipped without another warning."
+            )
+        with contextlib.suppress(Exception):
+            self._publish(trainer, {"gmm/skipped": float(self.skipped)})
+
+    def _attempt(self, trainer: pl.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)``; on an exception skip it (see :meth:`_skip`). Returns whether it failed."""
+        try:
+            fn(*args)
+        except Exception as error:
+            self._skip(trainer, what, error)
+            return True
+        return False
+
+    @staticmethod
+    def _any_rank(trainer: pl.Trainer, pl_module: pl.LightningModule, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective under DDP: every rank calls it at the same point)."""
+        if trainer.world_size <= 1:
+            return flag
+        total = trainer.strategy.reduce(
+            torch.tensor(float(flag), dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        )
+        return bool(float(total) > 0)
+
     # ------------------------------------------------------------------ measurement
     def _train_dataset(self, trainer: pl.Trainer):
         loader = trainer.train_dataloader
         if isinstance(loader, (list, tuple)):
             loader = loader[0]
-        if not isinstance(loader, DataLoader):
+        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            got = type(loader.dataset if isinstance(loader, DataLoader) else loader).__name__
             raise LightningPhasesError(
-                f"GMMCleanser needs a single map-style training DataLoader; got {type(loader).__name__}."
+                f"GMMCleanser needs a single map-style training DataLoader (a dataset with __len__ and "
+                f"__getitem__, so that every sample has an index to flag); got {got}."
             )
         return loader.dataset
 
     def _all_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss, given label and prediction of every training sample; identical on every rank."""
-        dataset = self._train_dataset(trainer)
+        """The loss pass: loss, given label and prediction of every training sample, float64/long ``[N]``.
+
+        Eval mode, no gradients, batches of ``batch_size``; rank ``r`` of ``W`` computes samples
+        ``r, r + W, ...`` and the shards are summed across ranks in one collective, which also carries
+        a failure flag: every rank calls it exactly once, and either every rank returns the same
+        vectors or every rank raises :class:`LightningPhasesError` (a failure on one rank never hangs
+        the others). A non-finite loss is a failure.
+        """
+        dataset = self._train_dataset(trainer)  # the same answer (or error) on every rank
         n = len(dataset)
         world, rank = max(1, trainer.world_size), trainer.global_rank if trainer.world_size > 1 else 0
-        mine = list(range(rank, n, world))
-        losses = torch.zeros(n, dtype=torch.float64, device=pl_module.device)
-        given = torch.zeros(n, dtype=torch.float64, device=pl_module.device)
-        pred = torch.zeros(n, dtype=torch.float64, device=pl_module.device)
+        device = pl_module.device
+        # [losses | given | pred] of this rank's shard, then (failed, Σ outputs per sample, batches seen)
+        buffer = torch.zeros(3 * n + 3, dtype=torch.float64, device=device)
+        error: Exception | None = None
+        try:
+            self._shard_losses(dataset, pl_module, list(range(rank, n, world)), buffer)
+        except Exception as exc:
+            error = exc
+            buffer.zero_()
+            buffer[3 * n] = 1.0
+        if world > 1:
+            buffer = trainer.strategy.reduce(buffer, reduce_op="sum")
+        buffer = buffer.cpu()
+        if float(buffer[3 * n]) > 0:
+            if error is not None:
+                raise error
+            raise LightningPhasesError("the loss pass failed on another rank (that rank's warning says why)")
+        if float(buffer[3 * n + 2]) > 0:
+            self._num_outputs = int(round(float(buffer[3 * n + 1]) / float(buffer[3 * n + 2])))
+        return buffer[:n].clone(), buffer[n : 2 * n].clone(), buffer[2 * n : 3 * n].long()
+
+    def _shard_losses(self, dataset: Any, pl_module: pl.LightningModule, mine: list[int], buffer: Tensor) -> None:
+        """Fill ``buffer`` (see :meth:`_all_losses`) with the losses of the samples ``mine``; no collectives."""
+        n = (buffer.numel() - 3) // 3
         loss_fn = self.loss_fn or default_loss
         loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False)
         offset = 0
-        devices = [torch.cuda.current_device()] if pl_module.device.type == "cuda" else []
+        device = pl_module.device
+        devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(pl_module):
             for batch in loader:
                 x, y = self.unpack(batch)
-                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                x, y = x.to(device), y.to(device)
                 out = pl_module(x)
-                self._num_outputs = int(out.shape[-1]) if out.ndim > 1 else 1
-                idx = torch.tensor(mine[offset : offset + len(y)], device=pl_module.device)
+                outputs = int(out.shape[-1]) if out.ndim > 1 else 1
+                idx = torch.tensor(mine[offset : offset + len(y)], device=device)
                 offset += len(y)
-                losses[idx] = torch.vmap(loss_fn)(out, y).reshape(-1).to(torch.float64)
-                given[idx] = y.reshape(-1).to(torch.float64)
+                losses = torch.vmap(loss_fn)(out, y).reshape(-1).to(torch.float64)
+                if not bool(torch.isfinite(losses).all()):
+                    bad = mine[offset - len(y) + int(torch.nonzero(~torch.isfinite(losses))[0])]
+                    raise LightningPhasesError(
+                        f"the loss of training sample {bad} is {float(losses[~torch.isfinite(losses)][0])}: "
+                        "the mixture needs finite losses (check the model's outputs and the loss_fn)"
+                    )
+                buffer[idx] = losses
+                buffer[n + idx] = y.reshape(-1).to(torch.float64)
                 p = (out.reshape(-1) > 0).long() if out.ndim == 1 or out.shape[-1] == 1 else out.argmax(-1)
-                pred[idx] = p.to(torch.float64)
-        if world > 1:
-            losses = trainer.strategy.reduce(losses, reduce_op="sum")
-            given = trainer.strategy.reduce(given, reduce_op="sum")
-            pred = trainer.strategy.reduce(pred, reduce_op="sum")
-        return losses.cpu(), given.cpu(), pred.cpu().long()
+                buffer[2 * n + idx] = p.to(torch.float64)
+                buffer[3 * n + 1] += outputs
+                buffer[3 * n + 2] += 1
 
     @staticmethod
     def _class_labels(given: Tensor, num_outputs: int | None = None) -> Tensor | None:
@@ -347,49 +411,50 @@ class GMMCleanser(Callback):
             return None
         return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
 
-    def _rejection(self, fit: LossMixture, dependence: float) -> tuple[str, str] | None:
-        """``None`` if the fit counts as bimodal, else ``(kind, reason)``."""
-        r, sep = fit.weight_noisy, fit.separation
-        if not (math.isfinite(fit.delta_L) and math.isfinite(sep)) or not self.min_weight < r < 1 - self.min_weight:
-            return "weight", f"the fit is degenerate (mislabeled weight {r:.3g})"
-        heavy = self.heavy_noise_separation is not None and r >= self.heavy_noise_weight
-        needed = self.heavy_noise_separation if heavy else self.min_separation
-        if sep < needed:
-            return "separation", f"separation {sep:.2f} < {needed}"
-        if math.isfinite(dependence) and dependence > self.max_class_dependence:
-            return "class", (
-                f"the split follows the given class (η² of the flags {dependence:.2f} above what symmetric noise "
-                f"would give > max_class_dependence = {self.max_class_dependence}): some classes are learned and "
-                "others not yet, or the network predicts a constant"
-            )
-        return None
-
-    def _capped_flags(self, fit: LossMixture, losses: Tensor) -> Tensor:
-        """The fit's flags, at most ``max_fraction`` of the samples: the highest posteriors, ties (a
-        posterior saturated at 1) broken by the higher loss."""
-        flags = fit.flags.clone()
-        cap = int(math.floor(self.max_fraction * flags.numel()))
-        if int(flags.sum()) > cap:
-            by_loss = torch.argsort(losses.to(fit.posterior.device), descending=True, stable=True)
-            order = by_loss[torch.argsort(fit.posterior[by_loss], descending=True, stable=True)]
-            flags = torch.zeros_like(flags)
-            flags[order[:cap]] = True
-        return flags
+    def _fit(self, trainer: pl.Trainer, losses: Tensor, given: Tensor) -> tuple[LossMixture, float, Any]:
+        """The mixture fit, its class-dependence value and the ground truth (or ``None``); no collectives."""
+        fit = fit_loss_mixture(
+            losses,
+            seed=self.seed if self.seed < 2**32 else derived_seed(self.seed, "gmm") % 2**32,
+            clip_percentiles=self.clip_percentiles,
+            normalize=self.normalize,
+        )
+        dependence = excess_class_dependence(fit, self._class_labels(given, self._num_outputs))
+        truth = find_probe_ground_truth(
+            self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None)
+        )
+        return fit, dependence, truth
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        losses, given, pred = self._all_losses(trainer, pl_module)
-        fit = fit_loss_mixture(losses, seed=self.seed, clip_percentiles=self.clip_percentiles, normalize=self.normalize)
-        step, epoch = trainer.global_step, trainer.current_epoch
-        labels = self._class_labels(given, self._num_outputs)
-        dependence = math.nan
-        if labels is not None and fit.flags.numel() == labels.numel() and math.isfinite(fit.weight_noisy):
-            # beyond what exact flags of symmetric noise at the fitted rate would show (unequal class sizes)
-            expected = symmetric_noise_class_dependence(labels, min(max(fit.weight_noisy, 0.0), 1.0))
-            # near ρ = (C − 1)/C the class sizes cannot be recovered: judge the raw η² (the cautious side)
-            dependence = class_dependence(fit.flags, labels) - (0.0 if math.isnan(expected) else expected)
-        rejection = self._rejection(fit, dependence)
-        bimodal = rejection is None
-        flags = self._capped_flags(fit, losses) if bimodal else torch.zeros(losses.numel(), dtype=torch.bool)
+        """One measurement: loss pass, fit, decision, logging and (at t_c) the outputs and the action.
+
+        Every failure is skipped (warned once, counted in ``gmm/skipped``); every rank reaches the same
+        collectives in the same order and takes the same decision.
+        """
+        epoch = trainer.current_epoch
+        try:
+            losses, given, pred = self._all_losses(trainer, pl_module)
+        except Exception as failure:  # raised on every rank alike (see _all_losses)
+            self._skip(trainer, "the loss pass", failure, epoch)
+            return
+        error: Exception | None = None
+        try:
+            fit, dependence, truth = self._fit(trainer, losses, given)
+        except Exception as exc:
+            error = exc
+        if self._any_rank(trainer, pl_module, error is not None):
+            self._skip(trainer, "the mixture fit", error or "it failed on another rank", epoch)
+            return
+        decision = self.tracker.update(fit, losses, dependence=dependence, step=trainer.global_step, epoch=epoch)
+        if decision.new_peak:
+            self._candidate = {
+                "losses": losses,
+                "given": given,
+                "pred": pred,
+                "flags": decision.flags,
+                "posterior": fit.posterior.cpu(),
+            }
+            self._candidate_fit = fit
         metrics = {
             "gmm/delta_L": fit.delta_L,
             "gmm/threshold": fit.threshold,
@@ -397,60 +462,34 @@ class GMMCleanser(Callback):
             "gmm/mean_noisy": fit.mean_noisy,
             "gmm/weight_noisy": fit.weight_noisy,
             "gmm/separation": fit.separation,
-            "gmm/num_flagged": float(flags.sum()),
+            "gmm/num_flagged": float(decision.num_flagged),
+            "gmm/skipped": float(self.skipped),
         }
         if math.isfinite(dependence):
             metrics["gmm/class_dependence"] = dependence
-        truth = find_probe_ground_truth(
-            self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None)
-        )
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
-            det = detection_metrics(flags, truth[0])
-            scores = fit.posterior if bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
+            det = detection_metrics(decision.flags, truth[0])
+            scores = fit.posterior if decision.bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
             metrics.update(
                 {"gmm/precision": det.precision, "gmm/recall": det.recall, "gmm/f1": det.f1, "gmm/auroc": auroc}
             )
-        if rejection is not None and rejection[0] not in self._warned:
-            self._warned.add(rejection[0])
+        if decision.rejection is not None and decision.rejection not in self._warned:
+            self._warned.add(decision.rejection)
             rank_zero_info(
-                f"GMMCleanser: at epoch {epoch} the training losses are not bimodal ({rejection[1]}); nothing is "
+                f"GMMCleanser: at epoch {epoch} the training losses are not bimodal ({decision.reason}); nothing is "
                 "flagged and the fit does not count towards t_c. This is expected on clean data and early in training."
             )
-        if bimodal:
-            self.delta_L_history.append((step, epoch, fit.delta_L))
-            prev = self.smoothed_delta_L
-            level = fit.delta_L if prev is None else self.smoothing * fit.delta_L + (1 - self.smoothing) * prev
-            self.smoothed_delta_L = level
-            metrics["gmm/delta_L_smoothed"] = level
-            if level > self.best_delta_L:
-                self.best_delta_L, self.best_step, self.best_epoch = level, step, epoch
-                self.since_best = 0
-                self._candidate = {
-                    "losses": losses,
-                    "given": given,
-                    "pred": pred,
-                    "flags": flags,
-                    "posterior": fit.posterior.cpu(),
-                }
-                self._candidate_fit = fit
-                self._candidate_flags = torch.nonzero(flags).flatten()
-            else:
-                self.since_best += 1
-        elif self.best_step is not None:
-            self.since_best = 0  # a sporadic bimodal fit (e.g. on clean data) is not a confirmed peak
-        # fits that are not bimodal neither make nor confirm a peak
-        confirmed = self.best_step is not None and self.since_best >= self.patience
-        if confirmed:
-            self.t_c_step, self.t_c_epoch = self.best_step, self.best_epoch
-            self.flagged_indices = self._candidate_flags.clone()
-            metrics["gmm/t_c_step"] = float(self.t_c_step)
+        if decision.smoothed_delta_L is not None:
+            metrics["gmm/delta_L_smoothed"] = decision.smoothed_delta_L
+        if decision.confirmed:
+            metrics["gmm/t_c_step"] = float(self.tracker.t_c_step)  # type: ignore[arg-type]
         self.last = {k: float(v) for k, v in metrics.items()}
-        self._publish(trainer, metrics)
-        if confirmed:
-            self._on_confirmed(trainer)
+        self._attempt(trainer, "logging the metrics", self._publish, trainer, metrics)
+        if decision.confirmed:
+            self._on_confirmed(trainer, pl_module)
 
-    def _on_confirmed(self, trainer: pl.Trainer) -> None:
+    def _on_confirmed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n_flag = int(self.flagged_indices.numel())
         rank_zero_info(
             f"GMMCleanser: cleansing time t_c = step {self.t_c_step} (epoch {self.t_c_epoch}), "
@@ -458,25 +497,30 @@ class GMMCleanser(Callback):
         )
         directory = self._log_dir(trainer)  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and self._candidate is not None:
-            self._write_csv(directory)
-            self._write_figure(trainer)
+            self._attempt(trainer, "writing gmm_flagged.csv", self._write_csv, directory)
+            self._attempt(trainer, "drawing the loss histogram", self._write_figure, trainer)
         trainer.strategy.barrier("gmm_cleanser_t_c")  # every rank confirms t_c at the same measurement
         if self.action == "stop":
             trainer.should_stop = True
         elif self.action == "remove" and n_flag:
-            trainer.datamodule.remove_train_samples(self.flagged_indices.clone())
-            trainer.reload_dataloaders_every_n_epochs = 1  # rebuild the training DataLoader at the next epoch
-            self.removed = True
+            failed = self._attempt(trainer, "removing the flagged samples", self._remove, trainer)
+            if not self._any_rank(trainer, pl_module, failed):  # every rank removes, or none continues without
+                trainer.reload_dataloaders_every_n_epochs = 1  # rebuild the training DataLoader at the next epoch
+                self.removed = True
+
+    def _remove(self, trainer: pl.Trainer) -> None:
+        trainer.datamodule.remove_train_samples(self.flagged_indices.clone())
 
     def _log_dir(self, trainer: pl.Trainer) -> str:
         return trainer.log_dir or trainer.default_root_dir
 
     def _write_csv(self, directory: str) -> None:
+        """``gmm_flagged.csv``, written atomically (an old file is replaced whole or left as it was)."""
         cand = self._candidate
-        assert cand is not None
+        if cand is None:
+            return
         path = os.path.join(directory, "gmm_flagged.csv")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", newline="") as fh:
+        with atomic_write(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["index", "loss", "posterior", "given_label", "predicted_label"])
             for i in self.flagged_indices.tolist():
@@ -503,27 +547,19 @@ class GMMCleanser(Callback):
         writers[0].add_figure("gmm/loss_histogram", fig, self.t_c_step)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
         trainer.callback_metrics.update(
             {k: torch.tensor(float(v)) for k, v in metrics.items() if math.isfinite(float(v))}
         )
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "delta_L_history": [list(h) for h in self.delta_L_history],
-            "best_delta_L": self.best_delta_L,
-            "best_step": self.best_step,
-            "best_epoch": self.best_epoch,
-            "since_best": self.since_best,
-            "t_c_step": self.t_c_step,
-            "t_c_epoch": self.t_c_epoch,
-            "flagged_indices": self.flagged_indices.tolist(),
-            "candidate_flags": self._candidate_flags.tolist(),
+            **self.tracker.state_dict(),
             "removed": self.removed,
-            "smoothed_delta_L": self.smoothed_delta_L,
+            "skipped": self.skipped,
             "candidate": self._candidate_state(),
         }
 
@@ -541,20 +577,10 @@ class GMMCleanser(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.delta_L_history = [(int(a), int(b), float(c)) for a, b, c in state_dict.get("delta_L_history", [])]
-        self.best_delta_L = float(state_dict.get("best_delta_L", -math.inf))
-        self.best_step = state_dict.get("best_step")
-        self.best_epoch = state_dict.get("best_epoch")
-        self.since_best = int(state_dict.get("since_best", 0))
-        self.t_c_step = state_dict.get("t_c_step")
-        self.t_c_epoch = state_dict.get("t_c_epoch")
-        self.flagged_indices = torch.tensor(state_dict.get("flagged_indices", []), dtype=torch.long)
-        self._candidate_flags = torch.tensor(
-            state_dict.get("candidate_flags", state_dict.get("flagged_indices", [])), dtype=torch.long
-        )
+        self.tracker.load_state_dict(state_dict)
         self.removed = bool(state_dict.get("removed", False))
-        value = state_dict.get("smoothed_delta_L")
-        self.smoothed_delta_L = None if value is None else float(value)
+        self.skipped = int(state_dict.get("skipped", 0))
+        self._candidate, self._candidate_fit = None, None
         candidate = state_dict.get("candidate")
         if candidate:
             fit = dict(candidate["fit"])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_phases import _lightning as pl
 from lightning_phases.callbacks._probe import Unpack, _ProbeCallback
+from lightning_phases.data.protocol import find_probe_ground_truth  # re-exported: it used to live here
 from lightning_phases.errors import DegenerateInputError, LightningPhasesError
 from lightning_phases.functional.mixture import fit_loss_mixture
 from lightning_phases.functional.noise_split import (
@@ -22,49 +23,6 @@ from lightning_phases.functional.per_sample import LossFn, ParamSelection, defau
 from lightning_phases.report.tensorboard import write_phase_layout
 
 __all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
-
-_TRUTH_ATTRS = ("is_noisy", "true_targets")
-
-
-def _truth_of(obj: Any) -> tuple[Tensor, Tensor] | None:
-    """``(is_noisy, true_targets)`` if ``obj`` implements the ground-truth protocol."""
-    if obj is None or not all(hasattr(obj, a) for a in _TRUTH_ATTRS):
-        return None
-    mask = torch.as_tensor(obj.is_noisy).bool().reshape(-1).cpu()
-    true = torch.as_tensor(obj.true_targets).long().reshape(-1).cpu()
-    return mask, true
-
-
-def find_probe_ground_truth(dataset: Any, indices: Tensor, datamodule: Any = None) -> tuple[Tensor, Tensor] | None:
-    """Ground truth ``(is_noisy[idx], true_targets[idx])`` of probe samples, or ``None``.
-
-    Looks, in order, at the training dataset itself, through any
-    ``torch.utils.data.Subset`` wrappers (mapping indices), and at the
-    datamodule's noisy training dataset. An object implements the protocol
-    when it has ``is_noisy`` (bool, one entry per sample) and
-    ``true_targets`` (long, one entry per sample) attributes indexed like the
-    dataset.
-    """
-    from torch.utils.data import Subset
-
-    idx = indices.long()
-    current = dataset
-    while current is not None:
-        truth = _truth_of(current)
-        if truth is not None and truth[0].numel() == len(current):
-            return truth[0][idx], truth[1][idx]
-        if isinstance(current, Subset):
-            idx = torch.as_tensor(list(current.indices), dtype=torch.long)[idx]
-            current = current.dataset
-        else:
-            break
-    if datamodule is not None:
-        from lightning_phases.data.protocol import find_ground_truth
-
-        truth = _truth_of(find_ground_truth(datamodule))
-        if truth is not None and truth[0].numel() == len(dataset):
-            return truth[0][indices.long()], truth[1][indices.long()]
-    return None
 
 
 class NoiseSplitTracker(_ProbeCallback):

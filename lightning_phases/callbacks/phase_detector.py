@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
 from lightning_phases import _lightning as pl
-from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
+from lightning_phases._io import atomic_path
+from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
 
@@ -23,6 +26,10 @@ log = logging.getLogger("lightning_phases")
 _TRIGGERS = ("order/measured_step", "split/measured_step")
 _PROVIDERS = {"order/": "OrderParameterMonitor", "split/": "NoiseSplitTracker"}
 _STAT_PREFIXES = ("order/", "split/", "segment/")
+
+PhaseModel = Literal["auto", "two", "four"]
+# PhaseDetector's threshold defaults are PhaseTracker's (one place for each value)
+_TRACKER = {k: p.default for k, p in inspect.signature(PhaseTracker).parameters.items()}
 
 
 def _statistics(metrics: Any) -> dict[str, float]:
@@ -94,34 +101,65 @@ class PhaseDetector(Callback):
         average_weights: Keep the weights averaged over phase II (default) instead of those at the stop.
         strict: Fail in ``setup()`` when no callback provides the needed statistics.
         verbose: Print each transition and the phase timeline at the end of fitting.
-        thresholds: Extra keyword arguments for
-            :class:`~lightning_phases.functional.phases.PhaseTracker`
-            (``r_explore``, ``sigma2_explore``, ``balance``, ``r_cw_oppose``,
-            ``r_cw_align``, ``memorised``, ``activity_drop``, ``segment_end``, ``gap_plateau``,
-            ``memorisation_drop``).
+        r_explore, sigma2_explore: Two-phase thresholds of
+            :class:`~lightning_phases.functional.phases.PhaseTracker` (the run
+            explores once the smoothed ``order/R < r_explore`` and
+            ``order/sigma2_lambda > sigma2_explore``).
+        balance, r_cw_oppose, r_cw_align, memorised, activity_drop: Four-phase
+            thresholds of :class:`~lightning_phases.functional.phases.PhaseTracker`.
+        segment_end: Segment ratio that ends clean-priority learning.
+        gap_plateau: Relative growth per measurement of the loss gap at or below
+            which the clean data counts as learned in phase II.
+        memorisation_drop: Fall of the smoothed ``split/err_w`` below its phase-II
+            maximum that marks the memorisation onset.
+
+    **Never ends the run.** Every piece of work after a measurement (the
+    tracker update, the weight average, logging, the TensorBoard text, the
+    checkpoint) runs in a warn-once-and-skip net: a failure warns once per kind
+    (rank zero), is counted in ``phase/skipped``, and training goes on.
+    ``phase_recommended.ckpt`` is written atomically (a temporary file in the
+    same directory, then ``os.replace``): an old file is replaced whole or left
+    as it was; under DDP the checkpoint's collective is matched on every rank
+    even when the write fails, and every rank agrees whether it was written.
+
+    **Lifecycle.** Each ``trainer.fit`` starts fresh: the same detector reused
+    for a second ``fit`` forgets the first one's measurements, phases, kept
+    weights and recommendation in ``setup``. A ``fit(ckpt_path=...)`` then
+    restores the checkpoint's state (``load_state_dict``), so a resumed run
+    continues where it was.
 
     Logged metrics:
         - ``phase/index``: index of the current phase (0-based) after each measurement.
         - ``phase/recommended``: 1.0 at the measurement of the recommended stop, else 0.0.
         - ``phase/recommended_step``: global step of the recommended stop (once known).
+        - ``phase/skipped``: pieces of work that failed and were skipped so far (logged when one fails).
         - TensorBoard only: a text entry ``phase/transitions`` per transition.
     """
 
     def __init__(
         self,
-        model: str = "auto",
+        model: PhaseModel = "auto",
         *,
-        smoothing: float = 0.5,
-        patience: int = 2,
+        smoothing: float = _TRACKER["smoothing"],
+        patience: int = _TRACKER["patience"],
         stop: bool = False,
         save_checkpoint: bool = False,
         average_weights: bool = True,
         strict: bool = True,
         verbose: bool = True,
-        **thresholds: float,
+        r_explore: float = _TRACKER["r_explore"],
+        sigma2_explore: float = _TRACKER["sigma2_explore"],
+        balance: float = _TRACKER["balance"],
+        r_cw_oppose: float = _TRACKER["r_cw_oppose"],
+        r_cw_align: float = _TRACKER["r_cw_align"],
+        memorised: float = _TRACKER["memorised"],
+        activity_drop: float = _TRACKER["activity_drop"],
+        segment_end: float = _TRACKER["segment_end"],
+        gap_plateau: float = _TRACKER["gap_plateau"],
+        memorisation_drop: float = _TRACKER["memorisation_drop"],
     ) -> None:
         super().__init__()
-        if model not in PHASE_MODELS:
+        if not isinstance(model, str) or model not in PHASE_MODELS:
             raise LightningPhasesError(f"model must be one of {PHASE_MODELS}; got {model!r}.")
         for name, value in (
             ("stop", stop),
@@ -131,14 +169,21 @@ class PhaseDetector(Callback):
             ("verbose", verbose),
         ):
             if not isinstance(value, bool):
-                raise LightningPhasesError(f"{name} must be True or False; got {value!r}.")
-        known = set(inspect.signature(PhaseTracker).parameters) - {"model", "smoothing", "patience"}
-        unknown = sorted(set(thresholds) - known)
-        if unknown:
-            raise LightningPhasesError(
-                f"unknown PhaseDetector argument(s) {unknown}; the thresholds are {sorted(known)}."
-            )
+                raise LightningPhasesError(f"{name} must be True or False (a bool, not a string); got {value!r}.")
+        thresholds = dict(
+            r_explore=r_explore,
+            sigma2_explore=sigma2_explore,
+            balance=balance,
+            r_cw_oppose=r_cw_oppose,
+            r_cw_align=r_cw_align,
+            memorised=memorised,
+            activity_drop=activity_drop,
+            segment_end=segment_end,
+            gap_plateau=gap_plateau,
+            memorisation_drop=memorisation_drop,
+        )
         self.tracker = PhaseTracker(model, smoothing=smoothing, patience=patience, **thresholds)
+        self.thresholds = thresholds
         self.model = model
         self.stop = bool(stop)
         self.save_checkpoint = bool(save_checkpoint)
@@ -155,6 +200,21 @@ class PhaseDetector(Callback):
         # running sum of the weights measured in phase II (float entries, CPU, float64) and their count
         self._weight_sum: dict[str, torch.Tensor] | None = None
         self._weight_count: int = 0
+        self.skipped: int = 0  # pieces of work that failed and were skipped (logged as phase/skipped)
+        self._failed: set[str] = set()  # kinds of failure already warned about (once each)
+
+    def _reset(self) -> None:
+        """Forget every measurement: a new ``fit`` starts here (a resumed one then loads its checkpoint)."""
+        self.tracker.reset()
+        self._seen = {}
+        self._where = (None, None)
+        self._pending = None
+        self.recommended_state_dict = None
+        self.recommended_checkpoint = None
+        self._weight_sum = None
+        self._weight_count = 0
+        self.skipped = 0
+        self._failed = set()
 
     @property
     def state_key(self) -> str:
@@ -191,6 +251,8 @@ class PhaseDetector(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # a new fit starts fresh; fit(ckpt_path=...) restores the checkpoint's state after this hook
+        self._reset()
         self._trainer = trainer  # for state_dict: a measurement waiting for its next hook is saved with its statistics
         provided: set[str] = set()
         for cb in trainer.callbacks:
@@ -245,15 +307,22 @@ class PhaseDetector(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._poll(trainer, pl_module, final=True)
-        if self.recommended_state_dict is None and self.average_weights and self._weight_count:
-            # phase II had not ended when training did: keep its average so far (no stop was recommended)
-            self.recommended_state_dict = self._kept_weights(pl_module)
+        # phase II had not ended when training did: keep its average so far (no stop was recommended)
+        if (
+            self.recommended_state_dict is None
+            and self.average_weights
+            and self._weight_count
+            and not self._attempt(trainer, "keeping the phase-II weights", self._keep_weights, pl_module)
+        ):
             rank_zero_info(
                 f"PhaseDetector: training ended in phase II; keeping the weights averaged over its "
                 f"{self._weight_count} measurements (no stopping point was recommended)."
             )
         if self.verbose:
-            rank_zero_info(self.summary())
+            self._attempt(trainer, "the summary", lambda: rank_zero_info(self.summary()))
+
+    def _keep_weights(self, pl_module: pl.LightningModule) -> None:
+        self.recommended_state_dict = self._kept_weights(pl_module)
 
     # ------------------------------------------------------------------ logic
     def _new_measurement(self, metrics: dict[str, Any], final: bool) -> int | None:
@@ -292,20 +361,59 @@ class PhaseDetector(Callback):
         where_step, where_epoch = self._where
         epoch = where_epoch if where_step == step else trainer.current_epoch
         before = self.tracker.recommended
-        found = self.tracker.update(stats, step=step, epoch=epoch)
+        snapshot = self.tracker.state_dict()
+        try:
+            found = self.tracker.update(stats, step=step, epoch=epoch)
+        except Exception as error:  # the same statistics on every rank: the same outcome on every rank
+            self.tracker.load_state_dict(snapshot)
+            self._skip(trainer, "the phase update", error)
+            return
         if self.average_weights and before is None and self.tracker.model == "four" and self.tracker.phase_index >= 1:
-            self._accumulate(pl_module)
+            self._attempt(trainer, "the phase-II weight average", self._accumulate, pl_module)
         out = {"phase/index": float(self.tracker.phase_index)}
         now = self.tracker.recommended
         is_new_recommendation = before is None and now is not None
         out["phase/recommended"] = 1.0 if is_new_recommendation else 0.0
         if now is not None:
             out["phase/recommended_step"] = float(now.step)
-        self._publish(trainer, out)
+        self._attempt(trainer, "logging the metrics", self._publish, trainer, out)
         for t in found:
-            self._report(trainer, t)
-        if is_new_recommendation:
+            self._attempt(trainer, "reporting a transition", self._report, trainer, t)
+        if is_new_recommendation and now is not None:
             self._on_recommended(trainer, pl_module, now)
+
+    # ------------------------------------------------------------------ the safety net
+    def _skip(self, trainer: pl.Trainer, what: str, error: BaseException | str) -> None:
+        """Count a failed piece of work in ``phase/skipped``, warn once per kind (rank zero); training goes on."""
+        self.skipped += 1
+        if what not in self._failed:
+            self._failed.add(what)
+            why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            rank_zero_warn(
+                f"PhaseDetector: {what} failed and was skipped ({why}); training goes on. Further failures "
+                "are counted in phase/skipped without another warning."
+            )
+        with contextlib.suppress(Exception):
+            self._publish(trainer, {"phase/skipped": float(self.skipped)})
+
+    def _attempt(self, trainer: pl.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)``; on an exception skip it (see :meth:`_skip`). Returns whether it failed."""
+        try:
+            fn(*args)
+        except Exception as error:
+            self._skip(trainer, what, error)
+            return True
+        return False
+
+    @staticmethod
+    def _any_rank(trainer: pl.Trainer, pl_module: pl.LightningModule, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective under DDP: every rank calls it at the same point)."""
+        if trainer.world_size <= 1:
+            return flag
+        total = trainer.strategy.reduce(
+            torch.tensor(float(flag), dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        )
+        return bool(float(total) > 0)
 
     def _report(self, trainer: pl.Trainer, t: PhaseTransition) -> None:
         what = {
@@ -354,7 +462,11 @@ class PhaseDetector(Callback):
         }
 
     def _on_recommended(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: PhaseTransition) -> None:
-        self.recommended_state_dict = self._kept_weights(pl_module)
+        if self.stop:
+            trainer.should_stop = True  # the decision first: nothing below can prevent it
+        failed = self._attempt(trainer, "keeping the recommended weights", self._keep_weights, pl_module)
+        if self._any_rank(trainer, pl_module, failed):  # every rank goes on to the checkpoint, or none does
+            self.recommended_state_dict = None
         what = (
             "the weights averaged over" if self.average_weights and self._weight_count else "the weights at the end of"
         )
@@ -363,20 +475,38 @@ class PhaseDetector(Callback):
             f"is learned and the mislabeled data not yet; keeping {what} phase II "
             f"({self._weight_count} measurement{'s' if self._weight_count != 1 else ''})."
         )
-        if self.save_checkpoint:
-            directory = trainer.log_dir or trainer.default_root_dir
+        if self.save_checkpoint and self.recommended_state_dict is not None:  # the same on every rank
+            directory = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
             path = os.path.join(directory, "phase_recommended.ckpt")
-            self._save_with_kept_weights(trainer, pl_module, path)
-            self.recommended_checkpoint = path
-        if self.stop:
-            trainer.should_stop = True
+            failed = self._attempt(
+                trainer, "writing phase_recommended.ckpt", self._save_with_kept_weights, trainer, pl_module, path
+            )
+            if not self._any_rank(trainer, pl_module, failed):  # every rank agrees whether it was written
+                self.recommended_checkpoint = path
 
     def _save_with_kept_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> None:
-        """Write a Lightning checkpoint whose weights are the kept ones; the live weights are put back."""
+        """Write a Lightning checkpoint whose weights are the kept ones, atomically; the live weights are put back.
+
+        ``trainer.save_checkpoint`` ends in a barrier on every rank; when it fails before reaching it (the
+        write fails on rank zero, the only rank that writes), the barrier is called here instead, so the
+        ranks stay in step. (Strategies whose checkpoint dump is itself a collective, such as FSDP, are not
+        covered by this.)
+        """
         live = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        reached = False
         try:
             pl_module.load_state_dict(self.recommended_state_dict)  # type: ignore[arg-type]
-            trainer.save_checkpoint(path)  # collective under DDP: every rank takes this branch
+            if trainer.is_global_zero:
+                with atomic_path(path) as tmp:
+                    trainer.save_checkpoint(tmp)
+                    reached = True
+            else:
+                trainer.save_checkpoint(path)  # only rank zero writes; the call ends in a barrier
+                reached = True
+        except Exception:
+            if not reached and trainer.world_size > 1:
+                trainer.strategy.barrier("Trainer.save_checkpoint")  # the one the failed call did not reach
+            raise
         finally:
             pl_module.load_state_dict(live)
 
@@ -441,6 +571,7 @@ class PhaseDetector(Callback):
             "weight_sum": self._weight_sum,
             "weight_count": self._weight_count,
             "recommended_state_dict": self.recommended_state_dict,
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -455,3 +586,4 @@ class PhaseDetector(Callback):
         self._weight_sum = state_dict.get("weight_sum")
         self._weight_count = int(state_dict.get("weight_count", 0))
         self.recommended_state_dict = state_dict.get("recommended_state_dict")
+        self.skipped = int(state_dict.get("skipped", 0))

@@ -4,6 +4,7 @@ This sub-package depends on torch, numpy, scikit-learn and torchmetrics only;
 it never imports Lightning, so it can be used from any training loop.
 """
 
+from lightning_phases.functional.cleansing import CleansingDecision, CleansingTracker, excess_class_dependence
 from lightning_phases.functional.ensemble import (
     OrderParameters,
     derived_seed,
@@ -85,6 +86,9 @@ __all__ = [
     "symmetric_noise_class_dependence",
     "DetectionMetrics",
     "detection_metrics",
+    "CleansingTracker",
+    "CleansingDecision",
+    "excess_class_dependence",
     "PhaseTracker",
     "PhaseTransition",
     "PHASE_MODELS",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping, MutableSequence
 from typing import Any
 
@@ -41,10 +42,10 @@ class LabelNoise(pl.Callback):
 
     Args:
         tau: Replacement probability in ``[0, 1]`` (classification).
-        sigma: Noise standard deviation ``>= 0`` (regression). Give exactly one of ``tau``, ``sigma``.
+        sigma: Noise standard deviation, finite and ``>= 0`` (regression). Give exactly one of ``tau``, ``sigma``.
         num_classes: ``C >= 2`` for ``tau``; if ``None``, read from ``trainer.datamodule.num_classes``.
         draw_from: ``"other"`` (SPEC §5, default) or ``"all"``.
-        seed: Seed of the noise stream.
+        seed: Seed of the noise stream, any non-negative int.
         target_key: Where the targets are in a batch: an index into a list batch (default ``1``)
             or a key of a dict batch.
 
@@ -68,17 +69,27 @@ class LabelNoise(pl.Callback):
                 f"Give exactly one of tau (classification) or sigma (regression); got tau={tau!r}, sigma={sigma!r}."
             )
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= 1):
-            raise LabelNoiseError(f"tau must be a float in [0, 1]; got {tau!r}.")
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0):
-            raise LabelNoiseError(f"sigma must be a float >= 0; got {sigma!r}.")
+            raise LabelNoiseError(
+                f"tau is the probability of replacing a label: pass a float in [0, 1] such as 0.2; got {tau!r}."
+            )
+        if sigma is not None and (
+            isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < math.inf
+        ):
+            raise LabelNoiseError(
+                f"sigma is the standard deviation of the target noise: pass a finite float >= 0; got {sigma!r}."
+            )
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
             raise LabelNoiseError(f"num_classes must be an int >= 2 or None; got {num_classes!r}.")
         if draw_from not in ("other", "all"):
             raise LabelNoiseError(f"draw_from must be 'other' or 'all'; got {draw_from!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise LabelNoiseError(f"seed must be an int; got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise LabelNoiseError(f"seed must be a non-negative int (any size works), such as 0; got {seed!r}.")
+        if isinstance(target_key, bool) or not isinstance(target_key, (int, str)):
+            raise LabelNoiseError(
+                f"target_key is where the targets are in a batch: an int index or a str key; got {target_key!r}."
+            )
         self.tau = None if tau is None else float(tau)
         self.sigma = None if sigma is None else float(sigma)
         self.num_classes, self.draw_from, self.seed, self.target_key = num_classes, draw_from, seed, target_key

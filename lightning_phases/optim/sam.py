@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -71,7 +72,8 @@ class SAM(Optimizer):
         **base_kwargs: Passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Raises:
-        LightningPhasesError: For ``rho <= 0`` or a ``base_optimizer`` that is not an optimizer class.
+        LightningPhasesError: For ``rho`` not a finite number ``> 0``, ``adaptive`` not a bool, or a
+            ``base_optimizer`` that is not an optimizer class.
     """
 
     def __init__(
@@ -83,8 +85,12 @@ class SAM(Optimizer):
         adaptive: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
-            raise LightningPhasesError(f"rho must be a float > 0; got {rho!r}.")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
+            raise LightningPhasesError(
+                f"rho is the neighbourhood radius: pass a finite float > 0 (0.05 is the usual value); got {rho!r}."
+            )
+        if not isinstance(adaptive, bool):
+            raise LightningPhasesError(f"adaptive must be True or False (a bool, not a string); got {adaptive!r}.")
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
             raise LightningPhasesError(
                 f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD; got {base_optimizer!r}."

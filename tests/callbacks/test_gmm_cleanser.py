@@ -24,6 +24,8 @@ from lightning_phases.functional import (
 from tests.callbacks.helpers import (
     DestroyProcessGroupAtExit,
     NoisyTensorDataset,
+    PlainDataset,
+    RecordingLogger,
     TinyClassifier,
     loader,
     series,
@@ -466,3 +468,259 @@ def test_class_check_applies_to_class_targets_only():
         labels(torch.tensor([0.0, 1.0, 1.0, 0.0]), num_outputs=1), torch.tensor([0, 1, 1, 0])
     )  # one logit
     assert labels(torch.tensor([0.0, 7.0, 7.0, 0.0]), num_outputs=5) is None  # not an output index
+
+
+# ---------------------------------------------------------------------- never ending the run
+
+
+def _fit_warned(tmp_path, cleanser, *, dataset=None, epochs=3, model=None, train_loader=None, **kwargs):
+    """Fit and return (trainer, the warnings GMMCleanser issued)."""
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser], max_epochs=epochs, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(
+            model or TinyClassifier(), loader(dataset or NoisyTensorDataset()) if train_loader is None else train_loader
+        )
+    return tr, [str(w.message) for w in caught if "GMMCleanser" in str(w.message)]
+
+
+class EvalFailingClassifier(TinyClassifier):
+    """Trains normally; its forward raises in eval mode (where the loss pass runs) until ``until_epoch``."""
+
+    def __init__(self, *args, until_epoch: int = 10**9, rank: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.until_epoch, self.rank = until_epoch, rank
+
+    def forward(self, x):
+        failing = self.rank is None or self.trainer.global_rank == self.rank
+        if not self.training and failing and self.trainer.current_epoch < self.until_epoch:
+            raise RuntimeError("a model error in eval mode")
+        return super().forward(x)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        ds = NoisyTensorDataset()
+        return iter([ds[i] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("nan_loss", "the loss of training sample"),
+        ("labels_out_of_range", "the loss pass"),
+        ("iterable_dataset", "map-style"),
+        ("model_error", "a model error in eval mode"),
+    ],
+)
+def test_a_failing_measurement_warns_once_and_training_goes_on(tmp_path, kind, match):
+    kwargs: dict = {}
+    cleanser_kw: dict = {}
+    if kind == "nan_loss":
+        cleanser_kw["loss_fn"] = lambda out, y: out.sum() * float("nan")
+    elif kind == "labels_out_of_range":
+        cleanser_kw["unpack"] = lambda batch: (batch[0], batch[1] + 10)  # class 10+ of a 3-class model
+    elif kind == "iterable_dataset":
+        kwargs["train_loader"] = DataLoader(_Stream(), batch_size=8)
+    else:
+        kwargs["model"] = EvalFailingClassifier()
+    cleanser = GMMCleanser(patience=2, **cleanser_kw)
+    tr, warned = _fit_warned(tmp_path, cleanser, epochs=3, **kwargs)
+    assert tr.current_epoch == 3 and not tr.interrupted  # all three epochs ran
+    assert len(warned) == 1 and match in warned[0] and "training goes on" in warned[0]  # once, not per epoch
+    assert cleanser.skipped == 3 and [v for _, v in series(tr.loggers[0].records, "gmm/skipped")] == [1.0, 2.0, 3.0]
+    assert cleanser.t_c_step is None and not series(tr.loggers[0].records, "gmm/delta_L")
+
+
+def test_measurements_resume_once_the_failure_stops(tmp_path):
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
+    model = EvalFailingClassifier(dim=8, num_classes=4, hidden=32, lr=0.05, until_epoch=2)
+    cleanser = GMMCleanser(patience=10)  # no t_c within the run: every epoch is measured
+    tr, warned = _fit_warned(tmp_path, cleanser, epochs=6, model=model, train_loader=loader(ds, batch_size=32))
+    assert len(warned) == 1 and cleanser.skipped == 2
+    assert [s for s, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [19 * e for e in range(3, 7)]
+
+
+def test_a_failed_csv_write_warns_and_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    import lightning_phases._io as io_module
+
+    old = "".join(f"{i},old\n" for i in range(603))
+    (tmp_path / "gmm_flagged.csv").write_text(old)  # the log directory of this Trainer is tmp_path
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_module.os, "replace", refuse)
+    cleanser = ScriptedCleanser(patience=2)
+    tr, warned = _fit_warned(tmp_path, cleanser, dataset=NoisyTensorDataset(n=300), epochs=8)
+    assert cleanser.t_c_epoch == 3 and tr.current_epoch == 8  # t_c confirmed at epoch 5, training went on
+    assert len(warned) == 1 and "gmm_flagged.csv" in warned[0] and "No space left" in warned[0]
+    assert (tmp_path / "gmm_flagged.csv").read_text() == old and cleanser.csv_path is None
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert cleanser.skipped == 1 and series(tr.loggers[0].records, "gmm/skipped")[-1][1] == 1.0
+
+
+def test_a_log_dir_below_a_regular_file_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    cleanser = ScriptedCleanser(action="flag", patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = pl.Trainer(
+        default_root_dir=blocker / "logs",
+        max_epochs=8,
+        accelerator="cpu",
+        logger=RecordingLogger(tmp_path / "log.jsonl"),  # no log_dir of its own: default_root_dir is used
+        callbacks=[cleanser],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)))
+    warned = [str(w.message) for w in caught if "GMMCleanser" in str(w.message)]
+    assert cleanser.t_c_epoch == 3 and tr.current_epoch == 8 and cleanser.flagged_indices.numel() == 90
+    assert len(warned) == 1 and "gmm_flagged.csv" in warned[0] and cleanser.csv_path is None
+    assert blocker.read_text() == "not a directory"
+
+
+def test_the_csv_is_written_whole_and_replaces_an_old_one(tmp_path):
+    (tmp_path / "gmm_flagged.csv").write_text("stale\n")
+    cleanser = ScriptedCleanser(patience=2)
+    _fit_warned(tmp_path, cleanser, dataset=NoisyTensorDataset(n=300), epochs=7)
+    with open(tmp_path / "gmm_flagged.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["index"]) for r in rows] == cleanser.flagged_indices.tolist() and len(rows) == 90
+
+
+def test_a_failing_removal_warns_and_training_continues_on_the_full_set(tmp_path):
+    class Refusing(RemovableDataModule):
+        def remove_train_samples(self, indices) -> None:
+            raise PermissionError("read-only dataset")
+
+    dm = Refusing(NoisyTensorDataset(n=300))
+    cleanser = ScriptedCleanser(action="remove", patience=2)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser], max_epochs=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyClassifier(), datamodule=dm)
+    warned = [str(w.message) for w in caught if "GMMCleanser" in str(w.message)]
+    assert len(warned) == 1 and "removing the flagged samples" in warned[0] and "read-only" in warned[0]
+    assert not cleanser.removed and tr.current_epoch == 8 and dm.loader_sizes == [300]
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def test_a_reused_cleanser_starts_fresh_on_new_data(tmp_path):
+    cleanser = ScriptedCleanser(patience=2)
+    _fit(tmp_path / "a", cleanser, epochs=8)
+    assert cleanser.t_c_epoch == 3 and cleanser.flagged_indices.numel() == 90 and cleanser.csv_path
+    other = PlainDataset(NoisyTensorDataset(n=300, seed=5))  # other data, no ground truth
+    tr, _ = _fit(tmp_path / "b", cleanser, dataset=other, epochs=3)
+    assert cleanser.t_c_step is None and cleanser.flagged_indices.numel() == 0 and cleanser.csv_path is None
+    assert [e for _, e, _ in cleanser.delta_L_history] == [0, 1, 2] and cleanser.best_epoch == 2
+    assert "gmm/t_c_step" not in cleanser.last and "gmm/precision" not in cleanser.last
+    fresh = ScriptedCleanser(patience=2)
+    _fit(tmp_path / "c", fresh, dataset=other, epochs=3)
+    assert fresh.state_dict()["delta_L_history"] == cleanser.state_dict()["delta_L_history"]
+
+
+def test_the_same_cleanser_resumed_from_a_checkpoint_continues(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    cleanser = ScriptedCleanser(patience=3)
+    _fit(tmp_path / "a", cleanser, epochs=5, extra=[ckpt], enable_checkpointing=True)
+    assert cleanser.t_c_epoch is None and cleanser.best_epoch == 3
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [cleanser], max_epochs=12, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert cleanser.t_c_epoch == 3 and len(cleanser.delta_L_history) == 7  # 5 before the restart, 2 after
+
+
+# ---------------------------------------------------------------------- arguments and namespaces
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(normalize="no"), "normalize must be True or False"),
+        (dict(seed=True), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=-3), "non-negative int"),
+        (dict(max_fraction=float("inf")), "max_fraction"),
+        (dict(action=None), "action must be one of"),
+    ],
+)
+def test_more_bad_arguments(kwargs, match):
+    with pytest.raises(LightningPhasesError, match=match) as info:
+        GMMCleanser(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)  # the value is echoed
+
+
+def test_any_non_negative_seed_works():
+    losses = torch.cat([0.2 + 0.05 * torch.randn(200, dtype=torch.float64), 1.0 + 0.05 * torch.randn(100)])
+    for seed in (0, 2**32 - 1, 2**32, 2**64 + 7):
+        fit, _, _ = GMMCleanser(seed=seed)._fit(_NoTrainer(), losses.double(), torch.zeros(300))
+        assert fit.mean_noisy - fit.mean_clean == pytest.approx(0.8, abs=0.05)
+
+
+class _NoTrainer:
+    """Enough of a Trainer for GMMCleanser._fit: a training dataset without ground truth."""
+
+    datamodule = None
+    train_dataloader = DataLoader(torch.utils.data.TensorDataset(torch.zeros(300, 1)))
+
+
+def test_action_is_a_literal():
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(GMMCleanser.__init__)
+    assert typing.get_args(hints["action"]) == ("flag", "remove", "stop")
+    assert inspect.signature(GMMCleanser).parameters["action"].default == "flag"
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_both_lightning_namespaces(tmp_path, namespace):
+    import importlib
+
+    ns = importlib.import_module(namespace)
+
+    class Tiny(ns.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    cleanser = ScriptedCleanser(patience=2)
+    ns.seed_everything(0, verbose=False)
+    tr = ns.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=7,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[cleanser],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(Tiny(), loader(NoisyTensorDataset(n=300)))
+    assert cleanser.t_c_epoch == 3 and tr.current_epoch == 7  # confirmed at epoch 5, flag: training went on
+    assert torch.equal(
+        cleanser.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten()
+    )
+    assert os.path.exists(os.path.join(tmp_path, "gmm_flagged.csv"))

@@ -296,10 +296,14 @@ def test_setup_names_the_missing_callback(tmp_path):
         (dict(smoothing=2.0), "smoothing"),
         (dict(stop="no"), "stop must be True or False"),
         (dict(average_weights=1), "average_weights"),
-        (dict(memorized=0.1), "unknown PhaseDetector argument"),
         (dict(activity_drop=5.0), "activity_drop"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(LightningPhasesError, match=match):
         PhaseDetector(**kwargs)
+
+
+def test_a_misspelt_threshold_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="memorized"):  # explicit keyword arguments: Python names the stray one
+        PhaseDetector(memorized=0.1)

@@ -130,3 +130,36 @@ def test_errors(tmp_path):
     cb = LabelNoise(tau=0.1, num_classes=3)
     with pytest.raises(LabelNoiseError, match="tuple"):
         cb._perturb((torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)), 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sigma=float("inf")), "sigma is the standard deviation"),
+        (dict(sigma=float("nan")), "sigma is the standard deviation"),
+        (dict(sigma=-0.1), "sigma is the standard deviation"),
+        (dict(tau=1.5, num_classes=3), "tau is the probability"),
+        (dict(tau=-0.1, num_classes=3), "tau is the probability"),
+        (dict(tau=float("nan"), num_classes=3), "tau is the probability"),
+        (dict(tau="0.2", num_classes=3), "tau is the probability"),
+        (dict(tau=0.2, num_classes=3, seed=-1), "seed must be a non-negative int"),
+        (dict(tau=0.2, num_classes=3, seed=True), "seed must be a non-negative int"),
+        (dict(tau=0.2, num_classes=3, seed=1.0), "seed must be a non-negative int"),
+        (dict(tau=0.2, num_classes=3, target_key=True), "target_key"),
+    ],
+)
+def test_arguments_that_would_corrupt_training_are_refused(kwargs, match):
+    with pytest.raises(LabelNoiseError, match=match) as info:
+        LabelNoise(**kwargs)
+    bad = {k: v for k, v in kwargs.items() if k != "num_classes" and not (k == "tau" and v == 0.2)}
+    assert repr(next(iter(bad.values()))) in str(info.value)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32, 2**64 + 3, 10**30])
+def test_any_non_negative_seed_works(seed):
+    noise = LabelNoise(tau=0.5, num_classes=3, seed=seed)
+    targets = torch.zeros(64, dtype=torch.long)
+    flipped = noise.noisy(targets, noise.generator(0, 0))
+    assert 10 < int((flipped != targets).sum()) < 54 and torch.equal(
+        flipped, noise.noisy(targets, noise.generator(0, 0))
+    )

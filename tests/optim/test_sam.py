@@ -200,3 +200,37 @@ def test_lightning_bf16_mixed_runs(tmp_path):
 def test_lightning_gradient_accumulation_raises(tmp_path):
     with pytest.raises(LightningPhasesError, match="accumulate_grad_batches"):
         _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2).fit(_Net(), DataLoader(_data(), batch_size=8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(rho=float("inf")), "rho is the neighbourhood radius"),
+        (dict(rho=float("nan")), "rho is the neighbourhood radius"),
+        (dict(rho=-0.05), "rho is the neighbourhood radius"),
+        (dict(rho=True), "rho is the neighbourhood radius"),
+        (dict(rho="0.05"), "rho is the neighbourhood radius"),
+        (dict(adaptive="no"), "adaptive must be True or False"),
+        (dict(adaptive=1), "adaptive must be True or False"),
+    ],
+)
+def test_arguments_that_would_corrupt_training_are_refused(kwargs, match):
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(LightningPhasesError, match=match) as info:
+        SAM([w], lr=0.1, **kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+def test_a_large_finite_rho_keeps_the_weights_finite():
+    # what rho=inf used to do (e = inf·g/‖g‖: NaN weights after the step) cannot happen with any accepted rho
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = SAM([w], lr=0.1, rho=1e6)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert bool(torch.isfinite(w).all())

@@ -1,0 +1,325 @@
+"""The cleansing-time decision from a series of loss-mixture fits (SPEC.md §4).
+
+:class:`CleansingTracker` reads one fitted two-component loss mixture
+(:class:`~lightning_phases.functional.mixture.LossMixture`) per measurement
+and decides, causally, when the cleansing time ``t_c`` is reached and which
+samples are flagged:
+
+* A fit **counts as bimodal** unless one of the rejection rules applies, in
+  this order: ``"weight"`` (a degenerate fit: ΔL or Ashman's D not finite, or
+  the mislabeled weight ``r`` outside ``(min_weight, 1 − min_weight)``),
+  ``"separation"`` (Ashman's D below ``min_separation``, or below
+  ``heavy_noise_separation`` when that is set and ``r >= heavy_noise_weight``),
+  ``"class"`` (the flags follow the given class: the class-dependence value,
+  see :func:`excess_class_dependence`, above ``max_class_dependence``).
+* Over the bimodal fits the tracker keeps an exponential moving average of
+  ``ΔL = m_w − m_c`` (``smoothing`` is the weight of the newest fit; 1 uses
+  the raw ΔL). A smoothed value above every earlier one is a **new peak**;
+  the peak is **confirmed** as ``t_c`` once ``patience`` *consecutive*
+  bimodal fits after it have not exceeded it. A fit that is not bimodal
+  neither makes nor confirms a peak, and restarts the count.
+* The **flags** of a bimodal fit are its samples above the threshold, at most
+  ``floor(max_fraction · n)`` of them: when the fit flags more, the highest
+  posteriors are kept and ties (posteriors saturated at 1) go to the higher
+  loss, then to the lower index. The flags at ``t_c`` are those of the fit at
+  the peak.
+
+Nothing here touches Lightning, files or ranks: the
+:class:`~lightning_phases.callbacks.GMMCleanser` callback computes the losses,
+fits the mixture, feeds this tracker and acts on its decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional.mixture import LossMixture, class_dependence, symmetric_noise_class_dependence
+
+__all__ = ["CleansingDecision", "CleansingTracker", "REJECTIONS", "excess_class_dependence"]
+
+REJECTIONS = ("weight", "separation", "class")
+
+
+def excess_class_dependence(fit: LossMixture, labels: Tensor | None) -> float:
+    """η² of the fit's flags on the given class, beyond what exact symmetric-noise flags would show.
+
+    ``class_dependence(fit.flags, labels) − symmetric_noise_class_dependence(labels, r)`` with
+    ``r`` the fitted mislabeled weight (clamped to ``[0, 1]``); the raw η² when the baseline is
+    undefined (``r`` too close to ``(C − 1)/C`` to recover the class sizes: the cautious side).
+
+    Args:
+        fit: The mixture fit; ``fit.flags`` is bool ``[n]``.
+        labels: Given class labels, long ``[n]``, or ``None`` (targets that are not classes).
+
+    Returns:
+        The value, or ``nan`` when there are no class labels, their length differs from the
+        flags' or the fitted weight is not finite (no class check then).
+    """
+    if labels is None or fit.flags.numel() != labels.numel() or not math.isfinite(fit.weight_noisy):
+        return math.nan
+    expected = symmetric_noise_class_dependence(labels, min(max(fit.weight_noisy, 0.0), 1.0))
+    return class_dependence(fit.flags, labels) - (0.0 if math.isnan(expected) else expected)
+
+
+@dataclass(frozen=True)
+class CleansingDecision:
+    """What one measurement decided.
+
+    Attributes:
+        step: Global step of the measurement.
+        epoch: Epoch of the measurement.
+        bimodal: Whether the fit counts as bimodal.
+        rejection: ``None`` if bimodal, else the rule that rejected it (one of :data:`REJECTIONS`).
+        reason: Human-readable reason of the rejection (``None`` if bimodal).
+        delta_L: ``ΔL`` of this fit.
+        smoothed_delta_L: The moving average after this fit (bimodal fits only, else ``None``).
+        class_dependence: The class-dependence value the fit was judged with (``nan``: no check).
+        new_peak: Whether this fit is a new peak of the smoothed ΔL.
+        confirmed: Whether this measurement confirmed ``t_c`` (then ``tracker.t_c_step`` is set).
+        flags: The fit's capped flags, bool ``[n]`` (all False if not bimodal).
+    """
+
+    step: int
+    epoch: int
+    bimodal: bool
+    rejection: str | None
+    reason: str | None
+    delta_L: float
+    smoothed_delta_L: float | None
+    class_dependence: float
+    new_peak: bool
+    confirmed: bool
+    flags: Tensor
+
+    @property
+    def num_flagged(self) -> int:
+        """Number of samples this fit flags (after the cap)."""
+        return int(self.flags.sum())
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LightningPhasesError(f"{name} must be a finite number; got {value!r}.")
+    return float(value)
+
+
+class CleansingTracker:
+    """Peak tracking, smoothing, patience, rejection rules and the flag cap (see the module docstring).
+
+    Args:
+        patience: Bimodal fits after the ΔL peak that confirm it, ``>= 1``.
+        max_fraction: Never flag more than this fraction of the samples, in ``(0, 1]``.
+        min_separation: Minimal Ashman's D of a bimodal fit, ``> 0``.
+        min_weight: Minimal weight of each component of a bimodal fit, in ``[0, 0.5)``.
+        smoothing: EMA weight of the newest ΔL, in ``(0, 1]`` (1: raw ΔL).
+        max_class_dependence: Largest class-dependence value of a bimodal fit, in ``(0, 1]`` (1: off).
+        heavy_noise_separation: ``None`` (off) or the Ashman's D, in ``(0, min_separation]``, that
+            suffices for fits whose mislabeled weight is at least ``heavy_noise_weight``.
+        heavy_noise_weight: See ``heavy_noise_separation``; in ``(0, 1)``.
+
+    Raises:
+        LightningPhasesError: an argument out of its range or not a finite number.
+    """
+
+    def __init__(
+        self,
+        *,
+        patience: int = 3,
+        max_fraction: float = 0.5,
+        min_separation: float = 2.0,
+        min_weight: float = 0.01,
+        smoothing: float = 0.5,
+        max_class_dependence: float = 0.2,
+        heavy_noise_separation: float | None = None,
+        heavy_noise_weight: float = 0.2,
+    ) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise LightningPhasesError(f"patience must be an int >= 1; got {patience!r}.")
+        max_fraction = _check_number("max_fraction", max_fraction)
+        min_separation = _check_number("min_separation", min_separation)
+        min_weight = _check_number("min_weight", min_weight)
+        smoothing = _check_number("smoothing", smoothing)
+        max_class_dependence = _check_number("max_class_dependence", max_class_dependence)
+        heavy_noise_weight = _check_number("heavy_noise_weight", heavy_noise_weight)
+        if heavy_noise_separation is not None:
+            heavy_noise_separation = _check_number("heavy_noise_separation", heavy_noise_separation)
+        if not 0 < max_fraction <= 1:
+            raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
+        if min_separation <= 0:
+            raise LightningPhasesError(
+                f"min_separation is Ashman's D of a bimodal fit, > 0 (2 by convention); got {min_separation!r}."
+            )
+        if not 0 <= min_weight < 0.5:
+            raise LightningPhasesError(f"min_weight must be in [0, 0.5); got {min_weight!r}.")
+        if not 0 < smoothing <= 1:
+            raise LightningPhasesError(f"smoothing must be in (0, 1]; got {smoothing!r}.")
+        if not 0 < max_class_dependence <= 1:
+            raise LightningPhasesError(
+                "max_class_dependence is a share of variance in (0, 1] (1 turns the check off); "
+                f"got {max_class_dependence!r}."
+            )
+        if not 0 < heavy_noise_weight < 1:
+            raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
+        if heavy_noise_separation is not None and not 0 < heavy_noise_separation <= min_separation:
+            raise LightningPhasesError(
+                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; "
+                f"got {heavy_noise_separation!r}."
+            )
+        self.patience = patience
+        self.max_fraction = max_fraction
+        self.min_separation = min_separation
+        self.min_weight = min_weight
+        self.smoothing = smoothing
+        self.max_class_dependence = max_class_dependence
+        self.heavy_noise_separation = heavy_noise_separation
+        self.heavy_noise_weight = heavy_noise_weight
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every fit seen so far."""
+        self.smoothed_delta_L: float | None = None  # EMA of ΔL over the bimodal fits
+        self.delta_L_history: list[tuple[int, int, float]] = []  # (step, epoch, raw ΔL) of the bimodal fits
+        self.best_delta_L: float = -math.inf
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self.since_best: int = 0
+        self.t_c_step: int | None = None
+        self.t_c_epoch: int | None = None
+        self.peak_flags: Tensor = torch.zeros(0, dtype=torch.long)  # indices flagged by the fit at the peak
+        self.flagged_indices: Tensor = torch.zeros(0, dtype=torch.long)  # the peak's, once t_c is confirmed
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether ``t_c`` has been confirmed (the tracker then takes no more fits)."""
+        return self.t_c_step is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the series after a restart (plain Python types)."""
+        return {
+            "delta_L_history": [list(h) for h in self.delta_L_history],
+            "best_delta_L": self.best_delta_L,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+            "t_c_step": self.t_c_step,
+            "t_c_epoch": self.t_c_epoch,
+            "flagged_indices": self.flagged_indices.tolist(),
+            "candidate_flags": self.peak_flags.tolist(),
+            "smoothed_delta_L": self.smoothed_delta_L,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (missing keys keep their defaults, so old checkpoints load)."""
+        self.reset()
+        self.delta_L_history = [(int(a), int(b), float(c)) for a, b, c in state.get("delta_L_history", [])]
+        self.best_delta_L = float(state.get("best_delta_L", -math.inf))
+        self.best_step = None if state.get("best_step") is None else int(state["best_step"])
+        self.best_epoch = None if state.get("best_epoch") is None else int(state["best_epoch"])
+        self.since_best = int(state.get("since_best", 0))
+        self.t_c_step = None if state.get("t_c_step") is None else int(state["t_c_step"])
+        self.t_c_epoch = None if state.get("t_c_epoch") is None else int(state["t_c_epoch"])
+        self.flagged_indices = torch.tensor(state.get("flagged_indices", []), dtype=torch.long)
+        self.peak_flags = torch.tensor(state.get("candidate_flags", state.get("flagged_indices", [])), dtype=torch.long)
+        value = state.get("smoothed_delta_L")
+        self.smoothed_delta_L = None if value is None else float(value)
+
+    # ------------------------------------------------------------------ rules
+    def rejection(self, fit: LossMixture, dependence: float = math.nan) -> tuple[str, str] | None:
+        """``None`` if the fit counts as bimodal, else ``(rule, reason)`` with ``rule`` in :data:`REJECTIONS`."""
+        r, sep = fit.weight_noisy, fit.separation
+        if not (math.isfinite(fit.delta_L) and math.isfinite(sep)) or not self.min_weight < r < 1 - self.min_weight:
+            return "weight", f"the fit is degenerate (mislabeled weight {r:.3g})"
+        heavy = self.heavy_noise_separation is not None and r >= self.heavy_noise_weight
+        needed = self.heavy_noise_separation if heavy else self.min_separation
+        if sep < needed:
+            return "separation", f"separation {sep:.2f} < {needed}"
+        if math.isfinite(dependence) and dependence > self.max_class_dependence:
+            return "class", (
+                f"the split follows the given class (η² of the flags {dependence:.2f} above what symmetric noise "
+                f"would give > max_class_dependence = {self.max_class_dependence}): some classes are learned and "
+                "others not yet, or the network predicts a constant"
+            )
+        return None
+
+    def capped_flags(self, fit: LossMixture, losses: Tensor) -> Tensor:
+        """The fit's flags, at most ``floor(max_fraction · n)``: the highest posteriors, ties by the higher loss.
+
+        Args:
+            fit: The mixture fit (``flags`` and ``posterior`` of shape ``[n]``).
+            losses: The per-sample losses the fit was made from, ``[n]``.
+
+        Returns:
+            Bool ``[n]``.
+        """
+        flags = fit.flags.clone()
+        cap = int(math.floor(self.max_fraction * flags.numel()))
+        if int(flags.sum()) > cap:
+            by_loss = torch.argsort(losses.to(fit.posterior.device), descending=True, stable=True)
+            order = by_loss[torch.argsort(fit.posterior[by_loss], descending=True, stable=True)]
+            flags = torch.zeros_like(flags)
+            flags[order[:cap]] = True
+        return flags
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self, fit: LossMixture, losses: Tensor, *, dependence: float = math.nan, step: int, epoch: int = 0
+    ) -> CleansingDecision:
+        """Feed one measurement; return its decision.
+
+        Args:
+            fit: The mixture fit of this measurement.
+            losses: Per-sample losses the fit was made from, ``[n]`` (for the cap's tie rule).
+            dependence: The class-dependence value (:func:`excess_class_dependence`); ``nan``: no class check.
+            step: Global step of the measurement.
+            epoch: Epoch of the measurement.
+
+        Raises:
+            LightningPhasesError: ``t_c`` is already confirmed (the decision is final).
+        """
+        if self.confirmed:
+            raise LightningPhasesError(
+                f"CleansingTracker: t_c was confirmed at step {self.t_c_step}; it takes no more fits (reset() to start over)."
+            )
+        rejected = self.rejection(fit, dependence)
+        bimodal = rejected is None
+        flags = self.capped_flags(fit, losses) if bimodal else torch.zeros(int(losses.numel()), dtype=torch.bool)
+        new_peak, level = False, None
+        if bimodal:
+            self.delta_L_history.append((int(step), int(epoch), float(fit.delta_L)))
+            prev = self.smoothed_delta_L
+            level = fit.delta_L if prev is None else self.smoothing * fit.delta_L + (1 - self.smoothing) * prev
+            self.smoothed_delta_L = level
+            if level > self.best_delta_L:
+                self.best_delta_L, self.best_step, self.best_epoch = level, int(step), int(epoch)
+                self.since_best = 0
+                self.peak_flags = torch.nonzero(flags).flatten().cpu()
+                new_peak = True
+            else:
+                self.since_best += 1
+        elif self.best_step is not None:
+            self.since_best = 0  # a sporadic bimodal fit (e.g. on clean data) is not a confirmed peak
+        confirmed = self.best_step is not None and self.since_best >= self.patience
+        if confirmed:
+            self.t_c_step, self.t_c_epoch = self.best_step, self.best_epoch
+            self.flagged_indices = self.peak_flags.clone()
+        return CleansingDecision(
+            step=int(step),
+            epoch=int(epoch),
+            bimodal=bimodal,
+            rejection=None if rejected is None else rejected[0],
+            reason=None if rejected is None else rejected[1],
+            delta_L=float(fit.delta_L),
+            smoothed_delta_L=level,
+            class_dependence=float(dependence),
+            new_peak=new_peak,
+            confirmed=confirmed,
+            flags=flags,
+        )

@@ -1,0 +1,259 @@
+"""CleansingTracker: the t_c / flag decision on constructed series with known answers, the cap, resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional import (
+    CleansingTracker,
+    LossMixture,
+    class_dependence,
+    excess_class_dependence,
+    symmetric_noise_class_dependence,
+)
+
+N = 30
+
+
+def _mixture(
+    delta: float, *, std: float = 0.1, r: float = 0.3, n: int = N, seed: int = 0
+) -> tuple[LossMixture, torch.Tensor]:
+    """A fit with ΔL = ``delta`` and Ashman's D = delta/std, and losses: the first round(r·n) samples high."""
+    gen = torch.Generator().manual_seed(seed)
+    noisy = torch.arange(n) < round(r * n)
+    losses = 0.2 + std * torch.randn(n, generator=gen, dtype=torch.float64) + delta * noisy
+    threshold = 0.2 + delta / 2
+    posterior = torch.sigmoid((losses - threshold) / max(std, 1e-3) * 4)
+    fit = LossMixture(r, 0.2, 0.2 + delta, std, std, threshold, posterior, losses > threshold, True)
+    return fit, losses
+
+
+def _reference(deltas, bimodal, *, smoothing, patience):
+    """The rule written out: EMA over the bimodal fits, strict new maximum = peak, confirmed after
+    `patience` consecutive bimodal fits not above it; a rejected fit resets the count. -> (peak, confirm) indices."""
+    ema, best, peak, since = None, -math.inf, None, 0
+    for i, (d, ok) in enumerate(zip(deltas, bimodal)):
+        if not ok:
+            since = 0
+            continue
+        ema = d if ema is None else smoothing * d + (1 - smoothing) * ema
+        if ema > best:
+            best, peak, since = ema, i, 0
+        else:
+            since += 1
+        if peak is not None and since >= patience:
+            return peak, i
+    return None, None
+
+
+def _run(tracker, fits, start=0):
+    out = []
+    for i, (fit, losses) in enumerate(fits[start:], start):
+        if tracker.confirmed:
+            break
+        out.append(tracker.update(fit, losses, step=10 * i, epoch=i))
+    return out
+
+
+def test_peak_confirmed_after_patience_on_raw_delta():
+    deltas = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6]
+    tracker = CleansingTracker(patience=3, smoothing=1.0)
+    decisions = _run(tracker, [_mixture(d, seed=i) for i, d in enumerate(deltas)])
+    assert [d.new_peak for d in decisions] == [True, True, True, True, False, False, False]
+    assert [d.confirmed for d in decisions] == [False] * 6 + [True]
+    assert (tracker.t_c_epoch, tracker.t_c_step) == (3, 30)
+    peak_fit, _ = _mixture(2.0, seed=3)
+    assert torch.equal(tracker.flagged_indices, torch.nonzero(peak_fit.flags).flatten())
+
+
+def test_flags_stay_empty_until_confirmed():
+    tracker = CleansingTracker(patience=2, smoothing=1.0)
+    _run(tracker, [_mixture(d) for d in (1.0, 2.0, 1.5)])
+    assert not tracker.confirmed and tracker.flagged_indices.numel() == 0 and tracker.peak_flags.numel() > 0
+
+
+@pytest.mark.parametrize("smoothing,patience", [(0.5, 2), (0.3, 3), (1.0, 1)])
+def test_noisy_series_matches_the_written_out_rule_where_a_naive_rule_flaps(smoothing, patience):
+    # a rising ΔL with noise: the first local maximum (the naive "stop at the first drop") is far too early
+    gen = torch.Generator().manual_seed(7)
+    trend = [0.4 + 0.12 * min(i, 14) - 0.05 * max(i - 14, 0) for i in range(30)]
+    deltas = [t + 0.15 * float(torch.randn(1, generator=gen)) for t in trend]
+    first_drop = next(i for i in range(1, 30) if deltas[i] < deltas[i - 1]) - 1
+    peak, confirm = _reference(deltas, [True] * 30, smoothing=smoothing, patience=patience)
+    assert peak is not None
+    tracker = CleansingTracker(patience=patience, smoothing=smoothing)
+    decisions = _run(tracker, [_mixture(d, seed=i) for i, d in enumerate(deltas)])
+    assert tracker.t_c_epoch == peak and len(decisions) == confirm + 1
+    if smoothing < 1:
+        assert peak > first_drop + 3  # the smoothed rule does not stop at the noise's first dip
+        level = None
+        for d, decision in zip(deltas, decisions):
+            level = d if level is None else smoothing * d + (1 - smoothing) * level
+            assert decision.smoothed_delta_L == pytest.approx(level)
+
+
+def test_rejected_fits_restart_the_count_and_make_no_peak():
+    # bimodal (D = ΔL/0.1 >= 2) at even indices only: never `patience` bimodal fits in a row after a peak
+    deltas = [1.0, 0.1, 1.2, 0.1, 1.1, 0.1, 1.0, 0.1, 0.9, 0.1]
+    tracker = CleansingTracker(patience=2, smoothing=1.0)
+    decisions = _run(tracker, [_mixture(d, seed=i) for i, d in enumerate(deltas)])
+    assert [d.bimodal for d in decisions] == [i % 2 == 0 for i in range(10)]
+    assert {d.rejection for d in decisions if not d.bimodal} == {"separation"}
+    assert all(d.num_flagged == 0 and d.smoothed_delta_L is None for d in decisions if not d.bimodal)
+    assert not tracker.confirmed and len(tracker.delta_L_history) == 5
+    assert _reference(deltas, [i % 2 == 0 for i in range(10)], smoothing=1.0, patience=2) == (None, None)
+    steady = CleansingTracker(patience=2, smoothing=1.0)  # the same bimodal values back to back: confirmed
+    _run(steady, [_mixture(d, seed=i) for i, d in enumerate([1.0, 1.2, 1.1, 1.0])])
+    assert steady.t_c_epoch == 1
+
+
+def test_rejection_rules_in_order():
+    tracker = CleansingTracker(min_separation=2.0, min_weight=0.05, max_class_dependence=0.2)
+    ok, _ = _mixture(1.0)
+    assert tracker.rejection(ok) is None and tracker.rejection(ok, 0.1) is None
+    low_weight, _ = _mixture(0.1, r=0.04)  # degenerate weight and low separation: the weight rule first
+    assert tracker.rejection(low_weight)[0] == "weight"
+    high_weight, _ = _mixture(1.0, r=0.96)
+    assert tracker.rejection(high_weight)[0] == "weight"
+    nan_fit = LossMixture(0.3, 0.2, math.nan, 0.1, 0.1, 0.5, ok.posterior, ok.flags, False)
+    assert tracker.rejection(nan_fit)[0] == "weight"
+    close, _ = _mixture(0.15)  # D = 1.5
+    assert tracker.rejection(close)[0] == "separation"
+    assert tracker.rejection(ok, 0.25)[0] == "class" and "follows the given class" in tracker.rejection(ok, 0.25)[1]
+    assert tracker.rejection(ok, math.nan) is None  # no class labels: no class check
+    assert CleansingTracker(max_class_dependence=1.0).rejection(ok, 0.99) is None
+
+
+@pytest.mark.parametrize(
+    "sep,weight,r,accepted",
+    [(None, 0.2, 0.6, False), (1.2, 0.2, 0.6, True), (1.2, 0.7, 0.6, False), (1.6, 0.2, 0.6, False)],
+)
+def test_heavy_noise_separation(sep, weight, r, accepted):
+    fit, _ = _mixture(0.15, r=r)  # D = 1.5
+    tracker = CleansingTracker(heavy_noise_separation=sep, heavy_noise_weight=weight)
+    assert (tracker.rejection(fit) is None) == accepted
+
+
+def test_cap_keeps_the_highest_posteriors_ties_by_loss_then_index():
+    n = 20
+    losses = torch.tensor([0.5, 3.0, 2.0, 2.0, 0.1, 5.0, 4.0, 1.0, 2.5, 0.9] * 2, dtype=torch.float64)
+    losses[10:] += 0.01 * torch.arange(10)  # second half slightly higher, except equal pairs kept below
+    losses[13] = losses[3]  # an exact tie of loss and posterior: the lower index first
+    posterior = torch.tensor([0.2, 1.0, 1.0, 1.0, 0.1, 1.0, 0.97, 0.6, 1.0, 0.55] * 2, dtype=torch.float64)
+    flags = posterior > 0.5
+    fit = LossMixture(0.5, 0.2, 2.0, 0.3, 0.3, 1.0, posterior, flags, True)
+    for max_fraction in (1.0, 0.5, 0.3, 0.26, 0.05):
+        capped = CleansingTracker(max_fraction=max_fraction).capped_flags(fit, losses)
+        cap = math.floor(max_fraction * n)
+        if int(flags.sum()) <= cap:
+            assert torch.equal(capped, flags)
+            continue
+        ranked = sorted(range(n), key=lambda i: (-float(posterior[i]), -float(losses[i]), i))
+        assert sorted(torch.nonzero(capped).flatten().tolist()) == sorted(ranked[:cap])
+        assert int(capped.sum()) == cap
+
+
+def test_cap_decides_the_flags_at_t_c():
+    tracker = CleansingTracker(patience=1, smoothing=1.0, max_fraction=0.1)
+    _run(tracker, [_mixture(d, seed=i) for i, d in enumerate([1.0, 2.0, 1.5])])
+    fit, losses = _mixture(2.0, seed=1)
+    assert tracker.flagged_indices.numel() == 3 and int(fit.flags.sum()) == 9
+    assert torch.equal(tracker.flagged_indices, torch.nonzero(tracker.capped_flags(fit, losses)).flatten())
+
+
+def _series(num=16):
+    gen = torch.Generator().manual_seed(3)
+    deltas = [
+        0.3 + 0.1 * min(i, 8) - 0.08 * max(i - 8, 0) + 0.1 * float(torch.randn(1, generator=gen)) for i in range(num)
+    ]
+    deltas[5] = 0.1  # one rejected fit inside the series
+    return [_mixture(d, seed=i) for i, d in enumerate(deltas)]
+
+
+def _state_round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)  # plain types only: a checkpoint loads with weights_only
+
+
+def test_resume_at_every_cut_equals_the_uninterrupted_run():
+    fits = _series()
+    whole = CleansingTracker(patience=3, smoothing=0.5)
+    reference = _run(whole, fits)
+    assert whole.confirmed and len(reference) < len(fits)  # a t_c inside the series
+    for cut in range(len(reference) + 1):
+        first = CleansingTracker(patience=3, smoothing=0.5)
+        before = _run(first, fits[:cut])
+        second = CleansingTracker(patience=3, smoothing=0.5)
+        second.load_state_dict(_state_round_trip(first.state_dict()))
+        after = _run(second, fits, start=cut)
+        decisions = before + after
+        assert len(decisions) == len(reference)
+        for got, want in zip(decisions, reference):
+            assert (got.bimodal, got.new_peak, got.confirmed, got.rejection) == (
+                want.bimodal,
+                want.new_peak,
+                want.confirmed,
+                want.rejection,
+            )
+            assert got.smoothed_delta_L == want.smoothed_delta_L and torch.equal(got.flags, want.flags)
+        assert second.state_dict() == whole.state_dict()
+
+
+def test_old_and_empty_states_load_with_defaults():
+    tracker = CleansingTracker()
+    tracker.load_state_dict({})
+    assert tracker.best_step is None and tracker.best_delta_L == -math.inf and tracker.smoothed_delta_L is None
+    tracker.load_state_dict({"flagged_indices": [1, 4], "t_c_step": 7, "t_c_epoch": 1})  # before candidate_flags
+    assert tracker.peak_flags.tolist() == [1, 4] and tracker.confirmed
+
+
+def test_reset_and_no_updates_after_confirmation():
+    tracker = CleansingTracker(patience=1, smoothing=1.0)
+    _run(tracker, [_mixture(d) for d in (1.0, 0.9)])
+    assert tracker.confirmed
+    with pytest.raises(LightningPhasesError, match="confirmed"):
+        tracker.update(*_mixture(1.0), step=99)
+    tracker.reset()
+    assert tracker.state_dict() == CleansingTracker(patience=1, smoothing=1.0).state_dict()
+
+
+def test_excess_class_dependence():
+    fit, _ = _mixture(1.0, n=40)
+    labels = torch.arange(40) % 4
+    expected = class_dependence(fit.flags, labels) - symmetric_noise_class_dependence(labels, 0.3)
+    assert excess_class_dependence(fit, labels) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(excess_class_dependence(fit, None))
+    assert math.isnan(excess_class_dependence(fit, labels[:10]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(patience=0), "patience"),
+        (dict(patience=True), "patience"),
+        (dict(max_fraction=0.0), "max_fraction"),
+        (dict(max_fraction=float("inf")), "max_fraction"),
+        (dict(min_separation=float("nan")), "min_separation"),
+        (dict(min_weight=0.5), "min_weight"),
+        (dict(smoothing=0.0), "smoothing"),
+        (dict(max_class_dependence="0.2"), "max_class_dependence"),
+        (dict(heavy_noise_separation=3.0), "heavy_noise_separation"),
+        (dict(heavy_noise_weight=1.0), "heavy_noise_weight"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(LightningPhasesError, match=match):
+        CleansingTracker(**kwargs)
+
+
+def test_an_equal_value_is_not_a_new_peak():
+    tracker = CleansingTracker(patience=2, smoothing=1.0)
+    decisions = _run(tracker, [_mixture(d, seed=i) for i, d in enumerate([1.0, 2.0, 2.0, 2.0])])
+    assert [d.new_peak for d in decisions] == [True, True, False, False] and tracker.t_c_epoch == 1
