@@ -239,10 +239,15 @@ def make(dataset: str, noise: str, rate: float, seed: int, args) -> Setting:
 
 
 class RecordingEarlyStopping(EarlyStopping):
-    """Lightning's EarlyStopping, deciding as usual but only recording the epoch where it would stop."""
+    """Lightning's EarlyStopping, deciding as usual but only recording the epoch where it would stop.
+
+    Checked at the end of validation (``check_on_train_epoch_end=False``): the
+    same decision as the default check at the end of the training epoch, on the
+    same validation loss.
+    """
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(check_on_train_epoch_end=False, **kwargs)
         self.would_stop_epoch: int | None = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
