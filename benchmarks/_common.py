@@ -84,7 +84,8 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     warnings.filterwarnings("ignore")
     import logging
 
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("lightning_phases").setLevel(logging.ERROR)
     defaults = dict(
         accelerator="cpu",
@@ -110,3 +111,109 @@ def machine() -> str:
     except OSError:
         model = platform.processor()
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+# ---------------------------------------------------------------- shared by cleansing / early_stopping / generalization
+
+
+def seeded_fit(
+    model_fn,
+    seed: int,
+    epochs: int,
+    *,
+    datamodule=None,
+    train_loader=None,
+    val_loader=None,
+    callbacks=(),
+    limit_val_batches: float | int = 0,
+    logger=False,
+) -> tuple[pl.LightningModule, pl.Trainer]:
+    """Seed everything, build ``model_fn()`` and fit it for ``epochs`` (on a datamodule or on loaders)."""
+    import tempfile
+
+    pl.seed_everything(seed, verbose=False)
+    model = model_fn()
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        limit_val_batches=limit_val_batches,
+        callbacks=list(callbacks),
+        default_root_dir=tempfile.mkdtemp(),
+        logger=logger,
+    )
+    if datamodule is not None:
+        trainer.fit(model, datamodule=datamodule)
+    else:
+        trainer.fit(model, train_loader, val_loader)
+    return model, trainer
+
+
+def accuracy_of_state(model_fn, state_dict, loader, fallback: float) -> float:
+    """Test accuracy of ``model_fn()`` with ``state_dict`` loaded; ``fallback`` when there is none."""
+    if state_dict is None:
+        return fallback
+    model = model_fn()
+    model.load_state_dict(state_dict)
+    return accuracy(model, loader)
+
+
+def cross_validated_probabilities(
+    train, model_fn, num_classes: int, epochs: int, seed: int, folds: int = 5, batch_size: int = 32
+) -> torch.Tensor:
+    """Out-of-fold predicted probabilities ``[N, C]`` of ``train`` (its served, noisy labels): ``folds`` trainings."""
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(train)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 100))
+    probs = torch.zeros(n, num_classes)
+    for k in range(folds):
+        held = perm[k::folds]
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        loader = DataLoader(Subset(train, torch.nonzero(keep).flatten().tolist()), batch_size=batch_size, shuffle=True)
+        model, _ = seeded_fit(model_fn, seed + k, epochs, train_loader=loader)
+        model.eval()
+        with torch.no_grad():
+            x = torch.stack([train[int(i)][0] for i in held])
+            probs[held] = torch.softmax(model(x), 1)
+    return probs
+
+
+def cleanlab_issues(train, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cleanlab's ``find_label_issues`` (bool ``[N]``) and ``1 − get_label_quality_scores`` (``[N]``)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = train.noisy_targets.numpy()
+    issues = torch.as_tensor(find_label_issues(labels, probs.numpy()))
+    scores = 1.0 - torch.as_tensor(get_label_quality_scores(labels, probs.numpy()), dtype=torch.float64)
+    return issues, scores
+
+
+class PerSampleLossRecorder(pl.Callback):
+    """The oracle's view of the training set after every epoch: the loss AUROC of the mislabeled samples
+    and the true gap ``L_w − L_c`` (reads the ground truth; eval mode, the served noisy labels)."""
+
+    def __init__(self, dataset, batch_size: int = 1024) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.auroc: dict[int, float] = {}
+        self.gap: dict[int, float] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from sklearn.metrics import roc_auc_score
+        from torch.utils.data import DataLoader
+
+        truth = self.dataset.is_noisy
+        if not bool(truth.any()) or bool(truth.all()):
+            return
+        was = pl_module.training
+        pl_module.eval()
+        losses = []
+        with torch.no_grad():
+            for x, y in DataLoader(self.dataset, batch_size=self.batch_size):
+                losses.append(nn.functional.cross_entropy(pl_module(x), y, reduction="none"))
+        pl_module.train(was)
+        loss = torch.cat(losses).double()
+        epoch = trainer.current_epoch
+        self.auroc[epoch] = float(roc_auc_score(truth.numpy(), loss.numpy()))
+        self.gap[epoch] = float(loss[truth].mean() - loss[~truth].mean())

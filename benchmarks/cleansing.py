@@ -31,8 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from _common import MLPClassifier, accuracy, machine, quiet_trainer  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+from _common import (  # noqa: E402
+    MLPClassifier,
+    accuracy,
+    cleanlab_issues,
+    cross_validated_probabilities,
+    machine,
+    quiet_trainer,
+)
 
 from lightning_phases import GMMCleanser  # noqa: E402
 from lightning_phases.data import NoisyDigitsDataModule  # noqa: E402
@@ -60,28 +66,10 @@ def _fit(dm, epochs: int, seed: int, lr: float, callbacks=()) -> tuple[MLPClassi
 
 
 def cleanlab_flags(dm: NoisyDigitsDataModule, epochs: int, seed: int, lr: float, folds: int = 5) -> torch.Tensor:
-    from cleanlab.filter import find_label_issues
-
+    """cleanlab's ``find_label_issues`` on ``folds``-fold cross-validated probabilities of the same MLP."""
     train = dm.noisy_train
-    n = len(train)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 100))
-    probs = torch.zeros(n, 10)
-    for k in range(folds):
-        held = perm[k::folds]
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[held] = False
-        pl.seed_everything(seed + k, verbose=False)
-        model = MLPClassifier(64, 128, 10, lr=lr)
-        trainer = quiet_trainer(max_epochs=epochs)
-        trainer.fit(
-            model, DataLoader(Subset(train, torch.nonzero(keep).flatten().tolist()), batch_size=32, shuffle=True)
-        )
-        model.eval()
-        with torch.no_grad():
-            x = torch.stack([train[int(i)][0] for i in held])
-            probs[held] = torch.softmax(model(x), 1)
-    issues = find_label_issues(train.noisy_targets.numpy(), probs.numpy())
-    return torch.as_tensor(issues)
+    probs = cross_validated_probabilities(train, lambda: MLPClassifier(64, 128, 10, lr=lr), 10, epochs, seed, folds)
+    return cleanlab_issues(train, probs)[0]
 
 
 def clean_check(epochs: int, seed: int, lr: float, heavy: float | None = None) -> str:

@@ -27,7 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
-from _common import MLPClassifier, TestAccuracyRecorder, accuracy, machine, quiet_trainer  # noqa: E402
+from _common import (  # noqa: E402
+    MLPClassifier,
+    TestAccuracyRecorder,
+    accuracy,
+    accuracy_of_state,
+    machine,
+    quiet_trainer,
+)
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 
 from lightning_phases import NoiseSplitTracker, OrderParameterMonitor, PhaseDetector  # noqa: E402
@@ -84,8 +91,8 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
     final = recorder.by_epoch[max(recorder.by_epoch)]
     pd_epoch = detector.recommended.epoch if detector.recommended is not None else None
     # kept weights; without any (never reached phase II) the final model
-    pd_acc = _accuracy_of(model_fn, detector.recommended_state_dict, test_loader, final)
-    point_acc = _accuracy_of(model_fn, at_stop.recommended_state_dict, test_loader, final)
+    pd_acc = accuracy_of_state(model_fn, detector.recommended_state_dict, test_loader, final)
+    point_acc = accuracy_of_state(model_fn, at_stop.recommended_state_dict, test_loader, final)
     # 2) EarlyStopping on the noisy validation loss, same seed
     pl.seed_everything(seed, verbose=False)
     es_model = model_fn()
@@ -107,14 +114,6 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
         es_epoch=es_epoch,
         phases=[(p, a, b) for p, a, b in detector.tracker.timeline()],
     )
-
-
-def _accuracy_of(model_fn, state_dict, loader, fallback: float) -> float:
-    if state_dict is None:
-        return fallback
-    model = model_fn()
-    model.load_state_dict(state_dict)
-    return accuracy(model, loader)
 
 
 def main() -> None:

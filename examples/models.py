@@ -154,3 +154,47 @@ class WideBinaryNet(_Classifier):
 
     def predict_labels(self, out):
         return (out.reshape(-1) > 0).long()
+
+
+class Conv1DClassifier(_Classifier):
+    """MNIST-1D's reference CNN: three strided ``Conv1d`` layers with ReLU and a linear head.
+
+    As ``ConvBase`` of the MNIST-1D repository (25 channels, kernels 5, 3, 3,
+    stride 2, padding 1); flat inputs ``[B, L]`` are read as one channel
+    ``[B, 1, L]``. On MNIST-1D it reaches a far higher test accuracy than an MLP
+    of similar size.
+
+    Args:
+        in_length: Signal length ``L`` (40 for MNIST-1D).
+        channels: Channels of the three conv layers.
+        num_classes: Output logits.
+        lr, momentum, weight_decay: SGD settings.
+    """
+
+    def __init__(
+        self,
+        in_length: int = 40,
+        channels: int = 25,
+        num_classes: int = 10,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(lr, momentum, weight_decay)
+        self.save_hyperparameters()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        length = in_length
+        for kernel in (5, 3, 3):
+            length = (length + 2 - kernel) // 2 + 1
+        self.head = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x):
+        h = self.features(x.reshape(x.shape[0], 1, -1))
+        return self.head(h.flatten(1))

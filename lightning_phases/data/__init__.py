@@ -6,6 +6,7 @@ The ground truth (clean labels and the noise mask) is never lost: see
 
 from lightning_phases.data.dataset import NoisyLabelDataset, dataset_targets
 from lightning_phases.data.digits import NoisyDigitsDataModule
+from lightning_phases.data.mnist1d import NoisyMNIST1DDataModule
 from lightning_phases.data.noise import (
     CIFAR10_PAIRFLIP,
     MNIST_PAIRFLIP,
@@ -38,6 +39,7 @@ __all__ = [
     "GroundTruth",
     "find_ground_truth",
     "NoisyDigitsDataModule",
+    "NoisyMNIST1DDataModule",
     "NoisyMNISTDataModule",
     "NoisyFashionMNISTDataModule",
     "NoisyCIFAR10DataModule",

@@ -10,23 +10,29 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_phases import _lightning as pl
+from lightning_phases.data._checks import (
+    check_bool,
+    check_classes,
+    check_eval_batch_size,
+    check_int,
+    check_noise,
+    check_seed,
+    check_val_size,
+    num_val,
+)
 from lightning_phases.data.dataset import NoisyLabelDataset, dataset_targets
-from lightning_phases.data.noise import NOISE_TYPES, NoiseSpec
+from lightning_phases.data.noise import NoiseSpec
 from lightning_phases.errors import LabelNoiseError
 from lightning_phases.functional.ensemble import derived_seed
 
 __all__: list[str] = []
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LabelNoiseError(f"{name} must be an int >= {minimum}; got {value!r}.")
-
-
 class _NoisyClassificationDataModule(pl.LightningDataModule):
     """Noisy train split, noisy (or clean) validation split, clean test split.
 
-    Subclasses implement ``_load(train: bool) -> Dataset`` and set ``num_classes``.
+    Subclasses implement ``_load(train: bool) -> Dataset`` and set ``num_classes``;
+    their ``__init__`` lists every argument explicitly and passes them here.
     """
 
     num_classes: int = 10
@@ -47,47 +53,28 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
         classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(noise_type, str) and noise_type not in NOISE_TYPES:
-            raise LabelNoiseError(
-                f"unknown noise_type {noise_type!r}; use one of {NOISE_TYPES} or a C×C transition matrix."
-            )
-        if isinstance(noise_rate, bool) or not isinstance(noise_rate, (int, float)) or not 0 <= noise_rate < 1:
-            raise LabelNoiseError(f"noise_rate must be in [0, 1); got {noise_rate!r}.")
-        _check_int("seed", seed, 0)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        if isinstance(val_size, float) and not 0 <= val_size < 1:
-            raise LabelNoiseError(f"val_size as a fraction must be in [0, 1); got {val_size!r}.")
-        if isinstance(val_size, int) and not isinstance(val_size, bool) and val_size < 0:
-            raise LabelNoiseError(f"val_size must be >= 0; got {val_size!r}.")
+        noise_type, noise_rate = check_noise(noise_type, noise_rate)
+        self.seed = check_seed("seed", seed)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.val_size = check_val_size(val_size)
+        self.clean_val = check_bool("clean_val", clean_val)
+        self.eval_batch_size = check_eval_batch_size(eval_batch_size, self.batch_size)
         if noise_type == "pairflip" and class_map is None and self.default_class_map is None:
-            raise LabelNoiseError(f"noise_type='pairflip' needs class_map= for {type(self).__name__}.")
+            raise LabelNoiseError(
+                f"noise_type='pairflip' needs class_map= for {type(self).__name__} (a {{source: target}} "
+                f"mapping, e.g. {{c: (c + 1) % {self.num_classes} for c in range({self.num_classes})}})."
+            )
         self.noise_type = noise_type
-        self.noise_rate = float(noise_rate)
-        self.seed = seed
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or max(batch_size, 256)
-        self.num_workers = num_workers
-        self.val_size = val_size
-        self.clean_val = bool(clean_val)
+        self.noise_rate = noise_rate
         self.class_map = class_map if class_map is not None else self.default_class_map
         self.noisy_train: NoisyLabelDataset | None = None
         self.val_dataset: NoisyLabelDataset | None = None
         self.test_dataset: Dataset | None = None
         self.removed_indices: Tensor = torch.zeros(0, dtype=torch.long)
-        if classes is not None:
-            classes = [int(c) for c in classes]
-            if (
-                len(classes) < 2
-                or len(set(classes)) != len(classes)
-                or min(classes) < 0
-                or max(classes) >= self.num_classes
-            ):
-                raise LabelNoiseError(
-                    f"classes must be >= 2 distinct labels in [0, {self.num_classes - 1}]; got {classes!r}."
-                )
-            self.num_classes = len(classes)  # labels are relabelled 0..k-1 in the given order
-        self.classes = classes
+        self.classes = check_classes(classes, self.num_classes)
+        if self.classes is not None:
+            self.num_classes = len(self.classes)  # labels are relabelled 0..k-1 in the given order
 
     def _select(self, dataset: Dataset) -> tuple[Dataset, Tensor, list[int] | None]:
         """Keep only ``classes`` (relabelled ``0..k-1``): the dataset, its labels and the kept indices
@@ -110,7 +97,7 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
 
     # -------------------------------------------------------------- splits
     def _num_val(self, n: int) -> int:
-        return int(round(self.val_size * n)) if isinstance(self.val_size, float) else min(int(self.val_size), n - 1)
+        return num_val(self.val_size, n)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.noisy_train is None:

@@ -18,7 +18,7 @@ and every run. ``round`` is Python's built-in (round half to even).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
+from typing import Literal, Union
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ __all__ = [
     "NOISE_TYPES",
     "CIFAR10_PAIRFLIP",
     "MNIST_PAIRFLIP",
+    "NoiseName",
     "NoiseSpec",
     "symmetric_noise",
     "uniform_noise",
@@ -44,15 +45,22 @@ CIFAR10_PAIRFLIP: dict[int, int] = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 #: MNIST's standard asymmetric map: 2→7, 3→8, 5↔6, 7→1.
 MNIST_PAIRFLIP: dict[int, int] = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
 
-NoiseSpec = Union[str, Tensor]  # noqa: UP007 - a runtime alias
+NoiseName = Literal["symmetric", "uniform", "pairflip"]
+"""The named noise models."""
+
+NoiseSpec = Union[NoiseName, Tensor]  # noqa: UP007 - a runtime alias
 """A noise name (``"symmetric"``, ``"uniform"``, ``"pairflip"``) or a ``C×C`` transition matrix."""
 
 
 def _generator(seed: int | torch.Generator) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise LabelNoiseError(f"seed must be an int or a torch.Generator; got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise LabelNoiseError(f"seed must be a non-negative int or a torch.Generator; got seed={seed!r}.")
+    if seed >= 2**64:  # beyond torch's range: any non-negative int is a valid seed
+        from lightning_phases.functional.ensemble import derived_seed
+
+        seed = derived_seed(seed, "label_noise")
     return torch.Generator().manual_seed(seed)
 
 

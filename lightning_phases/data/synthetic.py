@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_phases import _lightning as pl
+from lightning_phases.data._checks import (
+    check_bool,
+    check_eval_batch_size,
+    check_int,
+    check_noise,
+    check_real,
+    check_seed,
+    generator,
+)
 from lightning_phases.data.dataset import NoisyLabelDataset
 from lightning_phases.data.noise import NoiseSpec
 from lightning_phases.errors import LabelNoiseError
 
 __all__ = ["GaussianClustersDataModule", "SparseLinearRegressionDataModule"]
-
-
-def _positive(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LabelNoiseError(f"{name} must be an int >= {minimum}; got {value!r}.")
 
 
 class GaussianClustersDataModule(pl.LightningDataModule):
@@ -32,14 +37,21 @@ class GaussianClustersDataModule(pl.LightningDataModule):
 
     Args:
         num_classes: ``C >= 2``.
-        dim: Input dimension ``d``.
-        num_train, num_val, num_test: Split sizes.
-        separation: Distance scale between cluster centres.
-        spread: Within-cluster standard deviation ``σ`` (per unit-norm direction).
-        noise_type, noise_rate: Label noise of the training (and validation) split.
+        dim: Input dimension ``d >= 1``.
+        num_train: Training samples (``>= 2``).
+        num_val: Validation samples (``>= 0``).
+        num_test: Test samples (``>= 1``).
+        separation: Distance scale between cluster centres, finite and ``> 0``.
+        spread: Within-cluster standard deviation ``σ`` (per unit-norm direction), finite and ``> 0``.
+        noise_type: ``"symmetric"``, ``"uniform"``, ``"pairflip"`` (needs ``class_map``)
+            or a ``C×C`` transition matrix.
+        noise_rate: Nominal noise rate ``ρ`` in ``[0, 1)`` of the training (and validation) labels.
         clean_val: Keep the validation labels clean.
-        seed: Seed of centres, samples and noise.
-        batch_size, num_workers: DataLoader settings.
+        seed: Seed of centres, samples and noise; any non-negative int.
+        batch_size: Training batch size.
+        num_workers: DataLoader worker processes.
+        class_map: ``{source: target}`` flips of ``"pairflip"``.
+        eval_batch_size: Batch size of the validation and test loaders (default ``max(batch_size, 256)``).
 
     Attributes:
         centres: Cluster centres ``[C, d]``.
@@ -62,24 +74,32 @@ class GaussianClustersDataModule(pl.LightningDataModule):
         seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
+        class_map: Mapping[int, int] | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        _positive("num_classes", num_classes, 2)
-        _positive("dim", dim)
-        _positive("num_train", num_train, 2)
-        _positive("num_val", num_val, 0)
-        _positive("num_test", num_test, 1)
-        _positive("batch_size", batch_size)
-        if not 0 <= noise_rate < 1:
-            raise LabelNoiseError(f"noise_rate must be in [0, 1); got {noise_rate!r}.")
-        if separation <= 0 or spread <= 0:
-            raise LabelNoiseError(f"separation and spread must be > 0; got {separation!r}, {spread!r}.")
-        self.num_classes, self.dim = num_classes, dim
-        self.sizes = (num_train, num_val, num_test)
-        self.separation, self.spread = float(separation), float(spread)
-        self.noise_type, self.noise_rate, self.clean_val = noise_type, float(noise_rate), bool(clean_val)
-        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
-        gen = torch.Generator().manual_seed(seed)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.dim = check_int("dim", dim, 1)
+        self.sizes = (
+            check_int("num_train", num_train, 2),
+            check_int("num_val", num_val, 0),
+            check_int("num_test", num_test, 1),
+        )
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        self.eval_batch_size = check_eval_batch_size(eval_batch_size, self.batch_size)
+        self.noise_type, self.noise_rate = check_noise(noise_type, noise_rate)
+        self.separation = check_real("separation", separation, minimum=0.0, strict_minimum=True)
+        self.spread = check_real("spread", spread, minimum=0.0, strict_minimum=True)
+        self.clean_val = check_bool("clean_val", clean_val)
+        self.seed = check_seed("seed", seed)
+        if noise_type == "pairflip" and class_map is None:
+            raise LabelNoiseError(
+                "noise_type='pairflip' needs class_map= for GaussianClustersDataModule (a {source: target} "
+                f"mapping, e.g. {{c: (c + 1) % {num_classes} for c in range({num_classes})}})."
+            )
+        self.class_map = class_map
+        gen = generator(self.seed, "gaussian_clusters")
         self.centres = self.separation * torch.randn(num_classes, dim, generator=gen) / math.sqrt(dim)
         self._gen_state = gen.get_state()
         self.noisy_train: NoisyLabelDataset | None = None
@@ -99,7 +119,12 @@ class GaussianClustersDataModule(pl.LightningDataModule):
         gen.set_state(self._gen_state)
         train, val, test = (self._sample(n, gen) for n in self.sizes)
         self.noisy_train = NoisyLabelDataset(
-            train, noise=self.noise_type, noise_rate=self.noise_rate, num_classes=self.num_classes, seed=self.seed
+            train,
+            noise=self.noise_type,
+            noise_rate=self.noise_rate,
+            num_classes=self.num_classes,
+            seed=self.seed,
+            class_map=self.class_map,
         )
         self.val_dataset = NoisyLabelDataset(
             val,
@@ -107,6 +132,7 @@ class GaussianClustersDataModule(pl.LightningDataModule):
             noise_rate=0.0 if self.clean_val else self.noise_rate,
             num_classes=self.num_classes,
             seed=self.seed + 1,
+            class_map=self.class_map,
         )
         self.test_dataset = test
 
@@ -121,23 +147,27 @@ class GaussianClustersDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.val_dataset, batch_size=max(256, self.batch_size), num_workers=self.num_workers)
+        return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.test_dataset, batch_size=max(256, self.batch_size), num_workers=self.num_workers)
+        return DataLoader(self.test_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
 
 class SparseLinearRegressionDataModule(pl.LightningDataModule):
     """Gaussian inputs and a sparse ground truth: ``y = θ*ᵀx`` (the label-noise SGD paper's setup).
 
     Args:
-        dim: Input dimension.
-        sparsity: Number of non-zero entries of ``θ*`` (unit norm overall).
-        num_train, num_val, num_test: Split sizes.
-        noise_std: Standard deviation of additive label noise on the training split.
-        batch_size, num_workers: DataLoader settings.
-        seed: Seed of ``θ*`` and of the samples.
+        dim: Input dimension ``>= 1``.
+        sparsity: Number of non-zero entries of ``θ*`` (unit norm overall), ``1..dim``.
+        num_train: Training samples (``>= 1``).
+        num_val: Validation samples (``>= 0``; clean).
+        num_test: Test samples (``>= 0``; clean).
+        noise_std: Standard deviation of additive label noise on the training split, finite and ``>= 0``.
+        batch_size: Batch size of every loader unless ``eval_batch_size`` is given.
+        seed: Seed of ``θ*`` and of the samples; any non-negative int.
+        num_workers: DataLoader worker processes.
+        eval_batch_size: Batch size of the validation and test loaders (default ``batch_size``).
 
     Attributes:
         theta_star: The ground truth ``θ*``, float32 ``[dim]``, available right after construction.
@@ -155,22 +185,24 @@ class SparseLinearRegressionDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         num_workers: int = 0,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        _positive("dim", dim)
-        _positive("sparsity", sparsity)
+        self.dim = check_int("dim", dim, 1)
+        self.sparsity = check_int("sparsity", sparsity, 1)
         if sparsity > dim:
-            raise LabelNoiseError(f"sparsity={sparsity} exceeds dim={dim}.")
-        _positive("num_train", num_train)
-        _positive("num_val", num_val, 0)
-        _positive("num_test", num_test, 0)
-        _positive("batch_size", batch_size)
-        if noise_std < 0:
-            raise LabelNoiseError(f"noise_std must be >= 0; got {noise_std!r}.")
-        self.dim, self.sparsity = dim, sparsity
-        self.sizes = (num_train, num_val, num_test)
-        self.noise_std, self.batch_size, self.seed, self.num_workers = float(noise_std), batch_size, seed, num_workers
-        gen = torch.Generator().manual_seed(seed)
+            raise LabelNoiseError(f"sparsity={sparsity} exceeds dim={dim}; pass sparsity <= dim.")
+        self.sizes = (
+            check_int("num_train", num_train, 1),
+            check_int("num_val", num_val, 0),
+            check_int("num_test", num_test, 0),
+        )
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.eval_batch_size = check_eval_batch_size(eval_batch_size, self.batch_size, default_minimum=0)
+        self.noise_std = check_real("noise_std", noise_std, minimum=0.0)
+        self.seed = check_seed("seed", seed)
+        self.num_workers = check_int("num_workers", num_workers, 0)
+        gen = generator(self.seed, "sparse_linear_regression")
         support = torch.randperm(dim, generator=gen)[:sparsity]
         theta = torch.zeros(dim)
         theta[support] = torch.randn(sparsity, generator=gen)
@@ -197,18 +229,18 @@ class SparseLinearRegressionDataModule(pl.LightningDataModule):
         self.val_dataset = self._sample(n_val, gen, 0.0)
         self.test_dataset = self._sample(n_test, gen, 0.0)
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
+    def _loader(self, ds, shuffle: bool, batch_size: int) -> DataLoader:
         self.setup()
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_dataset, True)
+        return self._loader(self.train_dataset, True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.val_dataset, False)
+        return self._loader(self.val_dataset, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.test_dataset, False)
+        return self._loader(self.test_dataset, False, self.eval_batch_size)

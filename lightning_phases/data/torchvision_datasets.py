@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
 
 from lightning_phases.data._base import _NoisyClassificationDataModule
-from lightning_phases.data.noise import CIFAR10_PAIRFLIP, MNIST_PAIRFLIP
+from lightning_phases.data._checks import check_bool
+from lightning_phases.data.noise import CIFAR10_PAIRFLIP, MNIST_PAIRFLIP, NoiseSpec
+from lightning_phases.errors import LabelNoiseError
 
 __all__ = ["NoisyMNISTDataModule", "NoisyFashionMNISTDataModule", "NoisyCIFAR10DataModule"]
 
@@ -19,12 +22,38 @@ class _TorchvisionDataModule(_NoisyClassificationDataModule):
     std: tuple[float, ...] = ()
 
     def __init__(
-        self, data_dir: str = os.path.join("data"), *, download: bool = False, augment: bool = False, **kwargs: Any
+        self,
+        data_dir: str = os.path.join("data"),
+        *,
+        download: bool = False,
+        noise_type: NoiseSpec = "symmetric",
+        noise_rate: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: float | int = 0.1,
+        clean_val: bool = False,
+        class_map: Mapping[int, int] | None = None,
+        eval_batch_size: int | None = None,
+        classes: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(**kwargs)
-        self.data_dir = str(data_dir)
-        self.download = bool(download)
-        self.augment = bool(augment)
+        super().__init__(
+            noise_type=noise_type,
+            noise_rate=noise_rate,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            clean_val=clean_val,
+            class_map=class_map,
+            eval_batch_size=eval_batch_size,
+            classes=classes,
+        )
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise LabelNoiseError(f"data_dir must be a path (str or os.PathLike); got data_dir={data_dir!r}.")
+        self.data_dir = os.fspath(data_dir)
+        self.download = check_bool("download", download)
+        self.augment = False
 
     def _cls(self):
         import torchvision
@@ -72,10 +101,17 @@ class NoisyMNISTDataModule(_TorchvisionDataModule):
 
     Args:
         data_dir: Root directory of torchvision's MNIST files.
-        download: Download the files in ``prepare_data`` if missing.
-        noise_type, noise_rate, seed, batch_size, num_workers, val_size, clean_val,
-        class_map (default MNIST's 2→7, 3→8, 5↔6, 7→1 for ``"pairflip"``), eval_batch_size:
-            see :class:`~lightning_phases.data.NoisyDigitsDataModule`.
+        download: Download the files in ``prepare_data`` if missing (needs network).
+        noise_type: ``"symmetric"``, ``"uniform"``, ``"pairflip"`` or a 10×10 transition matrix.
+        noise_rate: Nominal noise rate ``ρ`` in ``[0, 1)`` of the training (and validation) labels.
+        seed: Seed of the noise and of the train/validation split; any non-negative int.
+        batch_size: Training batch size.
+        num_workers: DataLoader worker processes.
+        val_size: Validation part of the training files: a fraction in ``[0, 1)`` or a
+            sample count; it must leave at least 2 training samples.
+        clean_val: Keep the validation labels clean (default: noisy).
+        class_map: ``{source: target}`` flips of ``"pairflip"``. Default MNIST's 2→7, 3→8, 5↔6, 7→1.
+        eval_batch_size: Batch size of the validation and test loaders (default ``max(batch_size, 256)``).
         classes: Keep only these classes, relabelled ``0..k-1`` in the given
             order (e.g. ``[7, 9]`` for the clean-priority paper's binary task).
     """
@@ -89,7 +125,21 @@ class NoisyMNISTDataModule(_TorchvisionDataModule):
 class NoisyFashionMNISTDataModule(_TorchvisionDataModule):
     """FashionMNIST (``torchvision.datasets.FashionMNIST``) with label noise; inputs ``[1, 28, 28]`` normalised.
 
-    Arguments as for :class:`NoisyMNISTDataModule` (``"pairflip"`` needs a ``class_map``).
+    Args:
+        data_dir: Root directory of torchvision's FashionMNIST files.
+        download: Download the files in ``prepare_data`` if missing (needs network).
+        noise_type: ``"symmetric"``, ``"uniform"``, ``"pairflip"`` or a 10×10 transition matrix.
+        noise_rate: Nominal noise rate ``ρ`` in ``[0, 1)`` of the training (and validation) labels.
+        seed: Seed of the noise and of the train/validation split; any non-negative int.
+        batch_size: Training batch size.
+        num_workers: DataLoader worker processes.
+        val_size: Validation part of the training files: a fraction in ``[0, 1)`` or a
+            sample count; it must leave at least 2 training samples.
+        clean_val: Keep the validation labels clean (default: noisy).
+        class_map: ``{source: target}`` flips of ``"pairflip"``. Required for ``"pairflip"``.
+        eval_batch_size: Batch size of the validation and test loaders (default ``max(batch_size, 256)``).
+        classes: Keep only these classes, relabelled ``0..k-1`` in the given
+            order (e.g. ``[7, 9]`` for the clean-priority paper's binary task).
     """
 
     dataset_name = "FashionMNIST"
@@ -100,15 +150,63 @@ class NoisyFashionMNISTDataModule(_TorchvisionDataModule):
 class NoisyCIFAR10DataModule(_TorchvisionDataModule):
     """CIFAR-10 (``torchvision.datasets.CIFAR10``) with label noise; inputs ``[3, 32, 32]`` normalised per channel.
 
-    ``augment=True`` adds the usual random crop (padding 4) and horizontal flip
-    to the training split. ``"pairflip"`` defaults to the standard map
-    truck→automobile, bird→airplane, deer→horse, cat↔dog.
+    Args:
+        data_dir: Root directory of torchvision's CIFAR-10 files.
+        download: Download the files in ``prepare_data`` if missing (needs network).
+        augment: Add the usual random crop (padding 4) and horizontal flip to the
+            training split (validation and test are never augmented).
+        noise_type: ``"symmetric"``, ``"uniform"``, ``"pairflip"`` or a 10×10 transition matrix.
+        noise_rate: Nominal noise rate ``ρ`` in ``[0, 1)`` of the training (and validation) labels.
+        seed: Seed of the noise and of the train/validation split; any non-negative int.
+        batch_size: Training batch size.
+        num_workers: DataLoader worker processes.
+        val_size: Validation part of the training files: a fraction in ``[0, 1)`` or a
+            sample count; it must leave at least 2 training samples.
+        clean_val: Keep the validation labels clean (default: noisy).
+        class_map: ``{source: target}`` flips of ``"pairflip"``. Default the standard
+            truck→automobile, bird→airplane, deer→horse, cat↔dog.
+        eval_batch_size: Batch size of the validation and test loaders (default ``max(batch_size, 256)``).
+        classes: Keep only these classes, relabelled ``0..k-1`` in the given
+            order (e.g. ``[7, 9]`` for the clean-priority paper's binary task).
     """
 
     dataset_name = "CIFAR10"
     num_classes = 10
     default_class_map = CIFAR10_PAIRFLIP
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        data_dir: str = os.path.join("data"),
+        *,
+        download: bool = False,
+        augment: bool = False,
+        noise_type: NoiseSpec = "symmetric",
+        noise_rate: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: float | int = 0.1,
+        clean_val: bool = False,
+        class_map: Mapping[int, int] | None = None,
+        eval_batch_size: int | None = None,
+        classes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir,
+            download=download,
+            noise_type=noise_type,
+            noise_rate=noise_rate,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            clean_val=clean_val,
+            class_map=class_map,
+            eval_batch_size=eval_batch_size,
+            classes=classes,
+        )
+        self.augment = check_bool("augment", augment)
 
     def _augmentations(self) -> list[Any]:
         from torchvision import transforms

@@ -1,0 +1,453 @@
+"""Do PhaseDetector's and GMMCleanser's decisions hold on data they were not tuned on? (issue 15)
+
+A grid of datasets and models × noise type × noise rate ρ × seed. Per cell:
+
+1. **The noisy run** (``a_n``: final clean-test accuracy), instrumented with
+   ``OrderParameterMonitor`` + ``NoiseSplitTracker`` (probe 512) +
+   ``PhaseDetector`` (records its recommendation, never stops) +
+   ``GMMCleanser(action="flag")`` (t_c and the flags at t_c) + oracle
+   recorders: clean-test accuracy after every epoch (the test-error curve the
+   phase timeline is printed against; its maximum is the oracle stop) and the
+   per-sample training losses (loss AUROC of the mislabeled samples and the
+   true gap ``L_w − L_c`` per epoch). Lightning's ``EarlyStopping`` on the
+   *noisy* validation loss (patience 10) rides along in record-only mode: the
+   epoch where it would stop, and the test accuracy of its best checkpoint
+   (the epoch of least validation loss up to there), read from the per-epoch
+   test accuracies of the same run (same weights, so no second run).
+2. **The cleansed retrain** (``a_c``): the same model and seed trained from
+   scratch on the training set without GMMCleanser's flags (``a_c = a_n``
+   when it flagged nothing).
+3. **The clean-label run** (``a_p``): trained on the truly clean training
+   samples only (the perfect cleanser).
+4. **cleanlab** (unless ``--no-cleanlab``): ``find_label_issues`` on 5-fold
+   cross-validated probabilities of the same model (5 trainings of
+   ``--cv-epochs``), its precision/recall/F1 and the AUROC of
+   ``1 − get_label_quality_scores``.
+
+Recorded: ``Q = (a_c − a_n)/(a_p − a_n)`` (SPEC.md §4), its oracle bound
+``(max_t a_n(t) − a_n)/(a_p − a_n)``, GMMCleanser's detection at t_c against
+the noise mask, PhaseDetector's kept weights' test accuracy vs the oracle and
+vs EarlyStopping, the phase timeline, and at ρ = 0 the flagged fraction and the
+phase model. One JSON line per cell (``--out``) and a printed table.
+
+Held-out protocol (issue 15 item 3), by dataset AND by seed:
+
+* tuning half: datasets ``digits_mlp``, ``mnist1d_mlp``, ``clusters_mlp`` with seeds 0, 1;
+* held-out half: seeds 2, 3 on every dataset, i.e. the tuning datasets on new
+  seeds and the held-out datasets ``mnist1d_cnn``, ``teacher_mlp``, which are
+  never run with a tuning seed.
+
+Rules and defaults may be chosen on the tuning half only; both halves are
+reported separately (benchmarks/README.md, "Generalization").
+
+    pip install 'lightning-phases[bench,mnist1d]'
+    python benchmarks/generalization.py --split tuning                   # the tuning half
+    python benchmarks/generalization.py --only digits_mlp:symmetric:0.2:0  # one cell
+    python benchmarks/generalization.py --only mnist1d_cnn --epochs 40 --no-cleanlab
+
+``--only`` takes ``dataset[:noise[:rho[:seed]]]`` patterns (``*`` or a missing
+field matches all) and runs those cells of the chosen ``--split``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from _common import (  # noqa: E402
+    Classifier,
+    MLPClassifier,
+    PerSampleLossRecorder,
+    TestAccuracyRecorder,
+    accuracy,
+    accuracy_of_state,
+    cleanlab_issues,
+    cross_validated_probabilities,
+    machine,
+    seeded_fit,
+)
+from pytorch_lightning.callbacks import EarlyStopping  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_phases import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector  # noqa: E402
+from lightning_phases.data import (  # noqa: E402
+    GaussianClustersDataModule,
+    NoisyDigitsDataModule,
+    NoisyMNIST1DDataModule,
+)
+from lightning_phases.data._base import _NoisyClassificationDataModule  # noqa: E402 - the teacher task below
+from lightning_phases.functional import detection_metrics  # noqa: E402
+
+NOISE_TYPES = ("symmetric", "pairflip")
+RATES = (0.0, 0.2, 0.4, 0.6, 0.8)
+TUNING_DATASETS = ("digits_mlp", "mnist1d_mlp", "clusters_mlp")
+HELDOUT_DATASETS = ("mnist1d_cnn", "teacher_mlp")
+TUNING_SEEDS = (0, 1)
+HELDOUT_SEEDS = (2, 3)
+
+
+def split_cells(split: str) -> list[tuple[str, int]]:
+    """The (dataset, seed) pairs of a half: ``tuning``, ``heldout`` or ``all`` (both halves)."""
+    tuning = [(d, s) for d in TUNING_DATASETS for s in TUNING_SEEDS]
+    heldout = [(d, s) for d in (*TUNING_DATASETS, *HELDOUT_DATASETS) for s in HELDOUT_SEEDS]
+    return {"tuning": tuning, "heldout": heldout, "all": tuning + heldout}[split]
+
+
+def half_of(dataset: str, seed: int) -> str:
+    return "tuning" if dataset in TUNING_DATASETS and seed in TUNING_SEEDS else "heldout"
+
+
+# ---------------------------------------------------------------- the teacher-network task
+
+
+class TeacherDataModule(_NoisyClassificationDataModule):
+    """A random teacher MLP labels Gaussian inputs: ``y = argmax T(x)``, ``x ~ N(0, I_d)`` (generated here).
+
+    The teacher is ``d → 64 (tanh) → C`` with Gaussian weights drawn from
+    ``teacher_seed``; samples whose top two teacher logits are closer than
+    ``margin`` are redrawn, so the clean task is learnable but not linear.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 5,
+        dim: int = 20,
+        num_train: int = 3300,
+        num_test: int = 2000,
+        margin: float = 0.2,
+        teacher_seed: int = 0,
+        noise_type: str = "symmetric",
+        noise_rate: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 32,
+        val_size: float | int = 300,
+        class_map: dict[int, int] | None = None,
+    ) -> None:
+        self.num_classes = num_classes
+        super().__init__(
+            noise_type=noise_type,
+            noise_rate=noise_rate,
+            seed=seed,
+            batch_size=batch_size,
+            val_size=val_size,
+            class_map=class_map,
+        )
+        self.dim, self.sizes, self.margin, self.teacher_seed = dim, (num_train, num_test), margin, teacher_seed
+        self._data: tuple[TensorDataset, TensorDataset] | None = None
+
+    def _generate(self) -> tuple[TensorDataset, TensorDataset]:
+        if self._data is None:
+            gen = torch.Generator().manual_seed(self.teacher_seed)
+            w1 = torch.randn(self.dim, 64, generator=gen) / math.sqrt(self.dim)
+            w2 = torch.randn(64, self.num_classes, generator=gen) * 2.0 / math.sqrt(64)
+            need = sum(self.sizes)
+            xs, ys = [], []
+            while sum(len(x) for x in xs) < need:
+                x = torch.randn(4 * need, self.dim, generator=gen)
+                logits = torch.tanh(x @ w1 * 2.0) @ w2
+                top = logits.topk(2, dim=1).values
+                keep = (top[:, 0] - top[:, 1]) > self.margin
+                xs.append(x[keep])
+                ys.append(logits[keep].argmax(1))
+            x, y = torch.cat(xs)[:need], torch.cat(ys)[:need]
+            n = self.sizes[0]
+            self._data = (TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]))
+        return self._data
+
+    def _load(self, train: bool):
+        return self._generate()[0 if train else 1]
+
+
+# ---------------------------------------------------------------- datasets and models
+
+
+def conv1d_net(length: int = 40, channels: int = 25, num_classes: int = 10) -> nn.Module:
+    """MNIST-1D's reference CNN (as examples/models.py's Conv1DClassifier)."""
+    out = length
+    for kernel in (5, 3, 3):
+        out = (out + 2 - kernel) // 2 + 1
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length)),
+        nn.Conv1d(1, channels, 5, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(channels * out, num_classes),
+    )
+
+
+@dataclass
+class Setting:
+    datamodule: pl.LightningDataModule
+    model_fn: object
+    num_classes: int
+    epochs: int
+
+
+def cyclic_map(num_classes: int) -> dict[int, int]:
+    """Pair-flip of every class to the next one, ``c → c + 1 mod C`` (Han et al. 2018)."""
+    return {c: (c + 1) % num_classes for c in range(num_classes)}
+
+
+def make(dataset: str, noise: str, rate: float, seed: int, args) -> Setting:
+    common = dict(noise_type=noise, noise_rate=rate, seed=seed, batch_size=32)
+    if dataset == "digits_mlp":
+        dm = NoisyDigitsDataModule(**common, class_map=cyclic_map(10) if noise == "pairflip" else None)
+        return Setting(dm, lambda: MLPClassifier(64, 128, 10, lr=0.05), 10, args.epochs or 100)
+    if dataset in ("mnist1d_mlp", "mnist1d_cnn"):
+        # 10k generated: 7200 train / 800 noisy validation / 2000 clean test
+        dm = NoisyMNIST1DDataModule(
+            **common, num_samples=args.mnist1d_samples, class_map=cyclic_map(10) if noise == "pairflip" else None
+        )
+        if dataset == "mnist1d_mlp":
+            return Setting(dm, lambda: MLPClassifier(40, 256, 10, lr=0.1), 10, args.epochs or 60)
+        return Setting(dm, lambda: Classifier(conv1d_net(), lr=0.1), 10, args.epochs or 60)
+    if dataset == "clusters_mlp":
+        dm = GaussianClustersDataModule(
+            num_classes=4,
+            dim=20,
+            num_train=1500,
+            num_val=300,
+            num_test=2000,
+            separation=1.0,
+            spread=1.6,
+            class_map=cyclic_map(4) if noise == "pairflip" else None,
+            **common,
+        )
+        return Setting(dm, lambda: MLPClassifier(20, 256, 4, lr=0.05), 4, args.epochs or 60)
+    if dataset == "teacher_mlp":
+        dm = TeacherDataModule(**common, class_map=cyclic_map(5) if noise == "pairflip" else None)
+        return Setting(dm, lambda: MLPClassifier(20, 256, 5, lr=0.05), 5, args.epochs or 60)
+    raise SystemExit(f"unknown dataset {dataset!r}; use one of {TUNING_DATASETS + HELDOUT_DATASETS}")
+
+
+# ---------------------------------------------------------------- one cell
+
+
+class RecordingEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, deciding as usual but only recording the epoch where it would stop.
+
+    Checked at the end of validation (``check_on_train_epoch_end=False``): the
+    same decision as the default check at the end of the training epoch, on the
+    same validation loss.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(check_on_train_epoch_end=False, **kwargs)
+        self.would_stop_epoch: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        before = trainer.should_stop
+        super().on_validation_end(trainer, pl_module)
+        if trainer.should_stop and not before:
+            if self.would_stop_epoch is None:
+                self.would_stop_epoch = trainer.current_epoch
+            trainer.should_stop = False  # record only: the noisy run goes on
+
+
+class ValLossRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+            self.by_epoch[trainer.current_epoch] = float(trainer.callback_metrics["val_loss"])
+
+
+def _q(a_c: float, a_n: float, a_p: float) -> float:
+    return (a_c - a_n) / (a_p - a_n) if abs(a_p - a_n) > 1e-12 else math.nan
+
+
+def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
+    start = time.time()
+    s = make(dataset, noise, rate, seed, args)
+    dm = s.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    test_loader = dm.test_dataloader()
+    train = dm.noisy_train
+    truth = train.is_noisy
+    # 1) the instrumented noisy run
+    recorder, losses, val_losses = TestAccuracyRecorder(test_loader), PerSampleLossRecorder(train), ValLossRecorder()
+    detector = PhaseDetector(verbose=False)
+    cleanser = GMMCleanser(action="flag")
+    es = RecordingEarlyStopping(monitor="val_loss", mode="min", patience=10)
+    monitors = [OrderParameterMonitor(probe_size=args.probe_size), NoiseSplitTracker(probe_size=args.probe_size)]
+    model, _ = seeded_fit(
+        s.model_fn,
+        seed,
+        s.epochs,
+        datamodule=dm,
+        callbacks=[*monitors, detector, cleanser, es, val_losses, recorder, losses],
+        limit_val_batches=1.0,
+        logger=pl.loggers.CSVLogger(args.log_dir or os.path.join(os.getcwd(), "lightning_logs_generalization")),
+    )
+    curve = [recorder.by_epoch[e] for e in sorted(recorder.by_epoch)]
+    a_n = curve[-1]
+    oracle_epoch = max(range(len(curve)), key=curve.__getitem__)
+    oracle = curve[oracle_epoch]
+    rec_epoch = detector.recommended.epoch if detector.recommended is not None else None
+    pd_acc = accuracy_of_state(s.model_fn, detector.recommended_state_dict, test_loader, a_n)
+    es_stop = es.would_stop_epoch if es.would_stop_epoch is not None else len(curve) - 1
+    es_best = min((e for e in val_losses.by_epoch if e <= es_stop), key=val_losses.by_epoch.get, default=None)
+    es_acc = recorder.by_epoch[es_best] if es_best is not None else a_n
+    flags = torch.zeros(len(train), dtype=torch.bool)
+    flags[cleanser.flagged_indices] = True
+    t_c = cleanser.t_c_epoch
+    gmm = detection_metrics(flags, truth) if t_c is not None and bool(truth.any()) else None
+    # 2) cleansed retrain, 3) clean-label run
+    loader = lambda ds: DataLoader(ds, batch_size=32, shuffle=True)  # noqa: E731
+    if int(flags.sum()):
+        m_c, _ = seeded_fit(s.model_fn, seed, s.epochs, train_loader=loader(train.without(cleanser.flagged_indices)))
+        a_c = accuracy(m_c, test_loader)
+    else:
+        a_c = a_n
+    if bool(truth.any()):
+        m_p, _ = seeded_fit(s.model_fn, seed, s.epochs, train_loader=loader(train.without(train.noisy_indices)))
+        a_p = accuracy(m_p, test_loader)
+    else:
+        a_p = a_n
+    # 4) cleanlab
+    cl = None
+    if not args.no_cleanlab and bool(truth.any()):
+        probs = cross_validated_probabilities(train, s.model_fn, s.num_classes, args.cv_epochs, seed)
+        issues, scores = cleanlab_issues(train, probs)
+        det = detection_metrics(issues, truth)
+        cl = dict(
+            precision=det.precision,
+            recall=det.recall,
+            f1=det.f1,
+            auroc=detection_metrics(scores, truth).auroc,
+            flagged=int(issues.sum()),
+        )
+    auroc_peak = max(losses.auroc, key=losses.auroc.get) if losses.auroc else None
+    gap_peak = max(losses.gap, key=losses.gap.get) if losses.gap else None
+    return dict(
+        dataset=dataset,
+        noise=noise,
+        rho=rate,
+        seed=seed,
+        half=half_of(dataset, seed),
+        epochs=s.epochs,
+        n_train=len(train),
+        n_noisy=int(truth.sum()),
+        a_n=a_n,
+        a_c=a_c,
+        a_p=a_p,
+        Q=_q(a_c, a_n, a_p),
+        Q_oracle_bound=_q(oracle, a_n, a_p),
+        test_acc_curve=curve,
+        oracle=oracle,
+        oracle_epoch=oracle_epoch,
+        phase_model=detector.tracker.model,
+        phases=[list(p) for p in detector.tracker.timeline()],
+        recommended_epoch=rec_epoch,
+        recommended_acc=pd_acc,
+        early_stopping_acc=es_acc,
+        early_stopping_best_epoch=es_best,
+        early_stopping_stop_epoch=es.would_stop_epoch,
+        t_c_epoch=t_c,
+        flagged=int(flags.sum()),
+        flagged_fraction=float(flags.float().mean()),
+        gmm=None if gmm is None else dict(precision=gmm.precision, recall=gmm.recall, f1=gmm.f1),
+        loss_auroc_at_t_c=losses.auroc.get(t_c) if t_c is not None else None,
+        loss_auroc_peak=None if auroc_peak is None else [auroc_peak, losses.auroc[auroc_peak]],
+        true_gap_peak_epoch=gap_peak,
+        cleanlab=cl,
+        seconds=time.time() - start,
+    )
+
+
+# ---------------------------------------------------------------- table
+
+
+def _f(x, fmt="{:5.1f}", scale=100.0) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(scale * x)
+
+
+HEADER = (
+    f"{'half':<7s} {'dataset':<11s} {'noise':<9s} {'rho':>3s} {'s':>1s} | {'a_n':>5s} {'a_c':>5s} {'a_p':>5s} "
+    f"{'Q':>5s} {'Qmax':>5s} | {'t_c':>3s} {'GMM P/R/F1':>14s} {'AUC':>4s} | {'cleanlab P/R/F1':>15s} {'AUC':>4s} | "
+    f"{'orac(ep)':>9s} {'PD(ep)':>9s} {'ES(ep)':>9s} | phases"
+)
+
+
+def row(r: dict) -> str:
+    gmm, cl = r["gmm"], r["cleanlab"]
+    g = "-" if gmm is None else f"{gmm['precision']:.2f}/{gmm['recall']:.2f}/{gmm['f1']:.2f}"
+    c = "-" if cl is None else f"{cl['precision']:.2f}/{cl['recall']:.2f}/{cl['f1']:.2f}"
+    phases = " ".join(f"{p}:{a}-{b}" for p, a, b in r["phases"]) or "-"
+    if r["rho"] == 0:
+        phases += f" [{r['phase_model']}; flagged {100 * r['flagged_fraction']:.1f}%]"
+    rec = "-" if r["recommended_epoch"] is None else r["recommended_epoch"]
+    return (
+        f"{r['half']:<7s} {r['dataset']:<11s} {r['noise']:<9s} {r['rho']:3.1f} {r['seed']:1d} | "
+        f"{_f(r['a_n'])} {_f(r['a_c'])} {_f(r['a_p'])} {_f(r['Q'], '{:5.2f}', 1)} {_f(r['Q_oracle_bound'], '{:5.2f}', 1)} | "
+        f"{r['t_c_epoch'] if r['t_c_epoch'] is not None else '-':>3} {g:>14s} {_f(r['loss_auroc_at_t_c'], '{:4.2f}', 1):>4s} | "
+        f"{c:>15s} {_f(cl and cl['auroc'], '{:4.2f}', 1):>4s} | "
+        f"{_f(r['oracle'])}({r['oracle_epoch']:>2}) {_f(r['recommended_acc'])}({rec:>2}) "
+        f"{_f(r['early_stopping_acc'])}({r['early_stopping_best_epoch'] if r['early_stopping_best_epoch'] is not None else '-':>2}) | "
+        f"{phases}  [{r['seconds']:.0f}s]"
+    )
+
+
+def _matches(pattern: str, cell: tuple[str, str, float, int]) -> bool:
+    fields = pattern.split(":")
+    values = [cell[0], cell[1], f"{cell[2]:g}", str(cell[3])]
+    return all(
+        f in ("", "*") or (f"{float(f):g}" == v if i == 2 else f == v) for i, (f, v) in enumerate(zip(fields, values))
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", choices=("tuning", "heldout", "all"), default="all")
+    parser.add_argument("--only", nargs="+", default=None, help="dataset[:noise[:rho[:seed]]] patterns")
+    parser.add_argument("--noise", nargs="+", default=list(NOISE_TYPES), choices=NOISE_TYPES)
+    parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every run (default per dataset)")
+    parser.add_argument("--cv-epochs", type=int, default=30, help="epochs of each cleanlab cross-validation model")
+    parser.add_argument("--no-cleanlab", action="store_true")
+    parser.add_argument("--probe-size", type=int, default=512)
+    parser.add_argument("--mnist1d-samples", type=int, default=10000)
+    parser.add_argument("--out", default="generalization.jsonl", help="JSON lines, one per cell (appended)")
+    parser.add_argument("--log-dir", default=None, help="CSVLogger directory of the noisy runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1 on shared cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cells = [
+        (d, noise, rate, seed)
+        for d, seed in split_cells(args.split)
+        for noise in args.noise
+        for rate in args.rates
+        if not (rate == 0 and noise != args.noise[0])  # ρ = 0 is the same cell for every noise type
+    ]
+    if args.only:
+        cells = [c for c in cells if any(_matches(p, c) for p in args.only)]
+    print(
+        f"machine: {machine()}; split {args.split}; {len(cells)} cells; cleanlab {'off' if args.no_cleanlab else 'on'}"
+    )
+    print(HEADER, flush=True)
+    for cell in cells:
+        r = run_cell(*cell, args)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(row(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
