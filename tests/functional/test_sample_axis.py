@@ -204,3 +204,17 @@ def test_samples_coupled_before_a_layer_are_caught_by_the_single_sample_check(me
     torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-6)
     assert any("'fc'" in w and "cross-sample coupling" in w for w in warned), warned
     assert any("'head'" in w for w in warned), warned
+
+
+def test_half_precision_layers_go_to_the_exact_engines():
+    """bfloat16 rounding is too coarse for the per-sample checks: no fast layer, the exact engines instead."""
+    torch.manual_seed(8)
+    model = _TimeMajor().to(torch.bfloat16)
+    x, y = torch.randn(6, 6, 12, dtype=torch.bfloat16), torch.randint(0, 4, (6,))
+    with eval_mode(model):
+        gram, _, covered, _ = fast_layer_gram(model, x, y, select_parameters(model), default_loss, chunk_size=None)
+    assert gram is None and not covered
+    gram, _ = gradient_gram(model, x, y)
+    torch.testing.assert_close(gram, gradient_gram(model, x, y, method="vmap")[0], rtol=0, atol=0)
+    ref, _ = loop_gram(model.double(), x.double(), y, default_loss)  # per-sample truth, bfloat16 rounding apart
+    torch.testing.assert_close(gram, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
