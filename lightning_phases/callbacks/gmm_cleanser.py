@@ -85,6 +85,28 @@ class GMMCleanser(Callback):
     logger, the image ``gmm/loss_histogram`` (the losses with the fitted
     mixture and threshold, as Feng & Tu's Figure 6B).
 
+    The decision itself (peak, moving average, patience, rejection rules, the
+    ``max_fraction`` cap) is :class:`~lightning_phases.functional.CleansingTracker`,
+    in ``self.tracker``; this callback schedules the measurements, computes and
+    reduces the losses, writes the outputs, acts, and keeps checkpoint state.
+
+    **Never ends the run.** All of the cleanser's work (the loss pass, the fit,
+    logging, the CSV and the figure, the datamodule's removal) runs in a
+    warn-once-and-skip net: a NaN loss, labels the loss cannot take, an
+    ``IterableDataset``, an error of the model or of a write warns once per kind
+    (rank zero), is counted in ``gmm/skipped``, and training goes on (the
+    measurement is retried at the next scheduled epoch). Under DDP a failure on
+    one rank is reduced across ranks before anything is decided, so no rank
+    waits on another and every rank skips or decides alike. ``gmm_flagged.csv``
+    is written atomically (a temporary file in the same directory, then
+    ``os.replace``): an old file is replaced whole or left as it was.
+
+    **Lifecycle.** Each ``trainer.fit`` starts fresh: the same cleanser reused
+    for a second ``fit`` (e.g. on other data) forgets the first one's fits,
+    ``t_c``, flags and CSV path in ``setup``. A ``fit(ckpt_path=...)`` then
+    restores the checkpoint's state (``load_state_dict``), so a resumed run
+    continues its search (and, after ``"remove"``, drops the same samples again).
+
     Args:
         action: ``"flag"``, ``"remove"`` or ``"stop"``.
         every_n_epochs: Measure after every this many epochs.
@@ -111,7 +133,8 @@ class GMMCleanser(Callback):
         batch_size: Batch size of the loss pass over the training set.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
-        seed: ``random_state`` of the mixture fit.
+        seed: ``random_state`` of the mixture fit, any non-negative int (from ``2**32`` on it is hashed
+            into scikit-learn's range).
         clip_percentiles, normalize: Passed to :func:`~lightning_phases.functional.fit_loss_mixture`.
         smoothing: EMA weight of the newest ΔL in the peak search, in ``(0, 1]`` (1: raw ΔL).
 
@@ -128,6 +151,8 @@ class GMMCleanser(Callback):
           dataset's ground truth, when it has one.
         - ``gmm/delta_L_smoothed``: the moving average of ΔL whose peak is ``t_c`` (bimodal fits only).
         - ``gmm/t_c_step``: global step of the confirmed cleansing time (once).
+        - ``gmm/skipped``: pieces of work that failed and were skipped so far (with each measurement,
+          and whenever one fails).
     """
 
     def __init__(

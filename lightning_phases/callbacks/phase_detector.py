@@ -353,10 +353,18 @@ class PhaseDetector(Callback):
         metrics: dict[str, Any] | None = None,
     ) -> None:
         metrics = trainer.callback_metrics if metrics is None else metrics
-        step = self._new_measurement(metrics, final)
-        if step is None:
+        try:
+            step = self._new_measurement(metrics, final)
+            stats = None if step is None else _statistics(metrics)
+        except Exception as error:  # published values it cannot read: the same on every rank
+            self._skip(trainer, "reading the published statistics", error)
             return
-        stats = _statistics(metrics)
+        if step is None or stats is None:
+            return
+        self._take(trainer, pl_module, step, stats)
+
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, stats: dict[str, float]) -> None:
+        """Feed one measurement to the tracker and act on it; each piece of work in the safety net."""
         # the epoch of the hook in which that step completed (a deferred measurement is taken one hook later)
         where_step, where_epoch = self._where
         epoch = where_epoch if where_step == step else trainer.current_epoch

@@ -237,8 +237,8 @@ class CleansingTracker:
         r, sep = fit.weight_noisy, fit.separation
         if not (math.isfinite(fit.delta_L) and math.isfinite(sep)) or not self.min_weight < r < 1 - self.min_weight:
             return "weight", f"the fit is degenerate (mislabeled weight {r:.3g})"
-        heavy = self.heavy_noise_separation is not None and r >= self.heavy_noise_weight
-        needed = self.heavy_noise_separation if heavy else self.min_separation
+        heavy = self.heavy_noise_separation
+        needed = heavy if heavy is not None and r >= self.heavy_noise_weight else self.min_separation
         if sep < needed:
             return "separation", f"separation {sep:.2f} < {needed}"
         if math.isfinite(dependence) and dependence > self.max_class_dependence:

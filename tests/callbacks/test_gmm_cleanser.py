@@ -724,3 +724,51 @@ def test_both_lightning_namespaces(tmp_path, namespace):
         cleanser.flagged_indices, torch.nonzero(torch.as_tensor(NoisyTensorDataset(n=300).is_noisy)).flatten()
     )
     assert os.path.exists(os.path.join(tmp_path, "gmm_flagged.csv"))
+
+
+class _DumpSkips(pl.Callback):
+    def __init__(self, directory, cleanser) -> None:
+        self.directory, self.cleanser = str(directory), cleanser
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.directory, f"skips{trainer.global_rank}.json"), "w") as fh:
+            c = self.cleanser
+            json.dump(
+                {
+                    "skipped": c.skipped,
+                    "t_c": c.t_c_step,
+                    "flags": c.flagged_indices.tolist(),
+                    "history": c.delta_L_history,
+                },
+                fh,
+            )
+
+
+@pytest.mark.slow
+def test_ddp_a_failure_on_one_rank_neither_hangs_nor_splits_the_decision(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    ds = NoisyTensorDataset(n=400, dim=8, num_classes=4, rate=0.4, seed=1)
+    cleanser = GMMCleanser(action="stop", patience=2)
+    model = EvalFailingClassifier(dim=8, num_classes=4, hidden=32, lr=0.05, until_epoch=3, rank=1)
+    pl.seed_everything(0, verbose=False)
+    tr = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=30,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cleanser, _DumpSkips(tmp_path, cleanser), DestroyProcessGroupAtExit()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(model, loader(ds, batch_size=16))
+    with open(tmp_path / "skips0.json") as a, open(tmp_path / "skips1.json") as b:
+        r0, r1 = json.load(a), json.load(b)
+    assert r0 == r1  # the healthy rank skipped the same epochs as the failing one and took the same decision
+    assert r0["skipped"] == 3 and r0["t_c"] is not None and len(r0["flags"]) > 50
+    assert min(epoch for _, epoch, _ in r0["history"]) == 3

@@ -307,3 +307,230 @@ def test_bad_arguments(kwargs, match):
 def test_a_misspelt_threshold_is_a_type_error_naming_it():
     with pytest.raises(TypeError, match="memorized"):  # explicit keyword arguments: Python names the stray one
         PhaseDetector(memorized=0.1)
+
+
+# ---------------------------------------------------------------------- explicit signature
+
+THRESHOLDS = (
+    "r_explore",
+    "sigma2_explore",
+    "balance",
+    "r_cw_oppose",
+    "r_cw_align",
+    "memorised",
+    "activity_drop",
+    "segment_end",
+    "gap_plateau",
+    "memorisation_drop",
+)
+
+
+def test_the_thresholds_are_explicit_keywords_with_the_trackers_defaults():
+    import inspect
+    import typing
+
+    from lightning_phases.functional import PhaseTracker
+
+    params = inspect.signature(PhaseDetector).parameters
+    tracker = inspect.signature(PhaseTracker).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for name in (*THRESHOLDS, "smoothing", "patience"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default == tracker[name].default
+    assert typing.get_args(typing.get_type_hints(PhaseDetector.__init__)["model"]) == ("auto", "two", "four")
+    detector = PhaseDetector(memorised=0.1, gap_plateau=0.05)
+    assert detector.tracker.thresholds.memorised == 0.1 and detector.tracker.gap_plateau == 0.05
+
+
+def test_jsonargparse_sets_a_threshold_from_the_command_line_and_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PhaseDetector, "detector")
+    init = parser.instantiate_classes(parser.parse_args(["--detector.memorised=0.1", "--detector.model=four"]))
+    assert init.detector.tracker.thresholds.memorised == 0.1 and init.detector.model == "four"
+    init = parser.instantiate_classes(parser.parse_string("detector:\n  r_explore: 0.2\n  stop: true\n"))
+    assert init.detector.tracker.thresholds.r_explore == 0.2 and init.detector.stop is True
+    with pytest.raises(Exception, match="model"):
+        parser.parse_args(["--detector.model=six"])  # the Literal is checked by the parser
+
+
+def test_lightning_cli_configures_the_detector(tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    cli = LightningCLI(
+        TinyClassifier,
+        run=False,
+        save_config_callback=None,
+        args=[
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=lightning_phases.PhaseDetector",
+            "--trainer.callbacks.balance=3.0",
+            "--trainer.callbacks.verbose=false",
+        ],
+    )
+    (detector,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, PhaseDetector)]
+    assert detector.tracker.thresholds.balance == 3.0 and detector.verbose is False
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(strict="yes"), dict(verbose="no"), dict(save_checkpoint="no"), dict(average_weights="false")]
+)
+def test_strings_for_flags_are_refused(kwargs):
+    with pytest.raises(LightningPhasesError, match="must be True or False") as info:
+        PhaseDetector(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+# ---------------------------------------------------------------------- never ending the run
+
+
+def _fit_warned(tmp_path, detector, *, epochs, recorded=None, **kwargs):
+    series_, _ = _four_phase_series(lengths=(6, 6, 6, 6))
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [SeriesProvider(recorded or series_), detector], max_epochs=epochs, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+    return tr, [str(w.message) for w in caught if "PhaseDetector" in str(w.message)]
+
+
+def test_a_failed_checkpoint_write_warns_keeps_the_old_file_and_still_stops(tmp_path, monkeypatch):
+    import lightning_phases._io as io_module
+
+    (tmp_path / "phase_recommended.ckpt").write_bytes(b"old checkpoint")
+
+    def refuse(src, dst):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(io_module.os, "replace", refuse)
+    detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, save_checkpoint=True, verbose=False)
+    tr, warned = _fit_warned(tmp_path, detector, epochs=24)
+    assert tr.current_epoch == 13 and detector.recommended.epoch == 12  # the decision was taken all the same
+    assert len(warned) == 1 and "phase_recommended.ckpt" in warned[0] and "Read-only" in warned[0]
+    assert (tmp_path / "phase_recommended.ckpt").read_bytes() == b"old checkpoint"
+    assert detector.recommended_checkpoint is None and detector.recommended_state_dict is not None
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert detector.skipped == 1 and series(tr.loggers[0].records, "phase/skipped") == [(13 * 12, 1.0)]
+
+
+def test_the_checkpoint_replaces_an_old_one_whole(tmp_path):
+    (tmp_path / "phase_recommended.ckpt").write_bytes(b"stale")
+    detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, save_checkpoint=True, verbose=False)
+    _, warned = _fit_warned(tmp_path, detector, epochs=24)
+    assert not warned and detector.recommended_checkpoint == str(tmp_path / "phase_recommended.ckpt")
+    kept = torch.load(detector.recommended_checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.equal(v, detector.recommended_state_dict[k]) for k, v in kept.items())
+
+
+def test_a_log_dir_below_a_regular_file_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    detector = PhaseDetector(smoothing=1.0, patience=1, save_checkpoint=True, verbose=False)
+    series_, _ = _four_phase_series(lengths=(6, 6, 6, 6))
+    pl.seed_everything(0, verbose=False)
+    tr = pl.Trainer(
+        default_root_dir=blocker / "logs",
+        max_epochs=16,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[SeriesProvider(series_), detector],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+    warned = [str(w.message) for w in caught if "PhaseDetector" in str(w.message)]
+    assert tr.current_epoch == 16 and detector.recommended.epoch == 12 and detector.recommended_checkpoint is None
+    assert len(warned) == 1 and "phase_recommended.ckpt" in warned[0] and blocker.read_text() == "not a directory"
+
+
+def test_unreadable_statistics_warn_once_and_training_goes_on(tmp_path):
+    recorded, _ = _four_phase_series(lengths=(6, 6, 6, 6))
+    recorded = [dict(r) for r in recorded]
+    for r in recorded[3:6]:
+        r["order/R"] = [0.1, 0.2]  # a provider publishing a vector where a number is expected
+    detector = PhaseDetector(smoothing=1.0, patience=1, verbose=False)
+    tr, warned = _fit_warned(tmp_path, detector, epochs=24, recorded=recorded)
+    assert tr.current_epoch == 24 and detector.skipped == 3 and len(warned) == 1
+    assert "published statistics" in warned[0] and "training goes on" in warned[0]
+    assert detector.tracker.num_measurements == 21 and detector.recommended is not None
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+def test_a_reused_detector_starts_fresh(tmp_path):
+    detector = PhaseDetector(smoothing=1.0, patience=1, verbose=False)
+    _fit(tmp_path / "a", detector, epochs=24)
+    assert detector.recommended is not None and detector.recommended_state_dict is not None
+    tr, _, _ = _fit(tmp_path / "b", detector, epochs=4)  # another run: only its own four measurements
+    assert [h["epoch"] for h in detector.history] == [0, 1, 2, 3] and detector.phase == "I"
+    assert detector.recommended is None and detector.recommended_state_dict is None and not detector.transitions
+    fresh = PhaseDetector(smoothing=1.0, patience=1, verbose=False)
+    _fit(tmp_path / "c", fresh, epochs=4)
+    assert fresh.tracker.state_dict() == detector.tracker.state_dict()
+
+
+def test_the_same_detector_resumed_from_a_checkpoint_continues(tmp_path):
+    whole = PhaseDetector(smoothing=1.0, patience=1, verbose=False)
+    _fit(tmp_path / "w", whole, epochs=16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1, save_on_train_epoch_end=True)
+    detector = PhaseDetector(smoothing=1.0, patience=1, verbose=False)
+    _fit(tmp_path / "a", detector, epochs=8, extra=[ckpt], enable_checkpointing=True)
+    recorded, _ = _four_phase_series(lengths=(6, 6, 6, 6))
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [SeriesProvider(recorded), detector], max_epochs=16, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert detector.history == whole.history and detector.transitions == whole.transitions
+
+
+# ---------------------------------------------------------------------- both namespaces
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_both_lightning_namespaces(tmp_path, namespace):
+    import importlib
+
+    from lightning_phases._lightning import Callback
+
+    ns = importlib.import_module(namespace)
+    recorded, truth = _four_phase_series(lengths=(6, 6, 6, 6))
+
+    class Provider(Callback):  # the package's Callback base: accepted by either Trainer
+        phase_metrics = SeriesProvider.phase_metrics
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            stats = dict(recorded[trainer.current_epoch], **{"order/measured_step": float(trainer.global_step)})
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in stats.items()})
+
+    class Tiny(ns.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(6, 3)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    detector = PhaseDetector(smoothing=1.0, patience=1, stop=True, save_checkpoint=True, verbose=False)
+    tr = ns.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=24,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[Provider(), detector],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(Tiny(), loader(NoisyTensorDataset()))
+    assert [h["phase"] for h in detector.history] == truth[:13] and tr.current_epoch == 13
+    assert detector.recommended.epoch == 12 and os.path.exists(detector.recommended_checkpoint)
