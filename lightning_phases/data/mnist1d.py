@@ -28,7 +28,7 @@ def _make_dataset(num_samples: int, data_seed: int) -> tuple[np.ndarray, np.ndar
     NumPy's global generators, so their states are restored afterwards.
     """
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
     except ImportError as err:
         raise LightningPhasesError(_MISSING) from err
     args = get_dataset_args()
