@@ -378,7 +378,9 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
 
 
 def _f(x, fmt="{:5.1f}", scale=100.0) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(scale * x)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-".rjust(len(fmt.format(0.0)))
+    return fmt.format(scale * x)
 
 
 HEADER = (
