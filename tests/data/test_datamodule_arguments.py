@@ -191,3 +191,13 @@ def test_lightning_cli_parser_sees_every_argument(cls):
     if cls is not SparseLinearRegressionDataModule:
         with pytest.raises((jsonargparse.ArgumentError, SystemExit)):
             parser.parse_args(["--data.noise_type", "gaussian"])  # the Literal is enforced by the parser
+
+
+def test_classes_accept_numpy_and_tensor_ints_and_refuse_floats():
+    import numpy as np
+
+    for given in (np.array([7, 9]), torch.tensor([7, 9]), (7, 9)):
+        assert NoisyDigitsDataModule(classes=given).classes == [7, 9]
+    for bad in ([7.0, 9.0], [True, 9], "79", 7):
+        with pytest.raises(LabelNoiseError, match="classes"):
+            NoisyDigitsDataModule(classes=bad)
