@@ -107,7 +107,7 @@ class _NoisyClassificationDataModule(pl.LightningDataModule):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(self.seed, "val_split")))
             n_val = self._num_val(n)
             val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-            common = dict(noise=self.noise_type, num_classes=self.num_classes, class_map=self.class_map)
+            common: dict[str, Any] = dict(noise=self.noise_type, num_classes=self.num_classes, class_map=self.class_map)
             self.noisy_train = NoisyLabelDataset(
                 Subset(full, train_idx.tolist()),
                 noise_rate=self.noise_rate,

@@ -8,6 +8,7 @@ the argument, echoes the value and says what to pass instead.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,14 +128,17 @@ def check_eval_batch_size(value: Any, batch_size: int, default_minimum: int = 25
 
 
 def check_classes(classes: Sequence[int] | None, num_classes: int) -> list[int] | None:
-    """``classes``: ``None`` or at least 2 distinct labels in ``[0, num_classes)``."""
+    """``classes``: ``None`` or at least 2 distinct labels in ``[0, num_classes)`` (ints, NumPy or tensor ints)."""
     if classes is None:
         return None
-    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
         raise LabelNoiseError(f"classes must be a sequence of class labels; got classes={classes!r}.")
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+    try:
+        out = [operator.index(c) for c in classes if not isinstance(c, bool)]
+    except TypeError:
+        out = None
+    if out is None or len(out) != len(list(classes)):
         raise LabelNoiseError(f"classes must hold int labels; got classes={classes!r}.")
-    out = [int(c) for c in classes]
     if len(out) < 2 or len(set(out)) != len(out) or min(out) < 0 or max(out) >= num_classes:
         raise LabelNoiseError(f"classes must be >= 2 distinct labels in [0, {num_classes - 1}]; got classes={out!r}.")
     return out

@@ -64,7 +64,10 @@ class NoisyLabelDataset(Dataset):
         noise_rate: The nominal rate.
         realised_noise_rate: ``is_noisy.mean()``.
         noisy_indices: Indices of the mislabeled samples, long ``[N_w]``.
+        kept_indices: On a dataset made by :meth:`without` only: the indices it kept, long ``[N]``.
     """
+
+    kept_indices: Tensor  # set by `without` only
 
     def __init__(
         self,

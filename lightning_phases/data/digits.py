@@ -88,7 +88,7 @@ class NoisyDigitsDataModule(_NoisyClassificationDataModule):
 
     def _splits(self) -> tuple[TensorDataset, TensorDataset]:
         if self._split is None:
-            from sklearn.datasets import load_digits
+            from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
             digits = load_digits()
             x = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -28,7 +28,7 @@ def _make_dataset(num_samples: int, data_seed: int) -> tuple[np.ndarray, np.ndar
     NumPy's global generators, so their states are restored afterwards.
     """
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
     except ImportError as err:
         raise LightningPhasesError(_MISSING) from err
     args = get_dataset_args()
@@ -54,11 +54,11 @@ class NoisyMNIST1DDataModule(_NoisyClassificationDataModule):
     defaults (``num_samples=5000``, ``data_seed=42``, ``test_fraction=0.2``)
     the splits are MNIST-1D's standard 4000 training / 1000 test samples:
     the test split is the last 1000 of the package's shuffled order, as in
-    ``make_dataset``. Larger ``num_samples`` generate more data (about 0.7 ms
-    per sample on one CPU core, e.g. ~35 s for 50,000; generated once per
-    datamodule, at the first ``setup``). A ``val_size`` part of the training
-    split is the validation split (noisy unless ``clean_val``); the test split
-    is clean. Inputs are float32 ``[40]``; labels ``0..9``.
+    ``make_dataset``. Larger ``num_samples`` generate more data, once per
+    datamodule at the first ``setup`` (seconds on a CPU; measured times are in
+    benchmarks/README.md, "Generalization"). A ``val_size`` part of the
+    training split is the validation split (noisy unless ``clean_val``); the
+    test split is clean. Inputs are float32 ``[40]``; labels ``0..9``.
 
     Needs the optional ``mnist1d`` extra (``pip install 'lightning-phases[mnist1d]'``);
     the error at ``setup`` says so when it is missing.

@@ -147,10 +147,12 @@ class GaussianClustersDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        assert self.val_dataset is not None  # set by setup
         return DataLoader(self.val_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
+        assert self.test_dataset is not None  # set by setup
         return DataLoader(self.test_dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
 
 

@@ -56,7 +56,7 @@ class _TorchvisionDataModule(_NoisyClassificationDataModule):
         self.augment = False
 
     def _cls(self):
-        import torchvision
+        import torchvision  # type: ignore[import-untyped]
 
         return getattr(torchvision.datasets, self.dataset_name)
 

@@ -179,3 +179,25 @@ def test_gaussian_pairflip_needs_and_uses_a_class_map():
     flipped = dm.noisy_train.is_noisy
     assert torch.equal(y[flipped], (t[flipped] + 1) % 3)
     assert int(flipped.sum()) == sum(round(0.2 * int((t == c).sum())) for c in range(3))
+
+
+@pytest.mark.parametrize("cls", [*CLASSIFICATION, SparseLinearRegressionDataModule], ids=lambda c: c.__name__)
+def test_lightning_cli_parser_sees_every_argument(cls):
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+    cfg = parser.parse_args(["--data.seed", "7", "--data.batch_size", "16"])
+    assert set(vars(cfg.data)) == set(inspect.signature(cls).parameters)
+    if cls is not SparseLinearRegressionDataModule:
+        with pytest.raises((jsonargparse.ArgumentError, SystemExit)):
+            parser.parse_args(["--data.noise_type", "gaussian"])  # the Literal is enforced by the parser
+
+
+def test_classes_accept_numpy_and_tensor_ints_and_refuse_floats():
+    import numpy as np
+
+    for given in (np.array([7, 9]), torch.tensor([7, 9]), (7, 9)):
+        assert NoisyDigitsDataModule(classes=given).classes == [7, 9]
+    for bad in ([7.0, 9.0], [True, 9], "79", 7):
+        with pytest.raises(LabelNoiseError, match="classes"):
+            NoisyDigitsDataModule(classes=bad)

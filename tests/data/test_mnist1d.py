@@ -132,6 +132,7 @@ def test_bad_arguments(kwargs, match):
         NoisyMNIST1DDataModule(**kwargs)
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_with_the_example_cnn(tmp_path):
     import lightning.pytorch as lpl  # the namespace examples/models.py uses
 
