@@ -192,6 +192,57 @@ def worker(model_name: str, n: int, method: str, repeats: int, warmup: bool) -> 
     return {"gram_s": min(t_gram), "total_s": min(t_total), "peak_extra_mb": max(0.0, peak - base), "peak_mb": peak}
 
 
+def spectrum_rows(sizes, repeats: int) -> list[str]:
+    """The noise spectrum + D_s of one measurement: the whole spectrum (before) against the leading one (after).
+
+    Real Gram matrices: the digits demo's MLP (64-128-128-10) on scikit-learn's digits, at initialisation
+    and after 3 epochs of SGD (lr 0.05, batch 32), with B = 32 and f = 0.9.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from lightning_phases.functional import gradient_gram
+    from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
+
+    digits = load_digits()
+    x_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y_all = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    grams = {}
+    for label, epochs in (("init", 0), ("3 epochs", 3)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y_all)).split(32):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+                opt.step()
+        for n in sizes:
+            grams[(label, n)] = gradient_gram(model, x_all[:n], y_all[:n])[0]
+    rows = [f"{'state':9s} {'n':>5s} {'D_s':>5s} {'whole ms':>9s} {'leading ms':>11s} {'speed-up':>9s} {'k':>5s}"]
+    for (label, n), g in grams.items():
+        times = {}
+        for mode in ("whole", "leading"):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                if mode == "whole":
+                    ds = effective_dimension(noise_spectrum(g, BATCH), 0.9)
+                    k = n - 1
+                else:
+                    total = order_parameters(g, BATCH, num_minibatches=2).D
+                    lead = noise_spectrum(g, BATCH, fraction=0.9)
+                    ds_lead = effective_dimension(lead, 0.9, total=total)
+                    k = lead.numel()
+                best = min(best, time.perf_counter() - start)
+            times[mode] = (best, k)
+        assert ds == ds_lead, (label, n, ds, ds_lead)
+        (tw, _), (tl, k) = times["whole"], times["leading"]
+        rows.append(f"{label:9s} {n:5d} {ds:5d} {1e3 * tw:9.1f} {1e3 * tl:11.1f} {tw / tl:8.1f}x {k:5d}")
+    return rows
+
+
 def _run_worker(args, model_name, n, method, repeats, warmup) -> dict | None:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -250,6 +301,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget", type=float, default=20.0, help="skip a run estimated to take longer (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="kill a run after this long (s)")
+    parser.add_argument(
+        "--spectrum-sizes",
+        type=int,
+        nargs="*",
+        default=[512, 1024],
+        help="probe sizes of the spectrum section (whole vs leading eigenvalues; none: skip it)",
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -261,6 +319,16 @@ def main(argv=None) -> None:
         return
 
     print(_machine().format(threads=args.threads))
+    if args.spectrum_sizes:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("## spectrum: noise_spectrum + effective_dimension(0.9) per measurement (best of --repeats)")
+        print("whole = every eigenvalue (float64 eigvalsh); leading = noise_spectrum(fraction=0.9) (Lanczos,")
+        print("exact fallback) + order_parameters' D as the total; D_s is checked equal; k = eigenvalues returned")
+        print("\n".join(spectrum_rows(args.spectrum_sizes, args.repeats)) + "\n")
+        if args.sizes == [0]:
+            return
     print("ratio = time / floor time (plain batched forward + backward over the same n samples);")
     print("'gram' = G only, 'total' = G + order_parameters + noise_spectrum + effective_dimension;")
     print("peak = extra resident memory at the peak over the process after setup (ru_maxrss).\n")
