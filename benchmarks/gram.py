@@ -1,7 +1,9 @@
 """Gram matrix + statistics: lightning_phases vs vmap, a Python loop, Opacus and BackPACK.
 
-For an MLP (784-256-256-10) and a small CIFAR-sized CNN (3x32x32 -> conv 16 ->
-pool -> conv 32 -> pool -> linear 10), and probe sets of n samples, every
+For an MLP (784-256-256-10), a small CIFAR-sized CNN (3x32x32 -> conv 16 ->
+pool -> conv 32 -> pool -> linear 10), torchvision's ``resnet18``
+(num_classes=10, 3x32x32, eval mode) and a small Transformer encoder (2
+pre-norm blocks of width 64, 4 heads, 16 positions of 32 features), and probe sets of n samples, every
 method computes the n x n per-sample-gradient Gram matrix G and then the same
 statistics (``order_parameters``, ``noise_spectrum``, ``effective_dimension``).
 Times are reported relative to the floor: one plain batched forward + backward
@@ -39,9 +41,43 @@ import subprocess
 import sys
 import time
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet18", "transformer")
 METHODS = ("floor", "auto", "vmap", "loop", "opacus", "backpack")
 BATCH = 32  # minibatch size B of the statistics
+
+
+def _transformer():
+    """A small pre-norm Transformer encoder (2 blocks, width 64, 4 heads) on [16 positions, 32 features]."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, width: int = 64, heads: int = 4) -> None:
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+        def forward(self, x):
+            n, t, w = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5, dim=-1)
+            x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, w))
+            return x + self.mlp(self.norm2(x))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(32, 64)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.norm = nn.LayerNorm(64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+    return Encoder()
 
 
 def _build(model_name: str, n: int):
@@ -49,6 +85,13 @@ def _build(model_name: str, n: int):
     from torch import nn
 
     torch.manual_seed(0)
+    if model_name == "resnet18":
+        import torchvision
+
+        # eval mode (running statistics): per-sample gradients of BatchNorm in training mode are not defined
+        return torchvision.models.resnet18(num_classes=10), torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    if model_name == "transformer":
+        return _transformer(), torch.randn(n, 16, 32), torch.randint(0, 10, (n,))
     if model_name == "mlp":
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
         x = torch.randn(n, 784)

@@ -213,6 +213,70 @@ def fit_once(
         return time.perf_counter() - start
 
 
+def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float) -> None:
+    """GMMCleanser's detection quality when its loss pass runs less often (one ρ, one seed).
+
+    The loss pass evaluates every training sample; it runs after every epoch
+    (``every_n_epochs=1``, the default), every 2nd or 4th epoch, or at the epoch
+    ends a ``MeasurementBudget(overhead)`` allows. Uses ``benchmarks/cleansing.py``'s
+    runs (noisy digits, the MLP, ``action="remove"``, patience 3).
+    """
+    import cleansing
+    import torch
+
+    from lightning_phases.callbacks._budget import MeasurementBudget
+    from lightning_phases.data import NoisyDigitsDataModule
+    from lightning_phases.functional import detection_metrics
+
+    kw = dict(noise_rate=rate, seed=seed, batch_size=32)
+    _, a_n = cleansing._fit(NoisyDigitsDataModule(**kw), epochs, seed, 0.05)
+    _, a_p = cleansing._fit(cleansing._CleanOnly(**kw), epochs, seed, 0.05)
+    print(
+        f"\n## cleansing quality, rho {rate}, seed {seed}, {epochs} epochs: a_n {100 * a_n:.1f}%, a_p {100 * a_p:.1f}%"
+    )
+    print(f"{'loss pass':16s} {'passes':>6s} {'pass s':>7s} {'t_c':>4s} {'a_c':>6s} {'Q':>6s}  P/R/F1/AUROC")
+    variants = [(f"every {k} epoch(s)", k) for k in (1, 2, 4)] + [(f"budget {overhead:g}", None)]
+    for label, every in variants:
+        common = dict(action="remove", patience=3, max_fraction=0.95)
+        if every is None:
+            cleanser = _budgeted_cleanser()(MeasurementBudget(overhead=overhead), **common)
+        else:
+            cleanser = _timed_cleanser()(every_n_epochs=every, **common)
+        dm = NoisyDigitsDataModule(**kw)
+        _, a_c = cleansing._fit(dm, epochs, seed, 0.05, [cleanser])
+        truth = dm.noisy_train.is_noisy
+        flags = torch.zeros(len(truth), dtype=torch.bool)
+        flags[cleanser.flagged_indices] = True
+        gm = detection_metrics(flags, truth)
+        q = (a_c - a_n) / (a_p - a_n) if a_p != a_n else float("nan")
+        spent = cleanser.budget.spent if every is None else cleanser.spent
+        count = cleanser.budget.schedule.num_measurements if every is None else cleanser.count
+        t_c = "-" if cleanser.t_c_epoch is None else str(cleanser.t_c_epoch)
+        auroc = cleanser.last.get("gmm/auroc", float("nan"))
+        print(
+            f"{label:16s} {count:6d} {spent:7.2f} {t_c:>4s} {100 * a_c:5.1f}% {q:6.2f}  "
+            f"{gm.precision:.3f}/{gm.recall:.3f}/{gm.f1:.3f}/{auroc:.3f}",
+            flush=True,
+        )
+
+
+def _timed_cleanser():
+    """GMMCleanser on its fixed schedule, counting its passes and their time."""
+    from lightning_phases.callbacks import GMMCleanser
+
+    class TimedCleanser(GMMCleanser):
+        spent = 0.0
+        count = 0
+
+        def _measure(self, trainer, pl_module) -> None:
+            start = time.perf_counter()
+            super()._measure(trainer, pl_module)
+            self.spent += time.perf_counter() - start
+            self.count += 1
+
+    return TimedCleanser
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1)")
@@ -235,6 +299,15 @@ def main(argv=None) -> None:
         metavar="OVERHEAD",
         help="also run the callbacks scheduled by MeasurementBudget(overhead=OVERHEAD)",
     )
+    parser.add_argument(
+        "--cleansing",
+        type=float,
+        default=None,
+        metavar="RHO",
+        help="instead: GMMCleanser's detection quality at noise rate RHO with fewer loss passes (see --budget)",
+    )
+    parser.add_argument("--cleansing-epochs", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs", nargs="+", default=None, help="only these configurations (and 'none')")
     parser.add_argument(
         "--tasks", nargs="+", default=["digits", "cnn", "resnet18"], choices=["digits", "cnn", "resnet18"]
@@ -258,6 +331,9 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical CPUs, "
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
+    if args.cleansing is not None:
+        cleansing_quality(args.cleansing, args.seed, args.cleansing_epochs, args.budget or 0.1)
+        return
     for task in args.tasks:
         epochs = {"digits": args.digits_epochs, "cnn": args.cnn_epochs, "resnet18": args.resnet_epochs}[task]
         num_train = args.resnet_train if task == "resnet18" else args.cnn_train

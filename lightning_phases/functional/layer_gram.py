@@ -198,7 +198,7 @@ def _per_sample(a: Tensor, d: Tensor, weight: bool, bias: bool) -> Tensor:
         parts.append(torch.einsum("nto,nti->noi", d, a).reshape(a.shape[0], -1))
     if bias:
         parts.append(d.sum(1))
-    return torch.cat(parts, dim=1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy of a weight-only layer
 
 
 def _ghost_block(ai: Tensor, di: Tensor, aj: Tensor, dj: Tensor, weight: bool, bias: bool) -> Tensor:
