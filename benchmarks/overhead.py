@@ -213,12 +213,13 @@ def fit_once(
         return time.perf_counter() - start
 
 
-def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float) -> None:
+def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only_budget: bool = False) -> None:
     """GMMCleanser's detection quality when its loss pass runs less often (one ρ, one seed).
 
     The loss pass evaluates every training sample; it runs after every epoch
     (``every_n_epochs=1``, the default), every 2nd or 4th epoch, or at the epoch
-    ends a ``MeasurementBudget(overhead)`` allows. Uses ``benchmarks/cleansing.py``'s
+    ends a ``MeasurementBudget(overhead)`` allows, with the default geometric
+    spacing (growth q = 0.1) or without it (q ≈ 0: as often as the budget allows). Uses ``benchmarks/cleansing.py``'s
     runs (noisy digits, the MLP, ``action="remove"``, patience 3).
     """
     import cleansing
@@ -235,11 +236,15 @@ def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float) -> N
         f"\n## cleansing quality, rho {rate}, seed {seed}, {epochs} epochs: a_n {100 * a_n:.1f}%, a_p {100 * a_p:.1f}%"
     )
     print(f"{'loss pass':16s} {'passes':>6s} {'pass s':>7s} {'t_c':>4s} {'a_c':>6s} {'Q':>6s}  P/R/F1/AUROC")
-    variants = [(f"every {k} epoch(s)", k) for k in (1, 2, 4)] + [(f"budget {overhead:g}", None)]
-    for label, every in variants:
+    variants = [(f"every {k} epoch(s)", k, None) for k in (1, 2, 4)]
+    variants += [(f"budget {overhead:g}", None, 0.1), (f"budget {overhead:g} q=0", None, 1e-9)]
+    if only_budget:
+        variants = variants[3:]
+    for label, every, growth in variants:
         common = dict(action="remove", patience=3, max_fraction=0.95)
         if every is None:
-            cleanser = _budgeted_cleanser()(MeasurementBudget(overhead=overhead), **common)
+            budget = MeasurementBudget(overhead=overhead, growth=growth)
+            cleanser = _budgeted_cleanser()(budget, **common)
         else:
             cleanser = _timed_cleanser()(every_n_epochs=every, **common)
         dm = NoisyDigitsDataModule(**kw)
@@ -332,7 +337,9 @@ def main(argv=None) -> None:
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
     if args.cleansing is not None:
-        cleansing_quality(args.cleansing, args.seed, args.cleansing_epochs, args.budget or 0.1)
+        cleansing_quality(
+            args.cleansing, args.seed, args.cleansing_epochs, args.budget or 0.1, args.configs == ["budget"]
+        )
         return
     for task in args.tasks:
         epochs = {"digits": args.digits_epochs, "cnn": args.cnn_epochs, "resnet18": args.resnet_epochs}[task]

@@ -78,7 +78,8 @@ def affine_sample_major(module: nn.Module, inp: Tensor, out_shape: torch.Size, k
         return inp.ndim > len(tail) and tuple(inp.shape[inp.ndim - len(tail) :]) == tail
     if isinstance(module, nn.BatchNorm1d) and inp.ndim not in (2, 3):
         return False
-    return inp.shape[1] == module.weight.shape[0]
+    channels = module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+    return inp.shape[1] == channels
 
 
 def affine_per_sample(module: nn.Module, inp: Tensor, out_grad: Tensor, weight: bool, bias: bool) -> Tensor:

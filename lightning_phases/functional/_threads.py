@@ -20,7 +20,7 @@ __all__ = ["torch_threads"]
 @contextmanager
 def torch_threads() -> Iterator[None]:
     """Within the block, BLAS and OpenMP pools use at most ``torch.get_num_threads()`` threads."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     with threadpool_limits(limits=max(1, torch.get_num_threads())):
         yield

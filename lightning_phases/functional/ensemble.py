@@ -292,7 +292,7 @@ def _leading_eigenvalues(centred: Tensor, k: int) -> Tensor | None:
     The start vector is a fixed pseudo-random one (seeded, never the global
     RNG), so every process gets the same numbers from the same matrix.
     """
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, eigsh  # type: ignore[import-untyped]
 
     matrix = centred.cpu().numpy()
     n = matrix.shape[0]
