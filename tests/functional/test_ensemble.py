@@ -320,3 +320,21 @@ def test_a_sum_too_close_to_the_fraction_is_decided_by_the_exact_path():
     lead = noise_spectrum(gram, 4, fraction=0.9, method="lanczos")
     assert lead.numel() == n - 1  # the whole spectrum
     assert noise_spectrum(gram, 4, fraction=0.8, method="lanczos").numel() < n - 1  # no tie at 0.8: Lanczos
+
+
+def test_blas_pools_are_bounded_to_torch_threads():
+    import numpy  # noqa: F401 - its BLAS pool must be loaded
+    from threadpoolctl import threadpool_info
+
+    from lightning_phases.functional._threads import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch_threads():
+            inside = [pool["num_threads"] for pool in threadpool_info()]
+        outside = [pool["num_threads"] for pool in threadpool_info()]
+    finally:
+        torch.set_num_threads(before)
+    assert inside and all(k == 1 for k in inside)
+    assert outside != inside or all(k == 1 for k in outside)  # restored after the block
