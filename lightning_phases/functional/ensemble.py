@@ -263,9 +263,10 @@ def order_parameters(
     )
 
 
-#: Below this probe size the exact decomposition is cheaper than a Lanczos solve (one CPU thread:
-#: ≈ 2 ms at n = 256, ≈ 15 ms at n = 512, ≈ 140 ms at n = 1024; see benchmarks/gram.py).
-_LANCZOS_MIN_N = 512
+#: Below this probe size the exact decomposition is used even for a leading spectrum: on the real Gram
+#: matrices of benchmarks/gram.py (clustered leading eigenvalues, slow Lanczos convergence) the Lanczos solve
+#: measured 0.8-1.1x the exact one at n = 512 and 1.1-1.4x faster at n = 1024 (one thread, loaded machine).
+_LANCZOS_MIN_N = 1024
 #: Leading eigenvalues a Lanczos solve asks for; if they do not reach the fraction, the exact path runs.
 _LANCZOS_K = 32
 #: Relative distance of a partial sum from ``fraction·D`` below which ``D_s`` is decided by the exact path.
@@ -327,7 +328,7 @@ def noise_spectrum(
     With ``fraction=None`` (default) every eigenvalue is computed (a float64
     ``O(n³)`` decomposition): use it for a histogram or figure of the whole
     spectrum. With ``fraction=f`` only the leading eigenvalues whose sum
-    reaches ``f·D`` are guaranteed: for ``n ≥ 512`` a Lanczos solve
+    reaches ``f·D`` are guaranteed: for ``n ≥ 1024`` a Lanczos solve
     (``scipy.sparse.linalg.eigsh``) of the 32 largest is tried first; it is
     kept when their sum reaches ``f·D`` (the total ``D = Tr C`` is known
     exactly from the trace) and not within ``1e-9·D`` of it at the crossing,
@@ -335,8 +336,10 @@ def noise_spectrum(
     ``effective_dimension(spectrum, f, total=D)`` equals ``D_s(f)`` of the
     full spectrum, and the leading eigenvalues agree with the full ones to
     rounding. On one CPU thread at n = 1024 the Lanczos solve takes
-    ≈ 20–40 ms against ≈ 140 ms for the exact one, and costs ≈ 30 ms more
-    when it falls back (``D_s > 32``).
+    ≈ 20–40 ms against ≈ 140 ms for the exact one on spectra that decay
+    fast, but only 1.1–1.4× less on real gradient Gram matrices, whose
+    leading eigenvalues are clustered (``benchmarks/gram.py``); it costs a
+    Lanczos solve more when it falls back (``D_s > 32``).
 
     Args:
         gram: Per-sample-gradient Gram matrix, shape ``[n, n]``.

@@ -255,12 +255,12 @@ def _exact_reference(gram: torch.Tensor, b: int) -> torch.Tensor:
     return eig * minibatch_variance_factor(n, b)
 
 
-@pytest.mark.parametrize(("n", "method"), [(40, "lanczos"), pytest.param(512, "auto", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("n", "method"), [(40, "lanczos"), pytest.param(512, "lanczos", marks=pytest.mark.slow)])
 def test_leading_spectrum_gives_the_exact_effective_dimension(n, method):
     b = 4
     taken = 0
     spectra = _spectra(n)
-    if n > 100:  # the probe sizes where "auto" uses Lanczos: a few of them (each exact reference is O(n³))
+    if n > 100:  # a probe size near where "auto" uses Lanczos: a few spectra (each exact reference is O(n³))
         spectra = {k: spectra[k] for k in ("power1.0", "power2.0", "rank10", "degenerate_top", "step20", "flat")}
     fractions = (0.5, 0.8, 0.9, 0.99) if n <= 100 else (0.9,)
     for name, eig in spectra.items():
@@ -338,3 +338,9 @@ def test_blas_pools_are_bounded_to_torch_threads():
         torch.set_num_threads(before)
     assert inside and all(k == 1 for k in inside)
     assert outside != inside or all(k == 1 for k in outside)  # restored after the block
+
+
+def test_auto_uses_lanczos_only_from_1024_samples():
+    gram = _gram_with_spectrum(torch.arange(1, 41, dtype=torch.float64) ** -3.0, seed=1)
+    assert noise_spectrum(gram, 4, fraction=0.9).numel() == 39  # n = 40 < 1024: exact
+    assert noise_spectrum(gram, 4, fraction=0.9, method="lanczos").numel() < 39
