@@ -1,7 +1,9 @@
 """Gram matrix + statistics: lightning_phases vs vmap, a Python loop, Opacus and BackPACK.
 
-For an MLP (784-256-256-10) and a small CIFAR-sized CNN (3x32x32 -> conv 16 ->
-pool -> conv 32 -> pool -> linear 10), and probe sets of n samples, every
+For an MLP (784-256-256-10), a small CIFAR-sized CNN (3x32x32 -> conv 16 ->
+pool -> conv 32 -> pool -> linear 10), torchvision's ``resnet18``
+(num_classes=10, 3x32x32, eval mode) and a small Transformer encoder (2
+pre-norm blocks of width 64, 4 heads, 16 positions of 32 features), and probe sets of n samples, every
 method computes the n x n per-sample-gradient Gram matrix G and then the same
 statistics (``order_parameters``, ``noise_spectrum``, ``effective_dimension``).
 Times are reported relative to the floor: one plain batched forward + backward
@@ -39,9 +41,43 @@ import subprocess
 import sys
 import time
 
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet18", "transformer")
 METHODS = ("floor", "auto", "vmap", "loop", "opacus", "backpack")
 BATCH = 32  # minibatch size B of the statistics
+
+
+def _transformer():
+    """A small pre-norm Transformer encoder (2 blocks, width 64, 4 heads) on [16 positions, 32 features]."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, width: int = 64, heads: int = 4) -> None:
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+        def forward(self, x):
+            n, t, w = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5, dim=-1)
+            x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, w))
+            return x + self.mlp(self.norm2(x))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(32, 64)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.norm = nn.LayerNorm(64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+    return Encoder()
 
 
 def _build(model_name: str, n: int):
@@ -49,6 +85,13 @@ def _build(model_name: str, n: int):
     from torch import nn
 
     torch.manual_seed(0)
+    if model_name == "resnet18":
+        import torchvision
+
+        # eval mode (running statistics): per-sample gradients of BatchNorm in training mode are not defined
+        return torchvision.models.resnet18(num_classes=10), torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    if model_name == "transformer":
+        return _transformer(), torch.randn(n, 16, 32), torch.randint(0, 10, (n,))
     if model_name == "mlp":
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
         x = torch.randn(n, 784)
@@ -192,6 +235,57 @@ def worker(model_name: str, n: int, method: str, repeats: int, warmup: bool) -> 
     return {"gram_s": min(t_gram), "total_s": min(t_total), "peak_extra_mb": max(0.0, peak - base), "peak_mb": peak}
 
 
+def spectrum_rows(sizes, repeats: int) -> list[str]:
+    """The noise spectrum + D_s of one measurement: the whole spectrum (before) against the leading one (after).
+
+    Real Gram matrices: the digits demo's MLP (64-128-128-10) on scikit-learn's digits, at initialisation
+    and after 3 epochs of SGD (lr 0.05, batch 32), with B = 32 and f = 0.9.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from lightning_phases.functional import gradient_gram
+    from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
+
+    digits = load_digits()
+    x_all = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y_all = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    grams = {}
+    for label, epochs in (("init", 0), ("3 epochs", 3)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y_all)).split(32):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+                opt.step()
+        for n in sizes:
+            grams[(label, n)] = gradient_gram(model, x_all[:n], y_all[:n])[0]
+    rows = [f"{'state':9s} {'n':>5s} {'D_s':>5s} {'whole ms':>9s} {'leading ms':>11s} {'speed-up':>9s} {'k':>5s}"]
+    for (label, n), g in grams.items():
+        times = {}
+        for mode in ("whole", "leading"):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                if mode == "whole":
+                    ds = effective_dimension(noise_spectrum(g, BATCH), 0.9)
+                    k = n - 1
+                else:
+                    total = order_parameters(g, BATCH, num_minibatches=2).D
+                    lead = noise_spectrum(g, BATCH, fraction=0.9)
+                    ds_lead = effective_dimension(lead, 0.9, total=total)
+                    k = lead.numel()
+                best = min(best, time.perf_counter() - start)
+            times[mode] = (best, k)
+        assert ds == ds_lead, (label, n, ds, ds_lead)
+        (tw, _), (tl, k) = times["whole"], times["leading"]
+        rows.append(f"{label:9s} {n:5d} {ds:5d} {1e3 * tw:9.1f} {1e3 * tl:11.1f} {tw / tl:8.1f}x {k:5d}")
+    return rows
+
+
 def _run_worker(args, model_name, n, method, repeats, warmup) -> dict | None:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -250,6 +344,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budget", type=float, default=20.0, help="skip a run estimated to take longer (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="kill a run after this long (s)")
+    parser.add_argument(
+        "--spectrum-sizes",
+        type=int,
+        nargs="*",
+        default=[512, 1024],
+        help="probe sizes of the spectrum section (whole vs leading eigenvalues; none: skip it)",
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -261,6 +362,16 @@ def main(argv=None) -> None:
         return
 
     print(_machine().format(threads=args.threads))
+    if args.spectrum_sizes:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print("## spectrum: noise_spectrum + effective_dimension(0.9) per measurement (best of --repeats)")
+        print("whole = every eigenvalue (float64 eigvalsh); leading = noise_spectrum(fraction=0.9) (Lanczos,")
+        print("exact fallback) + order_parameters' D as the total; D_s is checked equal; k = eigenvalues returned")
+        print("\n".join(spectrum_rows(args.spectrum_sizes, args.repeats)) + "\n")
+        if args.sizes == [0]:
+            return
     print("ratio = time / floor time (plain batched forward + backward over the same n samples);")
     print("'gram' = G only, 'total' = G + order_parameters + noise_spectrum + effective_dimension;")
     print("peak = extra resident memory at the peak over the process after setup (ru_maxrss).\n")

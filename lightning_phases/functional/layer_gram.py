@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from lightning_phases.errors import LightningPhasesError, PhaseStatisticsWarning
+from lightning_phases.functional import _affine_gram as affine
 from lightning_phases.functional.per_sample import ForwardFn, _num_samples, _output_tensor, _slice, default_forward
 
 __all__ = ["LayerPlan", "fast_layer_gram", "supported_layer"]
@@ -101,7 +102,8 @@ _TRI_BLOCK = 256
 
 
 def supported_layer(module: nn.Module) -> bool:
-    """Whether ``module`` has a fast Gram path (Linear, or Conv2d with groups=1 and zero padding)."""
+    """Whether ``module`` has a fast Gram path (Linear, Conv2d with groups=1 and zero padding, or the affine
+    parameters of an eval-mode BatchNorm, a LayerNorm or a GroupNorm: :mod:`._affine_gram`)."""
     if type(module) is nn.Linear:
         return True
     if type(module) is nn.Conv2d:
@@ -110,7 +112,7 @@ def supported_layer(module: nn.Module) -> bool:
             and module.padding_mode == "zeros"
             and not (isinstance(module.padding, str) and module.padding != "valid")
         )
-    return False
+    return affine.supported_affine(module)
 
 
 @dataclass
@@ -219,7 +221,7 @@ def _per_sample(a: Tensor, d: Tensor, weight: bool, bias: bool) -> Tensor:
         parts.append(torch.einsum("nto,nti->noi", d, a).reshape(a.shape[0], -1))
     if bias:
         parts.append(d.sum(1))
-    return torch.cat(parts, dim=1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # no copy of a weight-only layer
 
 
 def _ghost_block(ai: Tensor, di: Tensor, aj: Tensor, dj: Tensor, weight: bool, bias: bool) -> Tensor:
@@ -254,6 +256,8 @@ def _costs(n: int, t: int, d_in: int, d_out: int, weight: bool, bias: bool) -> t
 
 def _layer_dims(module: nn.Module, inp_shape: torch.Size, out_shape: torch.Size) -> tuple[int, int, int]:
     """``(T, d_in, d_out)`` from one sample's input and output shapes."""
+    if affine.supported_affine(module):
+        return 1, 1, module.weight.numel()  # elementwise: costs as a bias of that size (always materialised)
     if isinstance(module, nn.Conv2d):
         k = math.prod(module.kernel_size)
         return math.prod(out_shape[2:]), module.in_channels * k, module.out_channels
@@ -302,6 +306,8 @@ def _projected_check(
     ‖δ_·o‖·‖c·a·v_k‖`` (Cauchy–Schwarz) bounds ``Σ_{i,t} |δ_ito| |c_i a_it·v_k|``,
     the scale of the float32 rounding of both sums.
     """
+    if affine.supported_affine(module):
+        return affine.affine_weight_check(module, inp, out_grad, weight_grad, c)
     v = _check_directions(module, inp)
     n = inp.shape[0]
     if isinstance(module, nn.Conv2d):
@@ -332,6 +338,8 @@ def _bias_check(
     module: nn.Module, out_grad: Tensor, bias_grad: Tensor, c: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(Σ_i c_i Σ_t δ_it, ∇b, Σ_i |c_i| Σ_t |δ_it|)``: the bias analogue of :func:`_projected_check`."""
+    if affine.supported_affine(module):
+        return affine.affine_bias_check(module, out_grad, bias_grad, c)
     n = out_grad.shape[0]
     if isinstance(module, nn.Conv2d):
         d = out_grad.reshape(n, out_grad.shape[1], -1).sum(2)  # [n, d_out]
@@ -355,6 +363,8 @@ def _check_fails(got: Tensor, ref: Tensor, bound: Tensor) -> bool:
 
 def _sample_major(module: nn.Module, inp: Tensor, out_shape: torch.Size, k: int) -> bool:
     """Whether the layer's input and output carry the chunk's ``k`` samples at dim 0 (Linear ``[k, ..., d]``)."""
+    if affine.supported_affine(module):
+        return affine.affine_sample_major(module, inp, out_shape, k)
     if isinstance(module, nn.Conv2d):
         return inp.ndim == 4 and inp.shape[0] == k and len(out_shape) == 4 and out_shape[0] == k
     return inp.ndim >= 2 and inp.shape[0] == k and len(out_shape) >= 2 and out_shape[0] == k
@@ -658,7 +668,12 @@ def _accumulate_groups(gram: Tensor, module: nn.Module, plan: LayerPlan, groups:
     largest = int(counts.max())
     conv = isinstance(module, nn.Conv2d)
     parts: list[Tensor] = []
-    if not conv and present.numel() * largest <= 2 * n:
+    if affine.supported_affine(module):
+        # per-sample gradients are cheap here (n·numel(x_i)); sum them per group
+        jac = affine.affine_per_sample(module, inp, out_grad, has_w, has_b)
+        sums = jac.new_zeros(num_groups, jac.shape[1]).index_add_(0, groups[keep], jac[keep])
+        parts.append(sums[present])
+    elif not conv and present.numel() * largest <= 2 * n:
         # one batched product over zero-padded groups: rows [k, slot] -> sample index (n = the zero row)
         order = torch.argsort(groups[keep], stable=True)
         members = keep.nonzero().squeeze(1)[order]
@@ -707,6 +722,13 @@ def _accumulate(gram: Tensor, module: nn.Module, plan: LayerPlan, step: int) -> 
     inp = plan.inputs[0] if len(plan.inputs) == 1 else torch.cat(plan.inputs)
     out_grad = plan.out_grads[0] if len(plan.out_grads) == 1 else torch.cat(plan.out_grads)
     n = inp.shape[0]
+    if affine.supported_affine(module):
+        # elementwise per-sample gradients [n, ≤ 2C], then the lower triangle of J Jᵀ (any chunk size)
+        jac = affine.affine_per_sample(module, inp, out_grad, has_w, has_b)
+        for si in range(0, n, _TRI_BLOCK):
+            ei = min(si + _TRI_BLOCK, n)
+            _add_rows(gram, jac[si:ei] @ jac[:ei].T, si, ei)
+        return
     if plan.method == "materialize" and step >= n:
         # all per-sample gradients of this layer at once, then the lower triangle of J Jᵀ
         a, d = _as_positions(module, inp, out_grad)

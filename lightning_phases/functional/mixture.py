@@ -162,6 +162,8 @@ def fit_loss_mixture(
     """
     from sklearn.mixture import GaussianMixture
 
+    from lightning_phases.functional._threads import torch_threads
+
     t = torch.as_tensor(losses)
     if t.ndim != 1 or t.shape[0] < 2:
         raise DegenerateInputError(f"losses must be a 1-D tensor of at least 2 values; got shape {tuple(t.shape)}.")
@@ -191,7 +193,8 @@ def fit_loss_mixture(
     gmm = GaussianMixture(
         n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, random_state=seed
     )
-    gmm.fit(z_fit)
+    with torch_threads():  # scikit-learn's BLAS/OpenMP pools: at most torch's thread count
+        gmm.fit(z_fit)
     means = gmm.means_.reshape(-1)
     stds = np.sqrt(gmm.covariances_.reshape(-1))
     noisy = int(np.argmax(means))

@@ -213,3 +213,134 @@ def test_healthy_input_does_not_warn():
         warnings.simplefilter("error")
         order_parameters(jac @ jac.T, 3)
         noise_spectrum(jac @ jac.T, 3)
+
+
+# ----------------------------------------------------------------- leading eigenvalues (Lanczos) against eigvalsh
+
+
+def _gram_with_spectrum(eig: torch.Tensor, seed: int) -> torch.Tensor:
+    """``U diag(eig) Uᵀ`` for a random orthogonal ``U`` (float64)."""
+    n = eig.numel()
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (q * eig) @ q.T
+
+
+def _spectra(n: int):
+    """Many spectra: power laws, low rank, flat, degenerate leading eigenvalues, steps, random."""
+    gen = torch.Generator().manual_seed(n)
+    r = torch.arange(1, n + 1, dtype=torch.float64)
+    out = {f"power{d}": r ** (-d) for d in (0.5, 1.0, 1.5, 2.0, 3.0)}
+    out["flat"] = torch.ones(n, dtype=torch.float64)
+    for rank in (1, 3, 10, 31):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[:rank] = 1.0 + torch.rand(rank, generator=gen, dtype=torch.float64)
+        out[f"rank{rank}"] = e
+    degenerate = 1e-3 * r ** (-1.0)
+    degenerate[:6] = 5.0  # six equal leading eigenvalues
+    out["degenerate_top"] = degenerate
+    step = torch.full((n,), 1e-4, dtype=torch.float64)
+    step[:20] = 1.0
+    out["step20"] = step
+    for s in range(6):
+        out[f"random{s}"] = torch.rand(n, generator=gen, dtype=torch.float64) ** (8 + 4 * s)
+    return out
+
+
+def _exact_reference(gram: torch.Tensor, b: int) -> torch.Tensor:
+    """The whole spectrum the slow obvious way: eigvalsh of the explicitly centred Gram matrix."""
+    n = gram.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    eig = torch.linalg.eigvalsh(h @ gram @ h / n).flip(0)[: n - 1].clamp_min(0)
+    return eig * minibatch_variance_factor(n, b)
+
+
+@pytest.mark.parametrize(("n", "method"), [(40, "lanczos"), pytest.param(512, "lanczos", marks=pytest.mark.slow)])
+def test_leading_spectrum_gives_the_exact_effective_dimension(n, method):
+    b = 4
+    taken = 0
+    spectra = _spectra(n)
+    if n > 100:  # a probe size near where "auto" uses Lanczos: a few spectra (each exact reference is O(n³))
+        spectra = {k: spectra[k] for k in ("power1.0", "power2.0", "rank10", "degenerate_top", "step20", "flat")}
+    fractions = (0.5, 0.8, 0.9, 0.99) if n <= 100 else (0.9,)
+    for name, eig in spectra.items():
+        gram = _gram_with_spectrum(eig, seed=len(name))
+        exact = _exact_reference(gram, b)
+        total = order_parameters(gram, b, num_minibatches=2).D
+        for f in fractions:
+            lead = noise_spectrum(gram, b, fraction=f, method=method)
+            assert lead.numel() <= n - 1
+            taken += lead.numel() < n - 1
+            ds = effective_dimension(lead, f, total=total)
+            assert ds == effective_dimension(exact, f), (name, f)
+            k = min(ds, lead.numel())
+            scale = float(exact[0]) if float(exact[0]) > 0 else 1.0
+            torch.testing.assert_close(lead[:k], exact[:k], rtol=1e-8, atol=1e-8 * scale, msg=f"{name} f={f}")
+        full = noise_spectrum(gram, b)
+        assert full.numel() == n - 1
+        torch.testing.assert_close(full, exact, rtol=1e-8, atol=1e-10 * float(exact[0] + 1e-300))
+    assert taken >= (
+        30 if n <= 100 else 4
+    )  # the Lanczos path answered most of them (flat and slowly decaying spectra fall back)
+
+
+def test_effective_dimension_with_a_total():
+    lead = torch.tensor([5.0, 3.0])
+    assert effective_dimension(lead, 0.5, total=10.0) == 1
+    assert effective_dimension(lead, 0.8, total=10.0) == 2
+    with pytest.raises(DegenerateInputError, match="less than fraction"):
+        effective_dimension(lead, 0.9, total=10.0)
+    with pytest.raises(DegenerateInputError, match="total"):
+        effective_dimension(lead, 0.5, total=float("nan"))
+    # a total equal to the sum up to rounding is the whole spectrum
+    assert effective_dimension(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.9, total=4.0 * (1 + 1e-13)) == 4
+
+
+def test_spectrum_argument_errors():
+    g = torch.eye(6, dtype=torch.float64)
+    with pytest.raises(DegenerateInputError, match="fraction"):
+        noise_spectrum(g, 2, fraction=0.0)
+    with pytest.raises(DegenerateInputError, match="method"):
+        noise_spectrum(g, 2, fraction=0.9, method="arpack")  # type: ignore[arg-type]
+
+
+def test_a_sum_too_close_to_the_fraction_is_decided_by_the_exact_path():
+    # a centred Gram matrix (its columns orthogonal to 1) with eigenvalues 5, 4 and a tail summing to 1:
+    # e_1 + e_2 = 0.9·D exactly, so D_s(0.9) hangs on rounding; the Lanczos path must not decide it
+    n = 40
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.cat(
+        [torch.ones(n, 1, dtype=torch.float64), torch.randn(n, n - 1, generator=gen, dtype=torch.float64)], 1
+    )
+    q = torch.linalg.qr(basis)[0][:, 1:]
+    eig = torch.cat(
+        [torch.tensor([5.0, 4.0], dtype=torch.float64), torch.full((n - 3,), 1.0 / (n - 3), dtype=torch.float64)]
+    )
+    gram = (q * eig) @ q.T
+    lead = noise_spectrum(gram, 4, fraction=0.9, method="lanczos")
+    assert lead.numel() == n - 1  # the whole spectrum
+    assert noise_spectrum(gram, 4, fraction=0.8, method="lanczos").numel() < n - 1  # no tie at 0.8: Lanczos
+
+
+def test_blas_pools_are_bounded_to_torch_threads():
+    import numpy  # noqa: F401 - its BLAS pool must be loaded
+    from threadpoolctl import threadpool_info
+
+    from lightning_phases.functional._threads import torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch_threads():
+            inside = [pool["num_threads"] for pool in threadpool_info()]
+        outside = [pool["num_threads"] for pool in threadpool_info()]
+    finally:
+        torch.set_num_threads(before)
+    assert inside and all(k == 1 for k in inside)
+    assert outside != inside or all(k == 1 for k in outside)  # restored after the block
+
+
+def test_auto_uses_lanczos_only_from_1024_samples():
+    gram = _gram_with_spectrum(torch.arange(1, 41, dtype=torch.float64) ** -3.0, seed=1)
+    assert noise_spectrum(gram, 4, fraction=0.9).numel() == 39  # n = 40 < 1024: exact
+    assert noise_spectrum(gram, 4, fraction=0.9, method="lanczos").numel() < 39

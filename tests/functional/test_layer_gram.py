@@ -213,7 +213,8 @@ def _plans(model, x, y, params=None, loss_fn=default_loss, force=None, chunk_siz
 def test_fast_path_covers_the_supported_layers():
     model, x, y = _case("mixed")
     _, _, covered, plans = _plans(model, x, y)
-    assert covered == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}  # grouped conv, LayerNorm, scale: vmap
+    # the LayerNorm's affine parameters take the elementwise fast path (_affine_gram); grouped conv, scale: vmap
+    assert covered == {"fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias"}
     model, x, y = _case("cnn")
     _, _, covered, plans = _plans(model, x, y)
     assert covered == {n for n, _ in model.named_parameters()}
