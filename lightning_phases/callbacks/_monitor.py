@@ -23,7 +23,7 @@ from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpac
 from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite
-from lightning_phases.functional.per_sample import LossFn, ParamSelection, select_parameters
+from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection, select_parameters
 
 __all__ = ["publish", "should_measure", "stable_state_key"]
 
@@ -379,7 +379,7 @@ def probe_args(
     output: OutputSelector,
     task: Task,
     chunk_size: int | None,
-    method: str,
+    method: GramMethod,
 ) -> dict[str, Any]:
     """The Probe arguments of a monitor's signature, as a dict."""
     return dict(
