@@ -332,3 +332,16 @@ def test_adapter_task_inference_and_refusals():
     adapter.bind(collate_fn=None, cast_dtype=torch.float64)
     moved = adapter.to_module({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.long)}, nn.Linear(1, 1))
     assert moved["a"].dtype == torch.float64 and moved["b"].dtype == torch.long
+
+
+def test_training_dataloader_resolution():
+    from types import SimpleNamespace
+
+    from lightning_phases.callbacks.probe import training_dataloader
+
+    dl = DataLoader(NoisyTensorDataset(n=16), batch_size=4)
+    for served in (dl, [dl], (dl,), {"a": dl}):
+        assert training_dataloader(SimpleNamespace(train_dataloader=served), "X") is dl
+    for bad in (None, [], {}, "loader"):
+        with pytest.raises(LightningPhasesError, match="X needs a single map-style training DataLoader"):
+            training_dataloader(SimpleNamespace(train_dataloader=bad), "X")
