@@ -345,3 +345,17 @@ def test_training_dataloader_resolution():
     for bad in (None, [], {}, "loader"):
         with pytest.raises(LightningPhasesError, match="X needs a single map-style training DataLoader"):
             training_dataloader(SimpleNamespace(train_dataloader=bad), "X")
+
+
+def test_a_failing_logger_does_not_end_the_run(tmp_path):
+    from tests.callbacks.helpers import RecordingLogger
+
+    class FullDisk(RecordingLogger):
+        def log_metrics(self, metrics, step=None) -> None:
+            raise OSError("No space left on device")
+
+    mon = OrderParameterMonitor(probe_size=32)
+    model = TinyClassifier()
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        _fit(tmp_path, [mon], model, loader(NoisyTensorDataset(n=48)), max_epochs=2, logger=FullDisk(tmp_path / "x"))
+    assert mon.num_measurements == 3 and mon.num_failures == 3
