@@ -34,8 +34,10 @@ from lightning_phases.functional.noise_split import (
     split_order_parameters,
 )
 from lightning_phases.functional.per_sample import (
+    ForwardFn,
     LossFn,
     ParamSelection,
+    default_forward,
     default_loss,
     eval_mode,
     gradient_gram,
@@ -50,8 +52,10 @@ from lightning_phases.functional.two_layer import NeuronStatistics, neuron_stati
 
 __all__ = [
     "LossFn",
+    "ForwardFn",
     "ParamSelection",
     "default_loss",
+    "default_forward",
     "eval_mode",
     "select_parameters",
     "per_sample_grads",

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +67,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from lightning_phases.errors import PhaseStatisticsWarning
+from lightning_phases.functional.per_sample import ForwardFn, _num_samples, _output_tensor, _slice, default_forward
 
 __all__ = ["LayerPlan", "fast_layer_gram", "supported_layer"]
 
-_DEFAULT_BLOCK = 256
 _GHOST_BLOCK_ENTRIES = 1 << 24  # max entries of one [kT, kT] ghost product
 # Gram products are taken block by block over the lower triangle only; with
 # blocks of this many samples an n×n product costs (n/b + 1)/(2n/b) of the full one.
@@ -283,7 +284,7 @@ def _projected_check(
 
 def fast_layer_gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     selected: dict[str, nn.Parameter],
     loss_fn,
@@ -292,6 +293,7 @@ def fast_layer_gram(
     force: str | None = None,
     groups: Tensor | None = None,
     num_groups: int = 0,
+    forward: ForwardFn | None = None,
 ) -> tuple[Tensor | None, Tensor, set[str], list[LayerPlan]]:
     """Gram contribution of the supported layers among ``selected`` parameters.
 
@@ -300,7 +302,8 @@ def fast_layer_gram(
 
     Args:
         model: The model.
-        inputs: ``[n, ...]`` on the model's device.
+        inputs: ``[n, ...]``, or a tuple/list/dict of tensors with the sample
+            dimension at dim 0, on the model's device.
         targets: ``[n, ...]`` on the model's device.
         selected: The selected parameters ``{name: parameter}``.
         loss_fn: Per-sample loss of one sample's output and target.
@@ -312,6 +315,8 @@ def fast_layer_gram(
             gradients (``n·T·d_in·d_out`` per layer, like one backward) instead
             of the ``n×n`` products.
         num_groups: Number of groups ``K`` (with ``groups``).
+        forward: ``forward(model, inputs_chunk) -> output [n, ...]``; default
+            :func:`~lightning_phases.functional.per_sample.default_forward`.
 
     Returns:
         ``(G or None, losses [n], covered parameter names, plans)``: ``G`` is the
@@ -319,7 +324,8 @@ def fast_layer_gram(
         layer is covered); the remaining selected parameters need the ``vmap``
         engine.
     """
-    n = inputs.shape[0]
+    n = _num_samples(inputs)
+    run_forward = forward if forward is not None else default_forward
     modules = {}
     for name, module in model.named_modules():
         if not supported_layer(module):
@@ -338,9 +344,9 @@ def fast_layer_gram(
     try:
         for s in range(0, n, step):
             recorder.reset()
-            x, y = inputs[s : s + step], targets[s : s + step]
+            x, y = _slice(inputs, s, s + step), targets[s : s + step]
             with torch.enable_grad():
-                out = model(x)
+                out = _output_tensor(run_forward(model, x), y.shape[0])
                 chunk_losses = vloss(out, y).reshape(-1)
                 live = [
                     m for m in modules if recorder.calls.get(m) == 1 and m in recorder.outputs and m not in rejected
@@ -413,12 +419,13 @@ def fast_layer_gram(
     if not plans:
         return None, loss_vec, set(), []
     size = n if groups is None else num_groups
-    gram = torch.zeros(size, size, dtype=torch.float64, device=inputs.device)
+    device = loss_vec.device
+    gram = torch.zeros(size, size, dtype=torch.float64, device=device)
     for plan in plans.values():
         if groups is None:
             _accumulate(gram, modules[plan.name], plan, step)
         else:
-            _accumulate_groups(gram, modules[plan.name], plan, groups.to(inputs.device), num_groups)
+            _accumulate_groups(gram, modules[plan.name], plan, groups.to(device), num_groups)
         plan.inputs.clear()
         plan.out_grads.clear()
     covered = {pn for plan in plans.values() for pn in plan.param_names}

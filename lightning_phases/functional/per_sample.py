@@ -26,19 +26,22 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
 
-from lightning_phases.errors import ParameterSelectionError, UnsupportedModelError
+from lightning_phases.errors import LightningPhasesError, ParameterSelectionError, UnsupportedModelError
 
 __all__ = [
     "LossFn",
+    "ForwardFn",
     "ParamSelection",
     "default_loss",
+    "default_forward",
     "select_parameters",
     "per_sample_grads",
     "per_sample_grads_and_losses",
@@ -51,6 +54,13 @@ __all__ = [
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """``loss_fn(output_of_one_sample, target_of_one_sample) -> scalar loss``."""
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+"""``forward(model, inputs) -> output [n, ...]``: how a batch of (pytree) inputs is fed to the model.
+
+Called with the model and a chunk of the inputs (every tensor leaf sliced
+along dim 0), e.g. ``lambda m, x: m(**x)["logits"]``. Default:
+:func:`default_forward`."""
 
 ParamSelection = Union[None, str, Iterable[str], Callable[[str, nn.Parameter], bool]]  # noqa: UP007 - a runtime alias
 """Which trainable parameters to differentiate: ``None`` (all), names or module
@@ -73,6 +83,99 @@ def default_loss(output: Tensor, target: Tensor) -> Tensor:
         logit = output.reshape(())
         return F.binary_cross_entropy_with_logits(logit, target.reshape(()).to(logit.dtype))
     return F.cross_entropy(output.reshape(1, -1), target.reshape(1).long())
+
+
+def default_forward(model: nn.Module, inputs: Any) -> Tensor:
+    """Feed ``inputs`` to ``model``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple or list,
+    ``model(**inputs)`` for a dict.
+
+    Args:
+        model: The model.
+        inputs: A tensor ``[n, ...]``, or a tuple/list/dict of them (nested containers are passed as they are).
+
+    Returns:
+        Whatever the model returns; the engines need a tensor ``[n, ...]``.
+    """
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _tensor_leaves(inputs: Any) -> list[Tensor]:
+    return [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, Tensor)]
+
+
+def _slice(inputs: Any, start: int, stop: int) -> Any:
+    """``inputs`` with every tensor leaf sliced to samples ``start:stop`` along dim 0."""
+    if isinstance(inputs, Tensor):
+        return inputs[start:stop]
+    return pytree.tree_map(lambda leaf: leaf[start:stop] if isinstance(leaf, Tensor) else leaf, inputs)
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return pytree.tree_map(lambda leaf: leaf.to(device) if isinstance(leaf, Tensor) else leaf, inputs)
+
+
+def _num_samples(inputs: Any) -> int:
+    """``n``, the common dim-0 size of every tensor leaf of ``inputs``; a clear error otherwise."""
+    if isinstance(inputs, Tensor):
+        if inputs.ndim == 0:
+            raise ValueError("inputs needs a leading sample dimension; got a 0-d tensor.")
+        return inputs.shape[0]
+    leaves, _ = pytree.tree_flatten_with_path(inputs)
+    sizes: dict[str, int] = {}
+    for path, leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            continue
+        where = "inputs" + pytree.keystr(path)
+        if leaf.ndim == 0:
+            raise ValueError(f"{where} is a 0-d tensor; every tensor in inputs needs the sample dimension at dim 0.")
+        sizes[where] = leaf.shape[0]
+    if not sizes:
+        raise TypeError(
+            f"inputs must be a tensor or a tuple/list/dict holding tensors; got {type(inputs).__name__} without any."
+        )
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise ValueError(f"every tensor in inputs must have the same number of samples at dim 0; got {listed}.")
+    return next(iter(sizes.values()))
+
+
+class _Forward(nn.Module):
+    """Holds the model (as submodule ``model``) and calls ``forward(model, inputs)``.
+
+    ``torch.func.functional_call`` only calls a module's own ``forward``; this
+    wrapper lets it run a custom forward. Parameter names gain the prefix
+    ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, forward: ForwardFn) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_fn", forward)
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self._fn(self.model, inputs)
+
+
+def _output_tensor(out: Any, n: int) -> Tensor:
+    """Check that a forward returned a tensor ``[n, ...]``; a clear error otherwise."""
+    if not isinstance(out, Tensor):
+        raise LightningPhasesError(
+            f"the model (or forward=) returned a {type(out).__name__}, not a tensor of outputs [n, ...]. Pass "
+            "forward= that picks the logits, e.g. forward=lambda m, x: m(x)[0] for a tuple or "
+            'forward=lambda m, x: m(x)["logits"] for a dict.'
+        )
+    if out.ndim == 0 or out.shape[0] != n:
+        raise LightningPhasesError(
+            f"the model output has shape {tuple(out.shape)} but the inputs hold {n} samples; the output must have "
+            "the sample dimension at dim 0 (pass forward= that returns [n, ...], e.g. transposes a time-major output)."
+        )
+    return out
 
 
 def select_parameters(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
@@ -162,14 +265,12 @@ def _locate_failing_module(model: nn.Module, run: Callable[[], object]) -> str:
     return last[-1]
 
 
-def _validate_batch(inputs: Tensor, targets: Tensor, chunk_size: int | None) -> int:
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError(
-            f"inputs and targets must be tensors; got {type(inputs).__name__} and {type(targets).__name__}."
-        )
-    if inputs.ndim == 0 or targets.ndim == 0:
+def _validate_batch(inputs: Any, targets: Tensor, chunk_size: int | None) -> int:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor [n, ...]; got {type(targets).__name__}.")
+    if targets.ndim == 0:
         raise ValueError("inputs and targets need a leading sample dimension.")
-    n = inputs.shape[0]
+    n = _num_samples(inputs)
     if targets.shape[0] != n:
         raise ValueError(f"inputs has {n} samples but targets has {targets.shape[0]}; they must match along dim 0.")
     if n == 0:
@@ -188,39 +289,53 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class _Engine:
-    """Per-sample gradients of one model, loss and parameter selection."""
+    """Per-sample gradients of one model, forward, loss and parameter selection (``vmap`` over ``grad``)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, params: ParamSelection) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn | None, params: ParamSelection, forward: ForwardFn | None = None
+    ) -> None:
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else default_loss
+        self.forward = forward if forward is not None else default_forward
         self.selected = {name: p.detach() for name, p in select_parameters(model, params).items()}
         self.device = _model_device(model)
+        self._wrapper = _Forward(model, self.forward)
 
-        def sample_loss(weights: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            out = functional_call(self.model, weights, (x.unsqueeze(0),))
+        def sample_loss(
+            weights: dict[str, Tensor], leaves: list[Tensor], spec: Any, others: list[Any], y: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            # one sample: every tensor leaf gets its batch dim of 1 back, non-tensor leaves pass unchanged
+            it = iter(leaves)
+            flat = [next(it).unsqueeze(0) if o is _TENSOR else o for o in others]
+            sample = pytree.tree_unflatten(flat, spec)
+            out = functional_call(self._wrapper, {"model." + k: w for k, w in weights.items()}, (sample,))
+            if not isinstance(out, Tensor):
+                _output_tensor(out, 1)
             loss = self.loss_fn(out[0], y)
             if loss.ndim != 0:
                 loss = loss.reshape(())
             return loss, loss.detach()
 
-        self._vmapped = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, 0))
+        self._vmapped = vmap(grad(sample_loss, has_aux=True), in_dims=(None, 0, None, None, 0))
 
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.selected.values())
+    def _call(self, inputs: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        flat, spec = pytree.tree_flatten(inputs)
+        leaves = [leaf for leaf in flat if isinstance(leaf, Tensor)]
+        others = [_TENSOR if isinstance(leaf, Tensor) else leaf for leaf in flat]
+        return self._vmapped(self.selected, leaves, spec, others, targets)
 
-    def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(J [n, P], losses [n])`` for one chunk."""
-        inputs = inputs.to(self.device)
+        inputs = _to_device(inputs, self.device)
         targets = targets.to(self.device)
+        n = targets.shape[0]
         try:
             with torch.no_grad():
-                grads, losses = self._vmapped(self.selected, inputs, targets)
+                grads, losses = self._call(inputs, targets)
+        except LightningPhasesError:
+            raise
         except Exception as err:  # torch.func raises plain RuntimeErrors
-            where = _locate_failing_module(
-                self.model,
-                lambda: self._vmapped(self.selected, inputs[:1], targets[:1]),
-            )
+            where = _locate_failing_module(self.model, lambda: self._call(_slice(inputs, 0, 1), targets[:1]))
             raise UnsupportedModelError(
                 f"torch.func could not compute per-sample gradients (failed in module '{where}'): "
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
@@ -229,18 +344,22 @@ class _Engine:
                 "with GroupNorm/LayerNorm if it must run in training mode, or pass a loss_fn "
                 "that works on one sample's output."
             ) from err
-        flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in self.selected], dim=1)
+        flat = torch.cat([grads[name].reshape(n, -1) for name in self.selected], dim=1)
         return flat, losses
+
+
+_TENSOR = object()  # placeholder for a tensor leaf in the flattened inputs
 
 
 def per_sample_grads_and_losses(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
+    forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample gradients and per-sample losses.
 
@@ -250,21 +369,22 @@ def per_sample_grads_and_losses(
         ``(grads, losses)``: ``grads`` of shape ``[n, P]`` and ``losses`` of shape ``[n]``.
     """
     n = _validate_batch(inputs, targets, chunk_size)
-    engine = _Engine(model, loss_fn, params)
+    engine = _Engine(model, loss_fn, params, forward)
     step = n if chunk_size is None else chunk_size
     with eval_mode(model):
-        parts = [engine(inputs[s : s + step], targets[s : s + step]) for s in range(0, n, step)]
+        parts = [engine(_slice(inputs, s, s + step), targets[s : s + step]) for s in range(0, n, step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def per_sample_grads(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
+    forward: ForwardFn | None = None,
 ) -> Tensor:
     """Per-sample gradients ``g_i = ∇_w l_i`` of a probe set, flattened.
 
@@ -273,7 +393,9 @@ def per_sample_grads(
 
     Args:
         model: Any ``nn.Module`` mapping a batch ``[n, ...]`` to outputs ``[n, ...]``.
-        inputs: Probe inputs, shape ``[n, ...]``.
+        inputs: Probe inputs: a tensor ``[n, ...]``, or a tuple/list/dict (nested
+            allowed) whose tensor leaves all have the sample dimension ``n`` at
+            dim 0; non-tensor leaves are passed unchanged.
         targets: Probe targets, shape ``[n, ...]``.
         loss_fn: Per-sample loss ``(output [C], target) -> scalar``; default
             :func:`default_loss`.
@@ -281,6 +403,8 @@ def per_sample_grads(
             :func:`select_parameters`); default all.
         chunk_size: If set, process at most this many samples at once (bounds
             memory; the result is identical).
+        forward: ``forward(model, inputs_chunk) -> output [n, ...]``; default
+            :func:`default_forward` (``model(x)``, ``model(*x)``, ``model(**x)``).
 
     Returns:
         Tensor of shape ``[n, P]``: row ``i`` is ``g_i``, the selected
@@ -291,7 +415,9 @@ def per_sample_grads(
         UnsupportedModelError: ``torch.func`` cannot run through a module; the
             message names the module and a fix.
     """
-    return per_sample_grads_and_losses(model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size)[0]
+    return per_sample_grads_and_losses(
+        model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size, forward=forward
+    )[0]
 
 
 def _symmetric(block: Tensor) -> Tensor:
@@ -305,13 +431,14 @@ GRAM_METHODS = ("auto", "vmap", "ghost", "materialize")
 
 def gradient_gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
     method: str = "auto",
+    forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gram matrix ``G_ij = g_i · g_j`` of the per-sample gradients, and the losses.
 
@@ -336,12 +463,15 @@ def gradient_gram(
 
     Args:
         model: Any ``nn.Module`` mapping ``[n, ...]`` to ``[n, ...]``.
-        inputs: Probe inputs ``[n, ...]``.
+        inputs: Probe inputs: a tensor ``[n, ...]`` or a tuple/list/dict of
+            tensors with the sample dimension at dim 0 (see :func:`per_sample_grads`).
         targets: Probe targets ``[n, ...]``.
         loss_fn: Per-sample loss; default :func:`default_loss`.
         params: Parameter selection (see :func:`select_parameters`).
         chunk_size: Block size ``k`` (see above); ``None`` processes all at once.
         method: ``"auto"``, ``"vmap"``, ``"ghost"`` or ``"materialize"``.
+        forward: ``forward(model, inputs_chunk) -> output [n, ...]``; default
+            :func:`default_forward`.
 
     Returns:
         ``(G, losses)``: ``G`` of shape ``[n, n]`` in float64, exactly
@@ -353,12 +483,12 @@ def gradient_gram(
         ParameterSelectionError: ``params`` matches nothing.
         UnsupportedModelError: ``torch.func`` cannot run through a module.
     """
-    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, None, 0)
+    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, None, 0, forward)
 
 
 def grouped_gradient_gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     groups: Tensor,
     *,
@@ -367,6 +497,7 @@ def grouped_gradient_gram(
     params: ParamSelection = None,
     chunk_size: int | None = None,
     method: str = "auto",
+    forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gram matrix of group-summed per-sample gradients, ``H_kl = G_k · G_l`` with ``G_k = Σ_{i: groups_i = k} g_i``.
 
@@ -380,8 +511,8 @@ def grouped_gradient_gram(
     ``S``. Used for the per-class segment gradients of SPEC.md §3.
 
     Args:
-        model, inputs, targets, loss_fn, params, chunk_size, method: as for
-            :func:`gradient_gram`.
+        model, inputs, targets, loss_fn, params, chunk_size, method, forward: as
+            for :func:`gradient_gram`.
         groups: Group index of each sample ``[n]`` (integers in ``[0, K)``;
             ``-1`` leaves a sample out of every group).
         num_groups: ``K``; default ``groups.max() + 1``.
@@ -395,7 +526,7 @@ def grouped_gradient_gram(
         ParameterSelectionError: ``params`` matches nothing.
         UnsupportedModelError: ``torch.func`` cannot run through a module.
     """
-    n = inputs.shape[0] if isinstance(inputs, Tensor) and inputs.ndim else 0
+    n = _validate_batch(inputs, targets, chunk_size)
     groups = torch.as_tensor(groups)
     if groups.ndim != 1 or groups.shape[0] != n or groups.dtype.is_floating_point or groups.dtype == torch.bool:
         raise ValueError(
@@ -407,7 +538,7 @@ def grouped_gradient_gram(
     k = (int(groups.max()) + 1 if n else 0) if num_groups is None else num_groups
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n and int(groups.max()) >= k):
         raise ValueError(f"num_groups must be an int >= 1 larger than every group index; got {num_groups!r}.")
-    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, groups, k)
+    return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, groups, k, forward)
 
 
 def reduce_gram_to_groups(gram: Tensor, groups: Tensor, num_groups: int) -> Tensor:
@@ -432,7 +563,7 @@ def reduce_gram_to_groups(gram: Tensor, groups: Tensor, num_groups: int) -> Tens
 
 def _gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     loss_fn: LossFn | None,
     params: ParamSelection,
@@ -440,6 +571,7 @@ def _gram(
     method: str,
     groups: Tensor | None,
     num_groups: int,
+    forward: ForwardFn | None,
 ) -> tuple[Tensor, Tensor]:
     if method not in GRAM_METHODS:
         raise ValueError(f"method must be one of {GRAM_METHODS}; got {method!r}.")
@@ -449,13 +581,13 @@ def _gram(
         return gram if groups is None else reduce_gram_to_groups(gram, groups, num_groups)
 
     if method == "vmap":
-        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n)
+        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n, forward)
         return reduce(gram), losses
     from lightning_phases.functional.layer_gram import fast_layer_gram
 
     selected = select_parameters(model, params)
     device = _model_device(model)
-    x, y = inputs.to(device), targets.to(device)
+    x, y = _to_device(inputs, device), targets.to(device)
     with eval_mode(model):
         try:
             fast, losses, covered, _ = fast_layer_gram(
@@ -468,7 +600,10 @@ def _gram(
                 force=None if method == "auto" else method,
                 groups=groups,
                 num_groups=num_groups,
+                forward=forward,
             )
+        except LightningPhasesError:
+            raise
         except Exception as err:  # noqa: BLE001 - the vmap engine reports unsupported models clearly
             warnings.warn(
                 f"The per-layer fast Gram path failed ({type(err).__name__}: {err}); "
@@ -479,24 +614,25 @@ def _gram(
             fast, covered = None, set()
     rest = [name for name in selected if name not in covered]
     if fast is None:
-        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward)
         return reduce(gram), losses
     if rest:
-        other, _ = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n)
+        other, _ = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward)
         fast = fast + reduce(other).to(fast.device)
     return fast, losses
 
 
 def _vmap_gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     loss_fn: LossFn | None,
     params: ParamSelection,
     chunk_size: int | None,
     n: int,
+    forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
-    engine = _Engine(model, loss_fn, params)
+    engine = _Engine(model, loss_fn, params, forward)
     with eval_mode(model):
         if chunk_size is None or chunk_size >= n:
             jac, losses = engine(inputs, targets)
@@ -505,13 +641,13 @@ def _vmap_gram(
         gram: Tensor | None = None
         loss_parts: list[Tensor] = []
         for bi, (s, e) in enumerate(blocks):
-            jac_i, loss_i = engine(inputs[s:e], targets[s:e])
+            jac_i, loss_i = engine(_slice(inputs, s, e), targets[s:e])
             loss_parts.append(loss_i)
             if gram is None:
                 gram = torch.empty(n, n, dtype=torch.float64, device=jac_i.device)
             gram[s:e, s:e] = _symmetric(jac_i @ jac_i.T)
             for s2, e2 in blocks[:bi]:
-                jac_j, _ = engine(inputs[s2:e2], targets[s2:e2])
+                jac_j, _ = engine(_slice(inputs, s2, e2), targets[s2:e2])
                 block = (jac_i @ jac_j.T).to(torch.float64)
                 gram[s:e, s2:e2] = block
                 gram[s2:e2, s:e] = block.T
