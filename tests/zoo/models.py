@@ -488,7 +488,6 @@ def manual_optimization() -> ZooCase:
 
 EXACT = {check: "exact" for check in CHECKS}
 FASTPATH_LOOP = "the exact method='loop' engine from fastpath"
-FASTPATH_PYTREE = "pytree inputs and forward= in gradient_gram from fastpath"
 FASTPATH_TIME_MAJOR = "per-sample verification of time-major layers from fastpath"
 RNN_EXPECT = {"auto": "exact", "vmap": "refused: backbone.rnn", "loop": "exact", "fit": "exact"}
 RNN_NEEDS = {"auto": FASTPATH_LOOP, "loop": FASTPATH_LOOP, "fit": FASTPATH_LOOP}
@@ -522,13 +521,13 @@ ROWS: tuple[ZooRow, ...] = (
            notes="per-sample gradients are ill-defined with batch statistics; use GroupNorm/LayerNorm"),
     ZooRow("dict_batch", "dict batches with custom keys (`unpack=`)", dict_batch, EXACT, {"loop": FASTPATH_LOOP}),
     ZooRow("several_inputs", "`forward(a, b)`: several inputs (`forward=`)", several_inputs, EXACT,
-           {"auto": FASTPATH_PYTREE, "vmap": FASTPATH_PYTREE, "loop": FASTPATH_LOOP,
+           {"loop": FASTPATH_LOOP,
             "fit": "forward= in the callbacks from probe"}),
     ZooRow("tuple_output", "`forward` returns `(logits, features)` (`output=0`)", tuple_output, EXACT,
-           {"auto": FASTPATH_PYTREE, "vmap": FASTPATH_PYTREE, "loop": FASTPATH_LOOP,
+           {"loop": FASTPATH_LOOP,
             "fit": "output= in the callbacks from probe"}),
     ZooRow("no_forward", "LightningModule without `forward` (`forward=`)", no_forward, EXACT,
-           {"auto": FASTPATH_PYTREE, "vmap": FASTPATH_PYTREE, "loop": FASTPATH_LOOP,
+           {"loop": FASTPATH_LOOP,
             "fit": "forward= in the callbacks from probe"}),
     ZooRow("padding_collate", "padding `collate_fn` for variable-length sequences", padding_collate, EXACT,
            {"loop": FASTPATH_LOOP, "fit": "the DataLoader's collate_fn in the callbacks from probe"}),

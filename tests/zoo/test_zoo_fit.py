@@ -1,0 +1,107 @@
+"""Zoo, training: every row through a short ``Trainer.fit`` with all four callbacks.
+
+OrderParameterMonitor, NoiseSplitTracker (with a ``noisy_mask``),
+PhaseDetector and GMMCleanser get the adapter arguments the row needs. For a
+row expected ``"exact"`` the run completes, no ``*/skipped`` key is logged, and
+the first logged ``order/A`` (measured at the start, on the initial weights)
+equals the value computed from the reference Gram of
+:mod:`tests.reference.zoo_reference` on the same probe samples (read from the
+monitor after the fit) with the same minibatch size. For a row expected
+``"refused: ..."`` the run completes too, ``order/skipped`` is logged, and the
+monitor's refusal warning is emitted exactly once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_phases import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
+from lightning_phases.functional import order_parameters
+from tests.callbacks.helpers import RecordingLogger, series
+from tests.reference.zoo_reference import reference_gram
+from tests.zoo.models import BATCH, NUM_TRAIN, ROWS, ZooCase, ZooRow, expected_refusal, probe_batch
+from tests.zoo.test_zoo_gram import RTOL, _cast
+
+
+def _params():
+    out = []
+    for r in ROWS:
+        marks = [pytest.mark.slow] if r.slow else []
+        if "fit" in r.needs:
+            marks.append(pytest.mark.xfail(strict=True, reason=f"needs {r.needs['fit']}"))
+        out.append(pytest.param(r, marks=marks, id=r.name))
+    return out
+
+
+def _loader(case: ZooCase) -> DataLoader:
+    return DataLoader(
+        case.dataset,
+        batch_size=BATCH,
+        shuffle=case.sampler is None,
+        sampler=case.sampler,
+        collate_fn=case.collate_fn,
+        generator=torch.Generator().manual_seed(0) if case.sampler is None else None,
+    )
+
+
+def _fit(case: ZooCase, tmp_path):
+    kwargs = dict(case.callback_kwargs)
+    noisy = torch.arange(NUM_TRAIN) % 4 == 0
+    monitor = OrderParameterMonitor(probe_size=case.probe_size, seed=0, figure_every_n=None, **kwargs)
+    split = NoiseSplitTracker(probe_size=case.probe_size, seed=0, noisy_mask=noisy, **kwargs)
+    callbacks = [monitor, split, PhaseDetector(), GMMCleanser(batch_size=BATCH, **kwargs)]
+    logger = RecordingLogger(tmp_path / "log.jsonl")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=2,
+        accelerator="cpu",
+        devices=1,
+        precision=case.precision,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(case.module, _loader(case))
+    return trainer, monitor, logger.records, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("zoo_row", _params())
+def test_fit_with_all_callbacks(zoo_row: ZooRow, tmp_path) -> None:
+    case = zoo_row.build()
+    initial = copy.deepcopy(case.module)
+    trainer, monitor, records, messages = _fit(case, tmp_path)
+    assert trainer.state.finished and trainer.global_step == 4
+    refusal = expected_refusal(zoo_row.expect["fit"])
+    skipped = sorted({k for _, m in records for k in m if k.endswith("/skipped")})
+    if refusal is not None:
+        assert series(records, "order/skipped"), "the refused model was not counted in order/skipped"
+        warned = [m for m in messages if m.startswith("OrderParameterMonitor") and refusal in m]
+        assert len(warned) == 1, warned
+        return
+    assert skipped == [], f"skipped measurements: {skipped}; warnings: {messages}"
+    first = series(records, "order/A")
+    assert first and first[0][0] == 0, "no measurement at the start"
+    indices = monitor.probe_indices
+    assert indices is not None and len(indices) == case.probe_size
+    if case.served is not None:
+        assert set(indices.tolist()) <= set(case.served), "the probe holds samples the sampler never serves"
+    x, y = probe_batch(case, indices)
+    x, y = _cast(x, case.dtype), (y.to(case.dtype) if y.is_floating_point() else y)  # as the precision plugin
+    model = initial.to(case.dtype)
+    exact = torch.float64 if case.dtype == torch.bfloat16 else None
+    gram, _ = reference_gram(model, x, y, case.loss_fn, forward=case.forward, compute_dtype=exact)
+    want = order_parameters(gram, BATCH).A
+    # A is linear in G: the Gram's tolerance
+    assert math.isclose(first[0][1], want, rel_tol=RTOL[case.dtype]), (first[0][1], want)
