@@ -75,23 +75,21 @@ def _probe(case: ZooCase):
     return model, x, y
 
 
-def _fast_gram(case: ZooCase, model, x, y, method: str) -> torch.Tensor:
+def _fast_gram(case: ZooCase, model, x, y, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs = {} if case.forward is None else {"forward": case.forward}
     with warnings.catch_warnings():
         # torch.func's "no batching rule" performance notes (scaled-dot-product attention) are not under test
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        gram, _ = gradient_gram(model, x, y, loss_fn=case.loss_fn, method=method, **kwargs)
-    return gram
+        return gradient_gram(model, x, y, loss_fn=case.loss_fn, method=method, **kwargs)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _reference(case: ZooCase, model, x, y) -> torch.Tensor:
+def _reference(case: ZooCase, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     exact = torch.float64 if case.dtype == torch.bfloat16 else None
-    gram, _ = reference_gram(model, x, y, case.loss_fn, forward=case.forward, compute_dtype=exact)
-    return gram
+    return reference_gram(model, x, y, case.loss_fn, forward=case.forward, compute_dtype=exact)
 
 
 def _check_statistics(fast: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
@@ -123,13 +121,14 @@ def test_gram_matches_reference_or_refuses(zoo_row: ZooRow, method: str) -> None
         with pytest.raises(UnsupportedModelError, match=refusal):
             _fast_gram(case, model, x, y, method)
         return
-    fast = _fast_gram(case, model, x, y, method)
-    ref = _reference(case, model, x, y)
+    fast, losses = _fast_gram(case, model, x, y, method)
+    ref, ref_losses = _reference(case, model, x, y)
     assert fast.shape == ref.shape == (case.probe_size, case.probe_size)
     assert fast.dtype == torch.float64
     rtol = zoo_row.rtol.get(method, RTOL[case.dtype])
     assert _rel(fast, ref) <= rtol, f"relative Gram error {_rel(fast, ref):.3e} > {rtol:.1e}"
     _check_statistics(fast, ref, rtol)
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=rtol, atol=rtol * float(ref_losses.abs().max()))
 
 
 def test_probe_gram_is_not_degenerate() -> None:
@@ -139,6 +138,6 @@ def test_probe_gram_is_not_degenerate() -> None:
             continue
         case = r.build()
         model, x, y = _probe(case)
-        ref = _reference(case, model, x, y)
+        ref, _ = _reference(case, model, x, y)
         assert bool((ref.diagonal() > 0).all()), r.name
         assert noise_spectrum(ref, BATCH).max() > 0, r.name
