@@ -9,16 +9,20 @@ import torch
 from torch import Tensor
 
 from lightning_phases import _lightning as pl
-from lightning_phases.callbacks._probe import Unpack, _check_positive_int, _ProbeCallback
-from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.ensemble import effective_dimension, make_generator, noise_spectrum, order_parameters
+from lightning_phases import keys
+from lightning_phases._validation import check_int, check_real
+from lightning_phases.callbacks._monitor import _ProbeMonitor, probe_args
+from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpack
+from lightning_phases.callbacks.probe import Probe
+from lightning_phases.functional._random import derived_seed, make_generator
+from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
 from lightning_phases.functional.per_sample import LossFn, ParamSelection
 from lightning_phases.report.tensorboard import spectrum_figure, write_phase_layout
 
 __all__ = ["OrderParameterMonitor"]
 
 
-class OrderParameterMonitor(_ProbeCallback):
+class OrderParameterMonitor(_ProbeMonitor):
     """Log the order parameters of the minibatch-gradient ensemble (Feng & Tu 2021, section 2).
 
     On a fixed probe set of ``probe_size`` training samples (drawn once with
@@ -39,19 +43,34 @@ class OrderParameterMonitor(_ProbeCallback):
     across ranks (one ``all_reduce`` of ``n²`` float64) and every rank derives
     the same statistics. Only rank 0 writes to the loggers.
 
+    **The probe.** The probe set and the model adapter (collate, unpack,
+    forward, output selection, dtype, task and loss) belong to a
+    :class:`~lightning_phases.callbacks.Probe`. Without ``probe=`` the
+    monitor builds its own from ``probe_size``, ``seed``, ``loss_fn``,
+    ``params``, ``unpack``, ``forward``, ``output``, ``task``, ``chunk_size``
+    and ``method``; pass one ``Probe`` to several monitors to share the probe
+    set, the Gram matrix and the loss pass of each measured step.
+
+    **Tasks.** The SPEC statistics are logged for every task (multi-class,
+    binary, multi-label, regression); ``order/error`` only for
+    classification (per-label for multi-label).
+
+    **Lifecycle.** A monitor reused in a second ``trainer.fit`` starts fresh
+    (a new probe set on the new data, the counters at zero) unless that fit
+    resumes from a checkpoint.
+
     Cost per measurement: one batched forward and backward over the probe set
     plus ``O(n²(d_in + d_out))`` per Linear layer for the Gram matrix, and an
-    ``O(n³)`` float64 symmetric eigendecomposition for the spectrum (one CPU
-    core: ≈ 11 ms at n = 512, ≈ 65 ms at n = 1024). On the digits example
-    (MLP 64-128-128-10) a whole measurement of this monitor and
-    :class:`~lightning_phases.callbacks.NoiseSplitTracker` together takes
-    ≈ 45 ms at n = 512 and ≈ 135 ms at n = 1024 (``benchmarks/overhead.py``).
-    When both monitors probe the same samples at the same step they share one
-    Gram matrix and one forward pass. Lower ``probe_size`` or raise the
-    interval if that matters.
+    ``O(n³)`` float64 symmetric eigendecomposition for the spectrum
+    (``benchmarks/overhead.py`` measures it). Lower ``probe_size`` or raise
+    the interval if that matters.
 
     Args:
-        probe_size: Number ``n`` of probe samples (the whole training set if smaller).
+        probe: A shared :class:`~lightning_phases.callbacks.Probe`; then the probe
+            arguments below must stay at their defaults.
+        prefix: Prefix of the logged keys (default ``"order"``): a second
+            monitor, e.g. on other ``params``, logs under its own prefix.
+        probe_size: Number ``n`` of probe samples (the served training samples if fewer).
         batch_size: Minibatch size ``B``; default the training DataLoader's
             batch size times the number of processes times
             ``accumulate_grad_batches`` (the samples behind one optimizer step).
@@ -60,11 +79,16 @@ class OrderParameterMonitor(_ProbeCallback):
         every_n_steps: Measure every this many optimizer steps instead.
         measure_at_start: Also measure before the first step.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``;
-            default cross-entropy (logistic loss for one output).
+            default the task's loss (cross-entropy, logistic, summed BCE, MSE).
         params: Probe only these parameters (names, module prefixes or a predicate).
         unpack: ``batch -> (inputs, targets)`` for a collated batch of dataset
             items; default the first two entries.
-        seed: Seed of the probe set and of ``R``'s sampled minibatches.
+        forward: ``(pl_module, inputs) -> output`` instead of ``pl_module(inputs)``,
+            e.g. ``lambda m, x: m.backbone(x)``.
+        output: The logits in a tuple/dict output: int index, str key or callable.
+        task: ``"auto"`` (inferred from the first probe batch), ``"multiclass"``,
+            ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        seed: Seed of the probe set and of ``R``'s sampled minibatches (any non-negative int).
         chunk_size: Samples per block of the Gram computation (bounds memory).
         method: Gram engine, ``"auto"`` (default), ``"vmap"``, ``"ghost"`` or ``"materialize"``.
         num_minibatches: Sampled minibatches for ``R``.
@@ -81,8 +105,9 @@ class OrderParameterMonitor(_ProbeCallback):
         - ``order/R``: mean cosine between distinct minibatch gradients.
         - ``order/sigma2_lambda``: variance of the projection ``λ_μ``.
         - ``order/D_s``: effective dimension ``D_s(spectrum_fraction)``.
-        - ``order/loss``: mean probe loss; ``order/error``: probe error rate
-          against the given labels.
+        - ``order/loss``: mean probe loss.
+        - ``order/error``: probe error rate against the given labels
+          (classification only; the per-label error rate for multi-label).
         - ``order/measured_step``: global step of the latest measurement.
         - ``order/skipped``: number of skipped measurements (only after a failure).
         - TensorBoard only: histogram ``order/spectrum`` of ``log10`` eigenvalues
@@ -91,25 +116,14 @@ class OrderParameterMonitor(_ProbeCallback):
           cumulative variance, as Feng & Tu's Figure 2).
     """
 
-    prefix = "order"
-    phase_metrics = (
-        "order/A",
-        "order/A0",
-        "order/A_parallel",
-        "order/A_perp",
-        "order/D",
-        "order/D_parallel",
-        "order/R",
-        "order/sigma2_lambda",
-        "order/D_s",
-        "order/loss",
-        "order/error",
-        "order/measured_step",
-    )
+    default_prefix = keys.ORDER_PREFIX
+    table = keys.ORDER
 
     def __init__(
         self,
         *,
+        probe: Probe | None = None,
+        prefix: str | None = None,
         probe_size: int = 1024,
         batch_size: int | None = None,
         every_n_epochs: int | None = None,
@@ -118,6 +132,9 @@ class OrderParameterMonitor(_ProbeCallback):
         loss_fn: LossFn | None = None,
         params: ParamSelection = None,
         unpack: Unpack | None = None,
+        forward: Any = None,
+        output: OutputSelector = None,
+        task: Task = "auto",
         seed: int = 0,
         chunk_size: int | None = None,
         method: str = "auto",
@@ -126,79 +143,88 @@ class OrderParameterMonitor(_ProbeCallback):
         figure_every_n: int | None = 25,
     ) -> None:
         super().__init__(
-            probe_size=probe_size,
+            probe=probe,
+            prefix=prefix,
             batch_size=batch_size,
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
             measure_at_start=measure_at_start,
-            loss_fn=loss_fn,
-            params=params,
-            unpack=unpack,
-            seed=seed,
-            chunk_size=chunk_size,
-            method=method,
             num_minibatches=num_minibatches,
+            probe_args=probe_args(
+                probe_size=probe_size,
+                seed=seed,
+                loss_fn=loss_fn,
+                params=params,
+                unpack=unpack,
+                forward=forward,
+                output=output,
+                task=task,
+                chunk_size=chunk_size,
+                method=method,
+            ),
         )
-        if (
-            isinstance(spectrum_fraction, bool)
-            or not isinstance(spectrum_fraction, (int, float))
-            or not 0 < spectrum_fraction <= 1
-        ):
-            raise LightningPhasesError(f"spectrum_fraction must be in (0, 1]; got {spectrum_fraction!r}.")
-        _check_positive_int("figure_every_n", figure_every_n, allow_none=True)
+        check_real("spectrum_fraction", spectrum_fraction, minimum=0, maximum=1, open_minimum=True)
+        check_int("figure_every_n", figure_every_n, minimum=1, allow_none=True)
         self.spectrum_fraction = float(spectrum_fraction)
         self.figure_every_n = figure_every_n
-        self.last: dict[str, float] = {}
+
+    @property
+    def phase_metrics(self) -> tuple[str, ...]:
+        """The keys this monitor puts into ``trainer.callback_metrics`` (a protocol other callbacks may read)."""
+        return tuple(self.key(s) for s, k in self.table.items() if not k.tensorboard_only and s != "skipped")
 
     def _on_probe_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_phase_layout(self._tensorboard(trainer))
+        write_phase_layout(self._tensorboard_writer(trainer))
 
-    def _local_statistics(self, trainer, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        losses, correct, _ = self._losses_and_correct(trainer, pl_module, x, y)
-        return {
-            "gram": self._partial_gram(trainer, pl_module, x, y, self.loss_fn),
+    @staticmethod
+    def _tensorboard_writer(trainer: pl.Trainer) -> Any:
+        from lightning_phases._lightning import tensorboard_writers
+
+        writers = tensorboard_writers(trainer)
+        return writers[0] if writers else None
+
+    def _local_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        losses, errors = self.probe.losses(trainer, pl_module)
+        stats = {
+            "gram": self.probe.gram(trainer, pl_module),
             "losses": losses,  # identical on every rank (same weights): not reduced
-            "correct": correct,
         }
+        if errors is not None:
+            stats["errors"] = errors
+        return stats
 
     def _empty_statistics(self, n: int, device: torch.device) -> dict[str, Tensor]:
         nan = torch.full((n,), math.nan, dtype=torch.float64, device=device)
-        return {
-            "gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device),
-            "losses": nan,
-            "correct": nan.clone(),
-        }
+        return {"gram": torch.full((n, n), math.nan, dtype=torch.float64, device=device), "losses": nan}
 
-    def _metrics(self, trainer, pl_module, stats: dict[str, Tensor]) -> dict[str, float]:
+    def _metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, Tensor]
+    ) -> dict[str, float]:
         gram = stats["gram"]
         b = self.effective_batch_size
-        assert b is not None
-        gen = make_generator(self.seed * 1_000_003 + trainer.global_step)
+        if b is None:
+            raise RuntimeError("the minibatch size is not known yet")
+        gen = make_generator(derived_seed(self.seed, f"R_minibatches/{trainer.global_step}"))
         op = order_parameters(gram, b, num_minibatches=self.num_minibatches, generator=gen)
         spectrum = noise_spectrum(gram, b)
-        metrics = {f"order/{k}": v for k, v in op.as_dict().items()}
-        metrics["order/D_s"] = float(effective_dimension(spectrum, self.spectrum_fraction))
-        metrics["order/loss"] = float(stats["losses"].mean())
-        metrics["order/error"] = 1.0 - float(stats["correct"].mean())
-        self.last = dict(metrics)
-        writer = self._tensorboard(trainer)
-        if writer is not None:
-            positive = spectrum[spectrum > 0]
-            if positive.numel():
-                writer.add_histogram("order/spectrum", positive.log10().cpu().numpy(), trainer.global_step)
-            if self.figure_every_n is not None and (self.num_measurements % self.figure_every_n == 0):
-                writer.add_figure(
-                    "order/spectrum_figure",
-                    spectrum_figure(spectrum.cpu(), step=trainer.global_step),
-                    trainer.global_step,
-                )
+        self._spectrum = spectrum
+        metrics = {self.key(k): v for k, v in op.as_dict().items()}
+        metrics[self.key("D_s")] = float(effective_dimension(spectrum, self.spectrum_fraction))
+        metrics[self.key("loss")] = float(stats["losses"].mean())
+        if "errors" in stats:
+            metrics[self.key("error")] = float(stats["errors"].mean())
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["last"] = dict(self.last)
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.last = dict(state_dict.get("last", {}))
+    def _tensorboard(
+        self, writer: Any, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
+    ) -> None:
+        spectrum = self._spectrum
+        positive = spectrum[spectrum > 0]
+        if positive.numel():
+            writer.add_histogram(self.key("spectrum"), positive.log10().cpu().numpy(), trainer.global_step)
+        if self.figure_every_n is not None and (self.num_measurements % self.figure_every_n == 0):
+            writer.add_figure(
+                self.key("spectrum_figure"),
+                spectrum_figure(spectrum.cpu(), step=trainer.global_step),
+                trainer.global_step,
+            )

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_phases.errors import DegenerateInputError, PhaseStatisticsWarning
+from lightning_phases.functional._random import derived_seed, make_generator  # re-exported (data/ imports them here)
 
 __all__ = [
     "OrderParameters",
@@ -72,34 +73,6 @@ class OrderParameters:
     def as_dict(self) -> dict[str, float]:
         """The fields as a plain ``{name: value}`` dict (names as in SPEC.md)."""
         return asdict(self)
-
-
-def make_generator(generator: torch.Generator | int | None, default_seed: int = 0) -> torch.Generator:
-    """A CPU ``torch.Generator`` from a generator, a seed, or ``None`` (``default_seed``).
-
-    Never touches the global random state.
-    """
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        generator = default_seed
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None; got {generator!r}.")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(generator)
-    return gen
-
-
-def derived_seed(seed: int, purpose: str) -> int:
-    """A seed for one ``purpose`` derived from a user seed, so that streams drawn for
-    different purposes (the noise, the probe set, the data split) are independent even
-    when the user passes the same seed everywhere. Deterministic on every process
-    (SHA-256, not Python's randomised ``hash``).
-    """
-    import hashlib
-
-    digest = hashlib.sha256(f"lightning_phases:{purpose}:{int(seed)}".encode()).hexdigest()
-    return int(digest[:15], 16)
 
 
 def minibatch_variance_factor(n: int, batch_size: int) -> float:

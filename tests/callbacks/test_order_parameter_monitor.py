@@ -10,9 +10,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_phases import NoiseSplitTracker, OrderParameterMonitor
-from lightning_phases.callbacks._probe import partition_parameters, should_measure
+from lightning_phases.callbacks._monitor import should_measure
+from lightning_phases.callbacks.probe import partition_parameters
 from lightning_phases.errors import LightningPhasesError, ParameterSelectionError
 from lightning_phases.functional import (
+    derived_seed,
     effective_dimension,
     gradient_gram,
     make_generator,
@@ -40,38 +42,24 @@ def _fit(tmp_path, callbacks, *, dataset=None, max_epochs=2, seed=0, model=None,
     return tr, model
 
 
-def test_the_two_monitors_share_one_gram_per_measurement(tmp_path, monkeypatch):
-    import lightning_phases.callbacks._probe as probe
+def test_the_two_monitors_share_one_gram_per_measurement(tmp_path):
+    from lightning_phases import Probe
 
-    calls, grouped = [], []
-    real, real_grouped = probe.gradient_gram, probe.grouped_gradient_gram
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("loss_fn"))
-        return real(*args, **kwargs)
-
-    def counting_grouped(*args, **kwargs):
-        grouped.append(kwargs.get("loss_fn"))
-        return real_grouped(*args, **kwargs)
-
-    monkeypatch.setattr(probe, "gradient_gram", counting)
-    monkeypatch.setattr(probe, "grouped_gradient_gram", counting_grouped)
     ds = NoisyTensorDataset()
     alone = NoiseSplitTracker(probe_size=64, seed=3)
     _fit(tmp_path / "alone", [alone], dataset=ds)
-    assert len(calls) == 3 and len(grouped) == 3  # start + 2 epochs: the n×n Gram and the segment sums
-    assert all(fn is single_logit_loss for fn in grouped)
-    calls.clear()
-    grouped.clear()
-    both = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=3)]
+    assert alone.probe.num_gram_computations == 3  # start + 2 epochs
+    probe = Probe(probe_size=64, seed=3)
+    both = [OrderParameterMonitor(probe=probe), NoiseSplitTracker(probe=probe)]
     _fit(tmp_path / "both", both, dataset=ds)
-    assert len(calls) == 3  # the monitor computes G, the tracker reuses it
-    assert len(grouped) == 3
+    assert both[0].num_measurements == both[1].num_measurements == 3
+    assert probe.num_gram_computations == 3 and probe.num_loss_computations == 3  # one per step for both
     assert both[1].last == alone.last  # bit-identical statistics
-    other_probe = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=4)]
-    calls.clear()
-    _fit(tmp_path / "other", other_probe, dataset=ds)
-    assert len(calls) == 3 * 2  # a different probe set is never served from the cache
+    separate = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=3)]
+    _fit(tmp_path / "separate", separate, dataset=ds)
+    assert separate[0].probe is not separate[1].probe  # without probe= each monitor has its own
+    assert separate[0].probe.num_gram_computations == separate[1].probe.num_gram_computations == 3
+    assert separate[1].last == alone.last and separate[0].last == both[0].last
 
 
 def test_logged_values_equal_the_functional_computation(tmp_path):
@@ -83,7 +71,7 @@ def test_logged_values_equal_the_functional_computation(tmp_path):
     assert torch.equal(idx, split.probe_indices) and idx.numel() == 64 and len(set(idx.tolist())) == 64
     x, y = ds.x[idx], ds.noisy_targets[idx]
     gram, losses = gradient_gram(model, x, y, method="vmap")  # independent engine
-    op = order_parameters(gram, 8, generator=make_generator(3 * 1_000_003 + tr.global_step))
+    op = order_parameters(gram, 8, generator=make_generator(derived_seed(3, f"R_minibatches/{tr.global_step}")))
     for key, value in op.as_dict().items():
         assert mon.last[f"order/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-8), key
     spectrum = noise_spectrum(gram, 8)
@@ -262,16 +250,11 @@ class _OneLogit(TinyClassifier):
         return torch.nn.functional.binary_cross_entropy_with_logits(self(x).squeeze(1), y.float())
 
 
-def test_one_output_segments_equal_the_block_sums_of_an_independent_gram(tmp_path, monkeypatch):
-    import lightning_phases.callbacks._probe as probe
-
-    grouped = []
-    real = probe.grouped_gradient_gram
-    monkeypatch.setattr(probe, "grouped_gradient_gram", lambda *a, **k: grouped.append(1) or real(*a, **k))
+def test_one_output_segments_equal_the_block_sums_of_an_independent_gram(tmp_path):
     ds = NoisyTensorDataset(num_classes=2, rate=0.3)
     split = NoiseSplitTracker(probe_size=64, seed=3)
     _, model = _fit(tmp_path, [split], dataset=ds, model=_OneLogit())
-    assert not grouped  # no second gradient pass for one-output models
+    assert split.probe.task == "binary"
     idx = split.probe_indices
     x, y, true, mask = ds.x[idx], ds.noisy_targets[idx], ds.true_targets[idx], ds.is_noisy[idx]
     gram, _ = gradient_gram(model, x, y, method="vmap")  # logistic-loss per-sample gradients
