@@ -16,6 +16,7 @@ __all__ = [
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
+    "ProbeMemoryError",
     "DegenerateInputError",
     "LabelNoiseError",
     "PhaseStatisticsWarning",
@@ -31,7 +32,16 @@ class ParameterSelectionError(LightningPhasesError):
 
 
 class UnsupportedModelError(LightningPhasesError):
-    """``torch.func`` cannot compute per-sample gradients through a module of the model."""
+    """No engine can compute per-sample gradients of the model; the message names the module and a fix.
+
+    Raised for modules whose per-sample gradient is undefined (BatchNorm
+    without running statistics) and for models that fail when run on a
+    single sample.
+    """
+
+
+class ProbeMemoryError(UnsupportedModelError):
+    """The per-sample-gradient computation ran out of memory; a smaller ``chunk_size`` or ``probe_size`` helps."""
 
 
 class DegenerateInputError(LightningPhasesError):

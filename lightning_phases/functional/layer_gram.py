@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from lightning_phases.errors import PhaseStatisticsWarning
+from lightning_phases.errors import LightningPhasesError, PhaseStatisticsWarning
 from lightning_phases.functional.per_sample import ForwardFn, _num_samples, _output_tensor, _slice, default_forward
 
 __all__ = ["LayerPlan", "fast_layer_gram", "supported_layer"]
@@ -141,9 +141,14 @@ class _Recorder:
             self.inputs[name] = args[0].detach()
             self.versions[name] = args[0]._version
             self.outputs[name] = (output.shape, output.dtype, output.device)
-            output.register_hook(lambda grad: self.grads.__setitem__(name, grad))
+            # the first backward of a chunk (of Σ_i l_i) gives δ; the check's weighted backward must not overwrite it
+            output.register_hook(lambda grad: self._first_grad(name, grad))
 
         return hook
+
+    def _first_grad(self, name: str, grad: Tensor) -> None:
+        if name not in self.grads:
+            self.grads[name] = grad
 
     def output_grad(self, name: str) -> Tensor:
         """The gradient at the module's output (zeros if the loss does not depend on it)."""
@@ -232,8 +237,9 @@ def _layer_dims(module: nn.Module, inp_shape: torch.Size, out_shape: torch.Size)
     return math.prod(inp_shape[1:-1]) if len(inp_shape) > 2 else 1, module.in_features, module.out_features
 
 
-_CHECK_VECTORS = 2  # random directions for the summed-gradient check
+_CHECK_VECTORS = 2  # random directions for the projected weight checks
 _CHECK_SEED = 20210612
+_WEIGHT_SEED = 19890417  # per-sample weights c_i of the weighted check
 
 
 def _check_directions(module: nn.Module, like: Tensor) -> Tensor:
@@ -246,19 +252,28 @@ def _check_directions(module: nn.Module, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
+def _sample_weights(n: int) -> Tensor:
+    """Fixed pseudo-random per-sample weights ``c [n]`` (float64, CPU) from a private generator."""
+    gen = torch.Generator(device="cpu").manual_seed(_WEIGHT_SEED)
+    return torch.randn(n, generator=gen, dtype=torch.float64)
+
+
 def _projected_check(
-    module: nn.Module, inp: Tensor, out_grad: Tensor, weight_grad: Tensor
+    module: nn.Module, inp: Tensor, out_grad: Tensor, weight_grad: Tensor, c: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Σ_i g_i V, ∇W V, bound)`` along a few fixed directions ``V`` (each ``[d_out, k]``).
+    """``(Σ_i c_i g_i V, ∇W V, bound)`` along a few fixed directions ``V`` (each ``[d_out, k]``).
 
     ``g_i = Σ_t δ_it a_itᵀ`` is the per-sample weight gradient implied by the
-    recorded input and output gradient; its sum must equal the autograd
-    gradient ``∇W`` of ``Σ_i l_i`` unless the weight is also used outside the
-    module's forward. Projecting on ``k`` directions costs
+    recorded input and output gradient of sample ``i``. With ``c = None``
+    (all ``c_i = 1``) the sum must equal the autograd gradient ``∇W`` of
+    ``Σ_i l_i`` unless the weight is also used outside the module's forward;
+    with per-sample weights ``c`` it must equal the gradient of ``Σ_i c_i l_i``,
+    which holds only if row ``i`` of the layer's input and output belongs to
+    sample ``i`` alone. Projecting on ``k`` directions costs
     ``O(n·T·(d_in + d_out)·k)`` instead of ``O(n·T·d_in·d_out)`` for the full
     sum: ``a_it·v`` is one convolution (or matrix product) of the input with
     ``v``, and nothing of size ``n·T·d_out`` is copied. ``bound[o, k] =
-    ‖δ_·o‖·‖a·v_k‖`` (Cauchy–Schwarz) bounds ``Σ_{i,t} |δ_ito| |a_it·v_k|``,
+    ‖δ_·o‖·‖c·a·v_k‖`` (Cauchy–Schwarz) bounds ``Σ_{i,t} |δ_ito| |c_i a_it·v_k|``,
     the scale of the float32 rounding of both sums.
     """
     v = _check_directions(module, inp)
@@ -267,12 +282,17 @@ def _projected_check(
         padding = 0 if module.padding == "valid" else module.padding
         av = F.conv2d(inp, v, stride=module.stride, padding=padding, dilation=module.dilation)
         av = av.reshape(n, _CHECK_VECTORS, -1)  # [n, k, L]
+        if c is not None:
+            av = av * c[:, None, None]
         d = out_grad.reshape(n, out_grad.shape[1], -1)  # [n, d_out, L], the natural layout
         got = torch.bmm(d, av.transpose(1, 2)).sum(0)  # [d_out, k]
         d_norm = torch.linalg.vector_norm(d, dim=(0, 2))
         av_norm = torch.linalg.vector_norm(av, dim=(0, 2))
     else:
-        av = F.linear(inp, v).reshape(-1, _CHECK_VECTORS)  # [n·T, k]
+        av = F.linear(inp, v)  # [n, ..., k]
+        if c is not None:
+            av = av * c.reshape(n, *([1] * (av.ndim - 1)))
+        av = av.reshape(-1, _CHECK_VECTORS)  # [n·T, k]
         d = out_grad.reshape(-1, out_grad.shape[-1])  # [n·T, d_out]
         got = d.T @ av
         d_norm = torch.linalg.vector_norm(d, dim=0)
@@ -280,6 +300,45 @@ def _projected_check(
     bound = d_norm[:, None] * av_norm[None, :]
     ref = weight_grad.reshape(weight_grad.shape[0], -1) @ v.reshape(_CHECK_VECTORS, -1).T
     return got, ref, bound
+
+
+def _bias_check(
+    module: nn.Module, out_grad: Tensor, bias_grad: Tensor, c: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σ_i c_i Σ_t δ_it, ∇b, Σ_i |c_i| Σ_t |δ_it|)``: the bias analogue of :func:`_projected_check`."""
+    n = out_grad.shape[0]
+    if isinstance(module, nn.Conv2d):
+        d = out_grad.reshape(n, out_grad.shape[1], -1).sum(2)  # [n, d_out]
+        d_abs = out_grad.abs().reshape(n, out_grad.shape[1], -1).sum(2)
+    else:
+        d = out_grad.reshape(n, -1, out_grad.shape[-1]).sum(1)
+        d_abs = out_grad.abs().reshape(n, -1, out_grad.shape[-1]).sum(1)
+    w = torch.ones(n, dtype=d.dtype, device=d.device) if c is None else c
+    return w @ d, bias_grad, w.abs() @ d_abs
+
+
+def _check_fails(got: Tensor, ref: Tensor, bound: Tensor) -> bool:
+    """Whether ``got`` and ``ref`` differ by more than the rounding of sums bounded by ``bound`` allows."""
+    if not bool(torch.isfinite(ref).all() and torch.isfinite(got).all()):
+        return False  # NaN/inf gradients flow through; the statistics report them
+    # float32 rounding of both sums is at most ~eps·Σ|terms| ≤ eps·bound; measured
+    # differences stay below 4e-7·bound, so 1e-5·bound leaves a margin of 25
+    tol = 1e-5 * bound + 1e-3 * ref.abs() + 1e-30
+    return bool(((got - ref).abs() > tol).any())
+
+
+def _sample_major(module: nn.Module, inp: Tensor, out_shape: torch.Size, k: int) -> bool:
+    """Whether the layer's input and output carry the chunk's ``k`` samples at dim 0 (Linear ``[k, ..., d]``)."""
+    if isinstance(module, nn.Conv2d):
+        return inp.ndim == 4 and inp.shape[0] == k and len(out_shape) == 4 and out_shape[0] == k
+    return inp.ndim >= 2 and inp.shape[0] == k and len(out_shape) >= 2 and out_shape[0] == k
+
+
+def _add_check(sums: dict[str, list[Tensor]], key: str, parts: tuple[Tensor, Tensor, Tensor]) -> None:
+    if key in sums:
+        sums[key] = [a + b for a, b in zip(sums[key], parts)]
+    else:
+        sums[key] = list(parts)
 
 
 def fast_layer_gram(
@@ -338,32 +397,49 @@ def fast_layer_gram(
     vloss = vmap(loss_fn)
     plans: dict[str, LayerPlan] = {}
     rejected: set[str] = set()
+    reasons: dict[str, str] = {}  # a rejected layer's check failure, for the warning
     losses: list[Tensor] = []
-    # Accumulate Σ_i g_i per covered weight to verify against autograd.
-    sums: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    weights = _sample_weights(n)
+    # Σ_i g_i (summed check) and Σ_i c_i g_i (weighted check) per layer, against autograd
+    sums: dict[str, list[Tensor]] = {}
     try:
         for s in range(0, n, step):
             recorder.reset()
             x, y = _slice(inputs, s, s + step), targets[s : s + step]
+            k = y.shape[0]
             with torch.enable_grad():
-                out = _output_tensor(run_forward(model, x), y.shape[0])
-                chunk_losses = vloss(out, y).reshape(-1)
+                out = _output_tensor(run_forward(model, x), k)
+                chunk_losses = _batch_losses(vloss, loss_fn, out, y)
                 live = [
                     m for m in modules if recorder.calls.get(m) == 1 and m in recorder.outputs and m not in rejected
                 ]
                 for m in modules:
                     if m not in live:
                         rejected.add(m)
-                wanted = {
-                    pn: p
+                for m in list(live):
+                    if not _sample_major(modules[m], recorder.inputs[m], recorder.outputs[m][0], k):
+                        live.remove(m)
+                        rejected.add(m)
+                        reasons[m] = (
+                            f"its input has shape {tuple(recorder.inputs[m].shape)} and its output "
+                            f"{tuple(recorder.outputs[m][0])}, which do not hold the {k} samples at dim 0 "
+                            "(a time-major or flattened layout)"
+                        )
+                checked = {
+                    (m, kind): p
                     for m in live
-                    for pn, p in ((_pname(m, "weight"), modules[m].weight), (_pname(m, "bias"), modules[m].bias))
-                    if pn in selected
+                    for kind, p in (("weight", modules[m].weight), ("bias", modules[m].bias))
+                    if p is not None and p.requires_grad
                 }
-                grads = (
-                    torch.autograd.grad(chunk_losses.sum(), list(wanted.values()), allow_unused=True) if wanted else []
-                )
-                param_grads = dict(zip(wanted, grads))
+                plain: tuple = ()
+                weighted: tuple = ()
+                if checked:
+                    params = list(checked.values())
+                    plain = torch.autograd.grad(chunk_losses.sum(), params, allow_unused=True, retain_graph=True)
+                    c = weights[s : s + k].to(device=chunk_losses.device, dtype=chunk_losses.dtype)
+                    weighted = torch.autograd.grad((chunk_losses * c).sum(), params, allow_unused=True)
+                plain_grads = dict(zip(checked, plain))
+                weighted_grads = dict(zip(checked, weighted))
             losses.append(chunk_losses.detach())
             for m in live:
                 if recorder.inputs[m]._version != recorder.versions[m]:
@@ -389,32 +465,53 @@ def fast_layer_gram(
                     plans[m] = plan
                 plan.inputs.append(recorder.inputs[m])
                 plan.out_grads.append(g_out)
-                if has_w:
-                    wg = param_grads[_pname(m, "weight")]
-                    wg = torch.zeros_like(module.weight) if wg is None else wg
-                    got, ref, scale = _projected_check(module, recorder.inputs[m], g_out, wg)
-                    if m in sums:
-                        got, ref, scale = got + sums[m][0], ref + sums[m][1], scale + sums[m][2]
-                    sums[m] = (got, ref, scale)
+                c = weights[s : s + k].to(device=g_out.device, dtype=g_out.dtype)
+                for kind, grads_of, cw in (("sum", plain_grads, None), ("weighted", weighted_grads, c)):
+                    if (m, "weight") in grads_of:
+                        wg = grads_of[(m, "weight")]
+                        wg = torch.zeros_like(module.weight) if wg is None else wg
+                        _add_check(
+                            sums, f"{m}/weight/{kind}", _projected_check(module, recorder.inputs[m], g_out, wg, cw)
+                        )
+                    if (m, "bias") in grads_of:
+                        bg = grads_of[(m, "bias")]
+                        bg = torch.zeros_like(module.bias) if bg is None else bg
+                        _add_check(sums, f"{m}/bias/{kind}", _bias_check(module, g_out, bg, cw))
     finally:
         recorder.remove()
     for m in list(plans):
-        if m in sums:
-            got, ref, scale = sums[m]
-            finite = bool(torch.isfinite(ref).all() and torch.isfinite(got).all())
-            # float32 rounding of both sums is at most ~eps·Σ|terms| ≤ eps·bound; measured
-            # differences stay below 4e-7·bound, so 1e-5·bound leaves a margin of 25
-            tol = 1e-5 * scale + 1e-3 * ref.abs() + 1e-30
-            if finite and bool(((got - ref).abs() > tol).any()):
-                rejected.add(m)
-                warnings.warn(
-                    f"Layer '{m}': its weight receives gradient from outside its own forward (weight "
-                    "tying or functional use); its per-sample gradients are taken with vmap instead.",
-                    PhaseStatisticsWarning,
-                    stacklevel=3,
-                )
+        if m in rejected:
+            continue
+        if any(_check_fails(*sums[f"{m}/{p}/sum"]) for p in ("weight", "bias") if f"{m}/{p}/sum" in sums):
+            rejected.add(m)
+            reasons[m] = (
+                "its weight receives gradient from outside its own forward (weight tying or functional use): "
+                "the recorded inputs and output gradients do not sum to its gradient"
+            )
+        elif any(_check_fails(*sums[f"{m}/{p}/weighted"]) for p in ("weight", "bias") if f"{m}/{p}/weighted" in sums):
+            rejected.add(m)
+            reasons[m] = (
+                "its recorded inputs and output gradients do not give the per-sample gradients (the weighted "
+                "check Σ_i c_i g_i failed): row i of its input or output is not sample i alone (sample axis not "
+                "at dim 0, or samples coupled after the layer)"
+            )
+    if len(losses) and n > 1 and any(m not in rejected for m in plans):
+        coupled = _coupled_samples(model, inputs, targets, run_forward, loss_fn, torch.cat(losses), step)
+        if coupled is not None:
+            for m in plans:
+                if m not in rejected:
+                    rejected.add(m)
+                    reasons[m] = coupled
+    for m in list(plans):
         if m in rejected:
             del plans[m]
+    for m, why in reasons.items():
+        warnings.warn(
+            f"Layer '{m}' ({type(modules[m]).__name__}): {why}; its per-sample gradients are taken with the "
+            "exact engine (vmap, or the per-sample loop) instead.",
+            PhaseStatisticsWarning,
+            stacklevel=3,
+        )
     loss_vec = torch.cat(losses)
     if not plans:
         return None, loss_vec, set(), []
@@ -430,6 +527,52 @@ def fast_layer_gram(
         plan.out_grads.clear()
     covered = {pn for plan in plans.values() for pn in plan.param_names}
     return gram, loss_vec, covered, list(plans.values())
+
+
+def _batch_losses(vloss, loss_fn, out: Tensor, y: Tensor) -> Tensor:
+    """Per-sample losses ``[k]`` of a batched output: ``vmap(loss_fn)``, or a loop if ``loss_fn`` cannot be vmapped."""
+    message = (
+        "loss_fn must return one scalar loss per sample (it receives the output of one sample, batch "
+        "dimension removed, and that sample's target)"
+    )
+    try:
+        batched = vloss(out, y)
+    except Exception:  # noqa: BLE001 - e.g. .item() or data-dependent control flow in loss_fn
+        losses = [loss_fn(out[i], y[i]) for i in range(out.shape[0])]
+        if any(not isinstance(v, Tensor) or v.numel() != 1 for v in losses):
+            raise LightningPhasesError(message + ".") from None
+        return torch.stack([v.reshape(()) for v in losses])
+    if not isinstance(batched, Tensor) or batched.numel() != out.shape[0]:
+        shape = tuple(batched.shape[1:]) if isinstance(batched, Tensor) else type(batched).__name__
+        raise LightningPhasesError(f"{message}; it returned {shape} per sample.")
+    return batched.reshape(-1)
+
+
+def _coupled_samples(
+    model: nn.Module, inputs: Any, targets: Tensor, run_forward: ForwardFn, loss_fn, batched: Tensor, step: int
+) -> str | None:
+    """Why the batched losses of the first and last sample of the first chunk differ from one-sample runs, or None.
+
+    The fast path reads per-sample gradients off one batched forward; that is
+    only the per-sample gradient of the model if a sample's output does not
+    depend on the other samples of the batch (cross-sample coupling before a
+    layer is invisible to the gradient checks). Two single-sample forwards.
+    """
+    k = min(step, batched.shape[0])
+    eps = torch.finfo(batched.dtype).eps if batched.dtype.is_floating_point else 1e-7
+    with torch.no_grad():
+        for i in sorted({0, k - 1}):
+            out = _output_tensor(run_forward(model, _slice(inputs, i, i + 1)), 1)
+            alone = loss_fn(out[0], targets[i]).reshape(())
+            together = batched[i]
+            if not (torch.isfinite(alone) and torch.isfinite(together)):
+                continue
+            if abs(float(alone) - float(together)) > 1000 * eps * (1.0 + abs(float(together))):
+                return (
+                    f"the loss of sample {i} is {float(together):.6g} in the batch but {float(alone):.6g} alone: "
+                    "the model's output for one sample depends on the other samples (cross-sample coupling)"
+                )
+    return None
 
 
 def _add_rows(gram: Tensor, rows: Tensor, si: int, ei: int) -> None:

@@ -1,10 +1,22 @@
-"""Per-sample gradients and their Gram matrix, computed with ``torch.func``.
+"""Per-sample gradients and their Gram matrix: ``torch.func``, a per-layer fast path, and an exact loop.
 
 Every statistic of SPEC.md §1–§3 is a function of the n×n Gram matrix
 ``G_ij = g_i · g_j`` of the per-sample gradients ``g_i = ∇_w l_i`` of a probe set
-(Feng & Tu 2021, section 2). This module computes ``g_i`` with
-``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call`` of the
-model: one batched call, no Python loop over samples.
+(Feng & Tu 2021, section 2). Three engines compute them, all exact:
+
+* ``vmap``: ``torch.func.vmap`` over ``torch.func.grad`` of a ``functional_call``
+  of the model (through the ``forward`` callable): one batched call, no Python
+  loop over samples.
+* the per-layer fast path of :mod:`lightning_phases.functional.layer_gram`
+  (``method="auto"``, the default), for ``nn.Linear`` and ``nn.Conv2d``; every
+  layer proves that it computes the per-sample quantity, otherwise its
+  parameters go to the exact engines with a warning.
+* ``loop``: one single-sample forward and ``torch.autograd.grad`` per sample.
+  It runs whatever the model runs on a batch of one (GRU/RNN, in-place ops,
+  data-dependent control flow). ``"auto"`` and ``"vmap"`` fall back to it, with
+  one :class:`~lightning_phases.errors.PhaseStatisticsWarning` naming the
+  module, when ``torch.func`` cannot run the model; it costs about ``n``
+  single-sample forward and backward passes.
 
 Conventions:
 
@@ -13,7 +25,24 @@ Conventions:
 * Per-sample gradients are meaningless for layers that mix samples in training
   mode (BatchNorm) and random for Dropout, so the model is evaluated in eval
   mode; each module's ``training`` flag is restored afterwards.
-* Nothing here changes the model's parameters, buffers or ``.grad`` fields.
+* **The BatchNorm rule.** A BatchNorm without running statistics
+  (``track_running_stats=False``; any ``torch.nn.modules.batchnorm._BatchNorm``,
+  ``SyncBatchNorm`` included, whose ``running_mean``/``running_var`` is
+  ``None``) normalises with the batch's statistics even in eval mode, so a
+  sample's per-sample gradient is not defined. Every method (``auto``,
+  ``vmap``, ``ghost``, ``materialize``, ``loop``) and :func:`per_sample_grads`
+  refuse such a model up front with
+  :class:`~lightning_phases.errors.UnsupportedModelError` naming the module;
+  the fix is ``track_running_stats=True`` (eval mode then uses the running
+  statistics) or ``nn.GroupNorm``/``nn.LayerNorm``.
+* Inputs are a tensor ``[n, ...]`` or a (nested) tuple/list/dict of tensors
+  that all hold the ``n`` samples at dim 0 (non-tensor leaves are passed
+  unchanged); ``forward(model, inputs_chunk)`` (default :func:`default_forward`:
+  ``model(x)``, ``model(*x)``, ``model(**x)``) returns the output ``[n, ...]``.
+* Nothing here changes the model's parameters, buffers, ``.grad`` fields or
+  modes; the loop engine restores the global random state.
+* An out-of-memory error becomes :class:`~lightning_phases.errors.ProbeMemoryError`,
+  which suggests a smaller ``chunk_size`` or probe size.
 
 The per-sample loss ``loss_fn(output, target)`` receives the model output of
 *one* sample (batch dimension removed, e.g. shape ``[C]``) and that sample's
@@ -26,15 +55,22 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
-from lightning_phases.errors import LightningPhasesError, ParameterSelectionError, UnsupportedModelError
+from lightning_phases.errors import (
+    LightningPhasesError,
+    ParameterSelectionError,
+    PhaseStatisticsWarning,
+    ProbeMemoryError,
+    UnsupportedModelError,
+)
 
 __all__ = [
     "LossFn",
@@ -101,10 +137,6 @@ def default_forward(model: nn.Module, inputs: Any) -> Tensor:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
-
-
-def _tensor_leaves(inputs: Any) -> list[Tensor]:
-    return [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, Tensor)]
 
 
 def _slice(inputs: Any, start: int, stop: int) -> Any:
@@ -288,6 +320,65 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _check_batch_statistics(model: nn.Module) -> None:
+    """Refuse a model with a BatchNorm that normalises with batch statistics even in eval mode.
+
+    A ``_BatchNorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy variants)
+    whose running statistics are ``None`` (``track_running_stats=False``) uses
+    the statistics of the batch it is given in eval mode too, so a sample's
+    output depends on the other samples and its per-sample gradient is not
+    defined: batched engines would measure a cross-sample quantity, per-sample
+    engines one of batches of one. Every method refuses it the same way.
+
+    Raises:
+        UnsupportedModelError: naming the module and the fix.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and (module.running_mean is None or module.running_var is None):
+            label = name or type(model).__name__
+            raise UnsupportedModelError(
+                f"module '{label}' ({type(module).__name__}) has no running statistics (track_running_stats=False): "
+                "it normalises with the statistics of the batch even in eval mode, so one sample's output depends "
+                "on the other samples and per-sample gradients are not defined. Fix: construct it with "
+                "track_running_stats=True (eval mode then uses the running statistics), or replace it with "
+                "nn.GroupNorm / nn.LayerNorm, which normalise each sample on its own."
+            )
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (CUDA/MPS ``torch.OutOfMemoryError`` or a CPU allocation failure)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if (oom is not None and isinstance(err, oom)) or isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _memory_error(err: BaseException, what: str, n: int, chunk_size: int | None) -> ProbeMemoryError:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ProbeMemoryError(
+        f"out of memory in the {what} (n = {n} samples, chunk_size = {chunk_size}): {first}. "
+        "Pass a smaller chunk_size (it bounds the samples whose gradients and activations are held at once; "
+        "the result is the same) or use a smaller probe_size."
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _describe(model: nn.Module, where: str) -> str:
+    """``'name' (Type)`` for a module name returned by :func:`_locate_failing_module`."""
+    if where.startswith("<"):
+        return where
+    try:
+        module = model.get_submodule(where) if where != type(model).__name__ else model
+    except AttributeError:
+        return f"'{where}'"
+    return f"'{where}' ({type(module).__name__})"
+
+
 class _Engine:
     """Per-sample gradients of one model, forward, loss and parameter selection (``vmap`` over ``grad``)."""
 
@@ -325,30 +416,146 @@ class _Engine:
         return self._vmapped(self.selected, leaves, spec, others, targets)
 
     def __call__(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(J [n, P], losses [n])`` for one chunk."""
-        inputs = _to_device(inputs, self.device)
-        targets = targets.to(self.device)
+        """Return ``(J [n, P], losses [n])`` for one chunk (inputs and targets on the model's device)."""
+        with torch.no_grad():
+            grads, losses = self._call(inputs, targets)
         n = targets.shape[0]
-        try:
-            with torch.no_grad():
-                grads, losses = self._call(inputs, targets)
-        except LightningPhasesError:
-            raise
-        except Exception as err:  # torch.func raises plain RuntimeErrors
-            where = _locate_failing_module(self.model, lambda: self._call(_slice(inputs, 0, 1), targets[:1]))
-            raise UnsupportedModelError(
-                f"torch.func could not compute per-sample gradients (failed in module '{where}'): "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-                "Fixes: make that module's forward vmap-compatible (no .item(), no in-place "
-                "updates of buffers, no data-dependent Python control flow), replace BatchNorm "
-                "with GroupNorm/LayerNorm if it must run in training mode, or pass a loss_fn "
-                "that works on one sample's output."
-            ) from err
-        flat = torch.cat([grads[name].reshape(n, -1) for name in self.selected], dim=1)
-        return flat, losses
+        return torch.cat([grads[name].reshape(n, -1) for name in self.selected], dim=1), losses
 
 
 _TENSOR = object()  # placeholder for a tensor leaf in the flattened inputs
+
+
+class _LoopEngine:
+    """Exact per-sample gradients by a Python loop: one single-sample forward and ``torch.autograd.grad`` each.
+
+    Runs anything the model runs on a batch of one (GRU/RNN, in-place ops,
+    data-dependent control flow); nothing is written to ``.grad``, and the
+    global random state is restored afterwards.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn | None, params: ParamSelection, forward: ForwardFn | None = None
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss
+        self.forward = forward if forward is not None else default_forward
+        self.selected = select_parameters(model, params)
+        self.device = _model_device(model)
+
+    def sample(self, inputs: Any, targets: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """``(g_i [P], l_i)`` of sample ``i`` of a chunk."""
+        params = list(self.selected.values())
+        with torch.enable_grad():
+            out = _output_tensor(self.forward(self.model, _slice(inputs, i, i + 1)), 1)
+            loss = self.loss_fn(out[0], targets[i])
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise LightningPhasesError(
+                    f"loss_fn returned {shape} for one sample; it must return one scalar loss l_i per sample "
+                    "(it receives the output of one sample, batch dimension removed, and that sample's target)."
+                )
+            loss = loss.reshape(())
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            else:  # the loss does not depend on any selected parameter
+                grads = tuple(None for _ in params)
+        row = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]).detach()
+        return row, loss.detach()
+
+    def __call__(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(J [k, P], losses [k])`` for one chunk (inputs and targets on the model's device)."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            parts = [self.sample(inputs, targets, i) for i in range(targets.shape[0])]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+class _ExactEngine:
+    """The exact per-sample engines: ``vmap`` first, the per-sample loop when ``torch.func`` cannot run the model.
+
+    Falls back from ``vmap`` to the loop only when the loop can compute the
+    first sample of the failing chunk (so a ``loss_fn`` of the wrong shape or a
+    model that fails on one sample is refused, not retried), with one
+    :class:`PhaseStatisticsWarning` naming the module and the cost. Errors:
+    out of memory becomes :class:`ProbeMemoryError`; a model that fails on one
+    sample becomes :class:`UnsupportedModelError` naming the module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None,
+        params: ParamSelection,
+        forward: ForwardFn | None,
+        method: str,
+        n: int,
+        chunk_size: int | None,
+    ) -> None:
+        self.model = model
+        self.n = n
+        self.chunk_size = chunk_size
+        self.loop = _LoopEngine(model, loss_fn, params, forward)
+        self.vmap = _Engine(model, loss_fn, params, forward) if method != "loop" else None
+        self.device = self.loop.device
+
+    def __call__(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(J [k, P], losses [k])`` for one chunk."""
+        inputs = _to_device(inputs, self.device)
+        targets = targets.to(self.device)
+        if self.vmap is not None:
+            try:
+                return self.vmap(inputs, targets)
+            except LightningPhasesError:
+                raise
+            except Exception as err:  # noqa: BLE001 - torch.func raises plain RuntimeErrors; decided below
+                if _is_out_of_memory(err):
+                    raise _memory_error(err, "vmap engine", self.n, self.chunk_size) from err
+                self._fall_back(err, inputs, targets)
+        try:
+            return self.loop(inputs, targets)
+        except LightningPhasesError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported with the failing module
+            if _is_out_of_memory(err):
+                raise _memory_error(err, "per-sample loop engine", self.n, self.chunk_size) from err
+            raise self._refusal(err, inputs, targets) from err
+
+    def _fall_back(self, err: Exception, inputs: Any, targets: Tensor) -> None:
+        """Switch to the loop engine if it can run the model, with one warning; else refuse."""
+        try:
+            self.loop.sample(inputs, targets, 0)
+        except LightningPhasesError:
+            raise
+        except Exception as loop_err:  # noqa: BLE001 - the model fails on one sample: not vmap's fault
+            if _is_out_of_memory(loop_err):
+                raise _memory_error(loop_err, "per-sample loop engine", self.n, self.chunk_size) from loop_err
+            raise self._refusal(loop_err, inputs, targets) from loop_err
+        vmapped = self.vmap
+        assert vmapped is not None
+        where = _locate_failing_module(self.model, lambda: vmapped._call(_slice(inputs, 0, 1), targets[:1]))
+        k = self.n if self.chunk_size is None else min(self.chunk_size, self.n)
+        blocks = -(-self.n // k)
+        passes = self.n * (blocks + 1) // 2 if blocks > 1 else self.n
+        warnings.warn(
+            f"torch.func cannot compute per-sample gradients through module {_describe(self.model, where)} "
+            f"({_first_line(err)}); using the exact per-sample loop engine instead: about {passes} single-sample "
+            f"forward and backward passes for n = {self.n} samples, expect it to be many times slower than vmap "
+            "(GRU/RNN, in-place ops and data-dependent control flow cannot be vmapped).",
+            PhaseStatisticsWarning,
+            stacklevel=4,
+        )
+        self.vmap = None
+
+    def _refusal(self, err: Exception, inputs: Any, targets: Tensor) -> UnsupportedModelError:
+        where = _locate_failing_module(self.model, lambda: self.loop.sample(inputs, targets, 0))
+        return UnsupportedModelError(
+            f"per-sample gradients failed in module {_describe(self.model, where)} ({_first_line(err)}): the model "
+            "raised when run on one sample, as every per-sample engine runs it (forward(model, inputs[i:i+1]), "
+            "then loss_fn(output[0], targets[i])). Fix: make that module accept a batch of one sample, or pass a "
+            "forward= (e.g. one that adds what the model needs, or picks the logits) and a loss_fn= that work on "
+            "one sample."
+        )
 
 
 def per_sample_grads_and_losses(
@@ -360,6 +567,7 @@ def per_sample_grads_and_losses(
     params: ParamSelection = None,
     chunk_size: int | None = None,
     forward: ForwardFn | None = None,
+    method: Literal["vmap", "loop"] = "vmap",
 ) -> tuple[Tensor, Tensor]:
     """Per-sample gradients and per-sample losses.
 
@@ -368,8 +576,11 @@ def per_sample_grads_and_losses(
     Returns:
         ``(grads, losses)``: ``grads`` of shape ``[n, P]`` and ``losses`` of shape ``[n]``.
     """
+    if method not in ("vmap", "loop"):
+        raise LightningPhasesError(f"method must be 'vmap' or 'loop'; got {method!r}.")
     n = _validate_batch(inputs, targets, chunk_size)
-    engine = _Engine(model, loss_fn, params, forward)
+    _check_batch_statistics(model)
+    engine = _ExactEngine(model, loss_fn, params, forward, method, n, chunk_size)
     step = n if chunk_size is None else chunk_size
     with eval_mode(model):
         parts = [engine(_slice(inputs, s, s + step), targets[s : s + step]) for s in range(0, n, step)]
@@ -385,11 +596,15 @@ def per_sample_grads(
     params: ParamSelection = None,
     chunk_size: int | None = None,
     forward: ForwardFn | None = None,
+    method: Literal["vmap", "loop"] = "vmap",
 ) -> Tensor:
     """Per-sample gradients ``g_i = ∇_w l_i`` of a probe set, flattened.
 
     Uses ``torch.func.vmap(torch.func.grad(...))`` over a ``functional_call`` of
     the model, in eval mode, without touching the model's state or ``.grad``.
+    Where ``torch.func`` cannot run the model (GRU/RNN, in-place ops,
+    data-dependent control flow) the exact per-sample loop engine takes over
+    with one :class:`~lightning_phases.errors.PhaseStatisticsWarning`.
 
     Args:
         model: Any ``nn.Module`` mapping a batch ``[n, ...]`` to outputs ``[n, ...]``.
@@ -405,6 +620,8 @@ def per_sample_grads(
             memory; the result is identical).
         forward: ``forward(model, inputs_chunk) -> output [n, ...]``; default
             :func:`default_forward` (``model(x)``, ``model(*x)``, ``model(**x)``).
+        method: ``"vmap"`` (falls back to the loop where it cannot run) or
+            ``"loop"`` (one single-sample forward and backward per sample).
 
     Returns:
         Tensor of shape ``[n, P]``: row ``i`` is ``g_i``, the selected
@@ -412,11 +629,12 @@ def per_sample_grads(
 
     Raises:
         ParameterSelectionError: ``params`` matches nothing.
-        UnsupportedModelError: ``torch.func`` cannot run through a module; the
-            message names the module and a fix.
+        UnsupportedModelError: a BatchNorm without running statistics, or the
+            model fails on one sample; the message names the module and a fix.
+        ProbeMemoryError: out of memory (pass a smaller ``chunk_size``).
     """
     return per_sample_grads_and_losses(
-        model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size, forward=forward
+        model, inputs, targets, loss_fn=loss_fn, params=params, chunk_size=chunk_size, forward=forward, method=method
     )[0]
 
 
@@ -426,7 +644,8 @@ def _symmetric(block: Tensor) -> Tensor:
     return (block + block.T) / 2
 
 
-GRAM_METHODS = ("auto", "vmap", "ghost", "materialize")
+GramMethod = Literal["auto", "vmap", "ghost", "materialize", "loop"]
+GRAM_METHODS: tuple[str, ...] = ("auto", "vmap", "ghost", "materialize", "loop")
 
 
 def gradient_gram(
@@ -437,7 +656,7 @@ def gradient_gram(
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: GramMethod = "auto",
     forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gram matrix ``G_ij = g_i · g_j`` of the per-sample gradients, and the losses.
@@ -450,7 +669,19 @@ def gradient_gram(
     materialising that layer's per-sample gradients -- and the ``vmap``
     engine for every other parameter. ``"vmap"`` sends everything through
     ``vmap(grad(functional_call))``; ``"ghost"`` and ``"materialize"`` force
-    one fast method for every supported layer. All methods agree to rounding.
+    one fast method for every supported layer; ``"loop"`` runs one
+    single-sample forward and ``torch.autograd.grad`` per sample (exact for
+    anything the model runs on one sample; about ``n`` passes). All methods
+    agree to rounding.
+
+    Every fast layer proves that its recorded inputs and output gradients give
+    the per-sample gradients (sample axis at dim 0, and a weighted check
+    ``Σ_i c_i g_i = ∇(Σ_i c_i l_i)`` with fixed pseudo-random ``c``); a layer
+    that fails goes to the exact engines with a warning naming it. Where
+    ``torch.func`` cannot run the model (GRU/RNN, in-place ops,
+    data-dependent control flow), ``"auto"`` and ``"vmap"`` fall back to the
+    loop engine with one warning. A BatchNorm without running statistics is
+    refused by every method (see the module docstring).
 
     With the ``vmap`` engine and no ``chunk_size`` the ``[n, P]`` per-sample
     gradient matrix ``J`` is formed once and ``G = J Jᵀ``. With
@@ -469,7 +700,7 @@ def gradient_gram(
         loss_fn: Per-sample loss; default :func:`default_loss`.
         params: Parameter selection (see :func:`select_parameters`).
         chunk_size: Block size ``k`` (see above); ``None`` processes all at once.
-        method: ``"auto"``, ``"vmap"``, ``"ghost"`` or ``"materialize"``.
+        method: ``"auto"``, ``"vmap"``, ``"ghost"``, ``"materialize"`` or ``"loop"``.
         forward: ``forward(model, inputs_chunk) -> output [n, ...]``; default
             :func:`default_forward`.
 
@@ -481,7 +712,9 @@ def gradient_gram(
     Raises:
         ValueError: unknown ``method`` or mismatched inputs.
         ParameterSelectionError: ``params`` matches nothing.
-        UnsupportedModelError: ``torch.func`` cannot run through a module.
+        UnsupportedModelError: a BatchNorm without running statistics, or the
+            model fails on one sample; the message names the module and a fix.
+        ProbeMemoryError: out of memory (pass a smaller ``chunk_size``).
     """
     return _gram(model, inputs, targets, loss_fn, params, chunk_size, method, None, 0, forward)
 
@@ -496,7 +729,7 @@ def grouped_gradient_gram(
     loss_fn: LossFn | None = None,
     params: ParamSelection = None,
     chunk_size: int | None = None,
-    method: str = "auto",
+    method: GramMethod = "auto",
     forward: ForwardFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gram matrix of group-summed per-sample gradients, ``H_kl = G_k · G_l`` with ``G_k = Σ_{i: groups_i = k} g_i``.
@@ -524,7 +757,8 @@ def grouped_gradient_gram(
     Raises:
         ValueError: bad ``groups``, ``num_groups`` or ``method``, mismatched inputs.
         ParameterSelectionError: ``params`` matches nothing.
-        UnsupportedModelError: ``torch.func`` cannot run through a module.
+        UnsupportedModelError: as for :func:`gradient_gram`.
+        ProbeMemoryError: out of memory (pass a smaller ``chunk_size``).
     """
     n = _validate_batch(inputs, targets, chunk_size)
     groups = torch.as_tensor(groups)
@@ -576,12 +810,13 @@ def _gram(
     if method not in GRAM_METHODS:
         raise ValueError(f"method must be one of {GRAM_METHODS}; got {method!r}.")
     n = _validate_batch(inputs, targets, chunk_size)
+    _check_batch_statistics(model)
 
     def reduce(gram: Tensor) -> Tensor:
         return gram if groups is None else reduce_gram_to_groups(gram, groups, num_groups)
 
-    if method == "vmap":
-        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, params, chunk_size, n, forward)
+    if method in ("vmap", "loop"):
+        gram, losses = _exact_gram(model, inputs, targets, loss_fn, params, chunk_size, n, forward, method)
         return reduce(gram), losses
     from lightning_phases.functional.layer_gram import fast_layer_gram
 
@@ -603,26 +838,31 @@ def _gram(
                 forward=forward,
             )
         except LightningPhasesError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the vmap engine reports unsupported models clearly
+            raise  # a bad output or loss: no engine can fix it
+        except Exception as err:  # noqa: BLE001 - narrowed below
+            if _is_out_of_memory(err):
+                raise _memory_error(err, "per-layer fast path", n, chunk_size) from err
+            # The batched forward/backward of the fast path failed where single samples may not (e.g. a
+            # loss_fn that torch.func cannot vmap over the batch): the exact engines run every parameter, and
+            # raise an error naming the module if they cannot either.
             warnings.warn(
-                f"The per-layer fast Gram path failed ({type(err).__name__}: {err}); "
-                "using the vmap engine for every parameter.",
-                RuntimeWarning,
+                f"The per-layer fast Gram path could not run the batched forward and backward "
+                f"({_first_line(err)}); using the exact per-sample engines for every parameter.",
+                PhaseStatisticsWarning,
                 stacklevel=3,
             )
             fast, covered = None, set()
     rest = [name for name in selected if name not in covered]
     if fast is None:
-        gram, losses = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward)
+        gram, losses = _exact_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward, "vmap")
         return reduce(gram), losses
     if rest:
-        other, _ = _vmap_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward)
+        other, _ = _exact_gram(model, inputs, targets, loss_fn, rest, chunk_size, n, forward, "vmap")
         fast = fast + reduce(other).to(fast.device)
     return fast, losses
 
 
-def _vmap_gram(
+def _exact_gram(
     model: nn.Module,
     inputs: Any,
     targets: Tensor,
@@ -630,9 +870,11 @@ def _vmap_gram(
     params: ParamSelection,
     chunk_size: int | None,
     n: int,
-    forward: ForwardFn | None = None,
+    forward: ForwardFn | None,
+    method: str,
 ) -> tuple[Tensor, Tensor]:
-    engine = _Engine(model, loss_fn, params, forward)
+    """``G = J Jᵀ`` (float64) from an exact engine, block by block when ``chunk_size < n``."""
+    engine = _ExactEngine(model, loss_fn, params, forward, method, n, chunk_size)
     with eval_mode(model):
         if chunk_size is None or chunk_size >= n:
             jac, losses = engine(inputs, targets)

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_phases.errors import LightningPhasesError, ParameterSelectionError, UnsupportedModelError
+from lightning_phases.errors import (
+    LightningPhasesError,
+    ParameterSelectionError,
+    PhaseStatisticsWarning,
+    UnsupportedModelError,
+)
 from lightning_phases.functional import (
     default_loss,
     gradient_gram,
@@ -187,10 +192,15 @@ class _ItemModule(nn.Module):
         return -self.lin(x)
 
 
-def test_unsupported_module_is_named():
+def test_data_dependent_control_flow_falls_back_to_the_loop_engine_naming_the_module():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), _ItemModule())
-    with pytest.raises(UnsupportedModelError, match=r"module '1'.*\.item\(\)"):
-        per_sample_grads(model, torch.randn(4, 6), torch.randint(0, 4, (4,)))
+    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
+    with pytest.warns(PhaseStatisticsWarning, match=r"module '1' \(_ItemModule\).*\.item\(\).*loop engine.*6 single"):
+        jac, losses = per_sample_grads_and_losses(model, x, y)
+    ref_jac, ref_losses = loop_per_sample_grads(model, x, y, default_loss)  # per-sample branch taken
+    torch.testing.assert_close(jac, ref_jac, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
 
 
 def test_input_validation():
