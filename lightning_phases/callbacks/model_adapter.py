@@ -144,7 +144,7 @@ class ModelAdapter:
         self.loss_fn = loss_fn
         self.collate_fn: Callable[[list[Any]], Any] = default_collate
         self.cast_dtype: torch.dtype | None = None
-        self.resolved_task: str | None = None if task == "auto" else task
+        self.resolved_task: str | None = None  # set (and checked against the data) by the first resolve_task
 
     # ------------------------------------------------------------------ binding to a run
     def bind(self, *, collate_fn: Callable[[list[Any]], Any] | None, cast_dtype: torch.dtype | None) -> None:
@@ -153,8 +153,8 @@ class ModelAdapter:
         self.cast_dtype = cast_dtype
 
     def reset(self) -> None:
-        """Forget the inferred task (a new fit may train on other data)."""
-        self.resolved_task = None if self.task == "auto" else self.task
+        """Forget the resolved task (a new fit may train on other data)."""
+        self.resolved_task = None
 
     # ------------------------------------------------------------------ batch → inputs
     def collate(self, items: list[Any]) -> Any:

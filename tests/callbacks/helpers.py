@@ -149,3 +149,140 @@ class DestroyProcessGroupAtExit(pl.Callback):
 
         if trainer.world_size > 1:
             atexit.register(destroy)
+
+
+# ---------------------------------------------------------------- model interfaces for the probe adapter tests
+
+
+class TwoInputClassifier(TinyClassifier):
+    """``forward(a, b)``: two input tensors (a tuple batch entry passed positionally)."""
+
+    def __init__(self, dim_a: int = 4, dim_b: int = 2, num_classes: int = 3) -> None:
+        super().__init__(dim=dim_a + dim_b, num_classes=num_classes)
+
+    def forward(self, a, b):
+        return self.net(torch.cat([a, b], dim=1))
+
+    def training_step(self, batch, batch_idx):
+        (a, b), y = batch
+        return nn.functional.cross_entropy(self(a, b), y)
+
+
+class DictInputDictOutputClassifier(TinyClassifier):
+    """``forward(*, features, extra)`` returning ``{"logits": ..., "hidden": ...}`` (dict batches ``{"inputs": {...}, "label": y}``)."""
+
+    def forward(self, features, extra):
+        hidden = self.net[0](features) * extra
+        return {"hidden": hidden, "logits": self.net[3](self.net[2](self.net[1](hidden)))}
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(**batch["inputs"])["logits"], batch["label"])
+
+
+class BackboneOnly(pl.LightningModule):
+    """A LightningModule without ``forward()``: ``training_step`` calls ``self.backbone``."""
+
+    def __init__(self, dim: int = 6, num_classes: int = 3) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, num_classes))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.backbone(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class SequenceDataset(Dataset):
+    """Variable-length sequences ``[T_i, dim]`` with a class label; needs :func:`pad_collate`."""
+
+    def __init__(self, n: int = 64, dim: int = 4, num_classes: int = 3, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % num_classes
+        centres = torch.randn(num_classes, dim, generator=gen)
+        lengths = torch.randint(2, 7, (n,), generator=gen)
+        self.seqs = [centres[self.y[i]] + 0.5 * torch.randn(int(lengths[i]), dim, generator=gen) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int):
+        return self.seqs[i], self.y[i]
+
+
+def pad_collate(items):
+    """``((padded [n, T, d], mask [n, T]), y)`` from variable-length items."""
+    seqs, ys = zip(*items)
+    padded = nn.utils.rnn.pad_sequence(list(seqs), batch_first=True)
+    mask = torch.zeros(padded.shape[:2])
+    for i, s in enumerate(seqs):
+        mask[i, : len(s)] = 1.0
+    return (padded, mask), torch.stack(list(ys))
+
+
+class MaskedMeanClassifier(TinyClassifier):
+    """Masked mean over time of padded sequences, then an MLP: ``forward(padded, mask)``."""
+
+    def __init__(self, dim: int = 4, num_classes: int = 3) -> None:
+        super().__init__(dim=dim, num_classes=num_classes)
+
+    def forward(self, padded, mask):
+        pooled = (padded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return self.net(pooled)
+
+    def training_step(self, batch, batch_idx):
+        (padded, mask), y = batch
+        return nn.functional.cross_entropy(self(padded, mask), y)
+
+
+class RegressionDataset(Dataset):
+    """Float targets near 5: ``y = 5 + w·x + noise`` (shape ``[]`` per sample, or ``[k]`` with ``outputs=k``)."""
+
+    def __init__(self, n: int = 64, dim: int = 6, outputs: int | None = None, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=gen)
+        w = torch.randn(dim, outputs or 1, generator=gen)
+        y = 5.0 + self.x @ w + 0.1 * torch.randn(n, outputs or 1, generator=gen)
+        self.y = y if outputs else y.reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class Regressor(TinyClassifier):
+    """MLP regressor trained with MSE; ``outputs`` outputs (targets ``[]`` for one output)."""
+
+    def __init__(self, dim: int = 6, outputs: int = 1, lr: float = 0.02) -> None:
+        super().__init__(dim=dim, num_classes=outputs, lr=lr)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x).reshape(y.shape), y)
+
+
+class MultiLabelDataset(Dataset):
+    """Float 0/1 targets over ``labels`` labels."""
+
+    def __init__(self, n: int = 64, dim: int = 6, labels: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=gen)
+        self.y = (self.x @ torch.randn(dim, labels, generator=gen) > 0).float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class MultiLabelClassifier(TinyClassifier):
+    def __init__(self, dim: int = 6, labels: int = 4) -> None:
+        super().__init__(dim=dim, num_classes=labels)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
