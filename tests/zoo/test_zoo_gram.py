@@ -27,12 +27,13 @@ Tolerances (relative Frobenius norm of ``G − G_ref``):
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
 import torch
 
-from lightning_phases.errors import UnsupportedModelError
+from lightning_phases.errors import PhaseStatisticsWarning, UnsupportedModelError
 from lightning_phases.functional import (
     effective_dimension,
     gradient_gram,
@@ -75,12 +76,13 @@ def _probe(case: ZooCase):
     return model, x, y
 
 
-def _fast_gram(case: ZooCase, model, x, y, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fast_gram(case: ZooCase, model, x, y, method: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """``(G, losses, messages of the PhaseStatisticsWarnings emitted)``."""
     kwargs = {} if case.forward is None else {"forward": case.forward}
-    with warnings.catch_warnings():
-        # torch.func's "no batching rule" performance notes (scaled-dot-product attention) are not under test
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        return gradient_gram(model, x, y, loss_fn=case.loss_fn, method=method, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gram, losses = gradient_gram(model, x, y, loss_fn=case.loss_fn, method=method, **kwargs)
+    return gram, losses, [str(w.message) for w in caught if issubclass(w.category, PhaseStatisticsWarning)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,10 +120,16 @@ def test_gram_matches_reference_or_refuses(zoo_row: ZooRow, method: str) -> None
     model, x, y = _probe(case)
     refusal = expected_refusal(zoo_row.expect[method])
     if refusal is not None:
-        with pytest.raises(UnsupportedModelError, match=refusal):
+        with pytest.raises(UnsupportedModelError, match=re.escape(refusal)):
             _fast_gram(case, model, x, y, method)
         return
-    fast, losses = _fast_gram(case, model, x, y, method)
+    fast, losses, warned = _fast_gram(case, model, x, y, method)
+    expected_warning = zoo_row.warns.get(method)
+    if expected_warning is None:
+        assert warned == [], warned
+    else:
+        assert warned and all(expected_warning in m for m in warned), warned
+        assert len(warned) == len(set(warned)), f"a warning repeated: {warned}"
     ref, ref_losses = _reference(case, model, x, y)
     assert fast.shape == ref.shape == (case.probe_size, case.probe_size)
     assert fast.dtype == torch.float64
