@@ -56,6 +56,23 @@ def test_table_has_one_line_per_row_with_its_expectations() -> None:
                 assert cell == ("refused" if expected_refusal(row.expect[check]) else "✓ exact")
 
 
+def test_adapter_examples_run() -> None:
+    """The "Adapting the probe to your model" examples construct what they say (no training needed)."""
+    import re
+
+    for path in (ROOT / "README.md", ROOT / "notes" / "zoo.md"):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if "### Adapting the probe to your model" in text:
+            section = text.split("### Adapting the probe to your model", 1)[1].split("\n## ", 1)[0]
+            blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+            assert blocks, f"{path.name}: the adapter section has no python example"
+            namespace: dict = {}
+            exec(compile(blocks[0], f"{path.name}:adapter-examples", "exec"), namespace)
+            assert len(namespace["callbacks"]) == 3
+            return
+    pytest.fail("neither README.md nor notes/zoo.md has the adapter section")
+
+
 def test_rows_are_well_formed() -> None:
     names = [r.name for r in ROWS]
     assert len(set(names)) == len(names)
