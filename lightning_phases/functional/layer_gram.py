@@ -17,13 +17,35 @@ the per-sample gradients ``Σ_t δ_it a_itᵀ`` and multiplying them costs
 taken by operation count. Parameters of every other layer go through the
 ``vmap`` engine of :mod:`lightning_phases.functional.per_sample`.
 
-Safety checks, each of which sends the layer back to the ``vmap`` engine:
-the module must be called exactly once per forward, its input must not be
-modified in place after the call, and the per-sample gradients implied by
-``(a, δ)`` must sum to the autograd gradient of ``Σ_i l_i`` for its weight
-(this catches weights used outside the module's own forward, e.g. tying). The
-last check compares both along two fixed random directions, which costs
-``O(n·T·(d_in + d_out))`` rather than a second weight-gradient product.
+Safety checks, each of which sends the layer to the exact engines
+(``vmap``, or the per-sample loop where ``torch.func`` cannot run the model):
+the module must be called exactly once per forward and its input must not be
+modified in place after the call (both silently); and, with a
+:class:`~lightning_phases.errors.PhaseStatisticsWarning` naming the layer,
+every layer must prove that its recorded ``(a, δ)`` give the *per-sample*
+gradients, not only their sum:
+
+1. the layer's input and output hold the chunk's samples at dim 0 (Linear
+   ``[n, ..., d]``, Conv2d ``[n, C, H, W]``); a time-major ``[T, n, d]``
+   layout (``nn.TransformerEncoder(batch_first=False)``) fails here;
+2. the summed check: ``Σ_i g_i`` from ``(a, δ)`` equals the autograd gradient
+   of ``Σ_i l_i`` (catches weights used outside the module's forward, e.g.
+   tying);
+3. the weighted check: with fixed pseudo-random per-sample weights ``c_i``
+   (a private generator; the global random state is untouched), one extra
+   backward of ``Σ_i c_i l_i`` must give ``Σ_i c_i g_i``. This holds only if
+   row ``i`` of the layer's input and output belongs to sample ``i`` alone, so
+   it catches a wrong sample axis even when ``T == n`` and samples coupled
+   after the layer;
+4. samples coupled *before* a layer are invisible to gradients, so the losses
+   of the first and last sample of the first chunk, each run alone, must
+   equal their batched losses.
+
+Layers in float16 or bfloat16 are left to the exact engines: their rounding is
+too coarse for these checks to prove anything. Checks 2 and 3 compare along two fixed random directions, which costs
+``O(n·T·(d_in + d_out))`` rather than a second weight-gradient product, with
+a float32 rounding bound as tolerance. Together the checks cost one extra
+backward pass per chunk and two single-sample forwards.
 
 Cost: the batched forward and backward (the output gradients ``δ`` are caught
 by tensor hooks; nothing is added to the forward pass) plus, per layer, the
@@ -237,6 +259,9 @@ def _layer_dims(module: nn.Module, inp_shape: torch.Size, out_shape: torch.Size)
     return math.prod(inp_shape[1:-1]) if len(inp_shape) > 2 else 1, module.in_features, module.out_features
 
 
+# Layers in float16/bfloat16 go to the exact engines: their rounding (2^-8 for bfloat16) is too coarse for the
+# checks below to prove that the recorded inputs and output gradients give per-sample gradients.
+_CHECKABLE_DTYPES = (torch.float32, torch.float64)
 _CHECK_VECTORS = 2  # random directions for the projected weight checks
 _CHECK_SEED = 20210612
 _WEIGHT_SEED = 19890417  # per-sample weights c_i of the weighted check
@@ -387,7 +412,7 @@ def fast_layer_gram(
     run_forward = forward if forward is not None else default_forward
     modules = {}
     for name, module in model.named_modules():
-        if not supported_layer(module):
+        if not supported_layer(module) or module.weight.dtype not in _CHECKABLE_DTYPES:
             continue
         names = [_pname(name, p) for p, _ in module.named_parameters(recurse=False)]
         if any(pn in selected for pn in names):

@@ -185,6 +185,8 @@ class _Forward(nn.Module):
     ``model.``.
     """
 
+    _fn: ForwardFn
+
     def __init__(self, model: nn.Module, forward: ForwardFn) -> None:
         super().__init__()
         self.model = model
@@ -313,10 +315,10 @@ def _validate_batch(inputs: Any, targets: Tensor, chunk_size: int | None) -> int
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -456,6 +458,7 @@ class _LoopEngine:
                     "(it receives the output of one sample, batch dimension removed, and that sample's target)."
                 )
             loss = loss.reshape(())
+            grads: tuple[Tensor | None, ...]
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             else:  # the loss does not depend on any selected parameter

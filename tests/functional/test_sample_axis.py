@@ -140,14 +140,16 @@ def test_tied_embedding_and_output_layer(method):
 
 @pytest.mark.parametrize("method", FAST)
 def test_samples_coupled_after_a_layer_are_caught_by_the_weighted_check(method):
-    """Cross-sample coupling: no per-sample engine reproduces a batch quantity, but the fast path must not
-    silently report its own (the loop of single samples is the definition)."""
+    """Cross-sample coupling: the per-sample gradient is the one of the loop over single samples; the fast
+    path must not report a batch quantity. ``fc``'s outputs are coupled after it (the weighted check fails),
+    ``head``'s inputs before it (the single-sample loss check fails)."""
     torch.manual_seed(3)
     model, x, y = _CoupledAfter(), torch.randn(9, 5), torch.randint(0, 3, (9,))
     ref, _ = loop_gram(model, x, y, default_loss)
     gram, _, warned = _gram_case(model, x, y, method)
     torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-6)
-    assert any("'fc'" in w for w in warned), warned
+    assert any("'fc'" in w and "weighted check" in w for w in warned), warned
+    assert any("'head'" in w and "cross-sample coupling" in w for w in warned), warned
 
 
 def test_grouped_gram_of_a_time_major_model():
@@ -179,3 +181,40 @@ def test_the_check_leaves_the_global_random_state_alone():
     with pytest.warns(PhaseStatisticsWarning):
         gradient_gram(model, x, y)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _CoupledBefore(nn.Module):
+    """Samples coupled before the layer (batch-centred inputs): invisible to the gradient checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x - 0.5 * x.mean(0, keepdim=True))))
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_samples_coupled_before_a_layer_are_caught_by_the_single_sample_check(method):
+    torch.manual_seed(7)
+    model, x, y = _CoupledBefore(), torch.randn(9, 5), torch.randint(0, 3, (9,))
+    ref, _ = loop_gram(model, x, y, default_loss)
+    gram, _, warned = _gram_case(model, x, y, method, chunk=4)
+    torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-6)
+    assert any("'fc'" in w and "cross-sample coupling" in w for w in warned), warned
+    assert any("'head'" in w for w in warned), warned
+
+
+def test_half_precision_layers_go_to_the_exact_engines():
+    """bfloat16 rounding is too coarse for the per-sample checks: no fast layer, the exact engines instead."""
+    torch.manual_seed(8)
+    model = _TimeMajor().to(torch.bfloat16)
+    x, y = torch.randn(6, 6, 12, dtype=torch.bfloat16), torch.randint(0, 4, (6,))
+    with eval_mode(model):
+        gram, _, covered, _ = fast_layer_gram(model, x, y, select_parameters(model), default_loss, chunk_size=None)
+    assert gram is None and not covered
+    gram, _ = gradient_gram(model, x, y)
+    torch.testing.assert_close(gram, gradient_gram(model, x, y, method="vmap")[0], rtol=0, atol=0)
+    ref, _ = loop_gram(model.double(), x.double(), y, default_loss)  # per-sample truth, bfloat16 rounding apart
+    torch.testing.assert_close(gram, ref, rtol=0.05, atol=0.05 * float(ref.abs().max()))
