@@ -40,6 +40,13 @@ __all__ = [
     "GMM_PREFIX",
     "PHASE_PREFIX",
     "name",
+    "order",
+    "split",
+    "segment",
+    "gmm",
+    "phase",
+    "TRACKER_STATISTICS",
+    "tracker_statistics",
     "segment_prefix",
     "statistic",
     "registry_names",
@@ -143,6 +150,7 @@ GMM: dict[str, MetricKey] = _table(
     MetricKey("auroc", "§4", "AUROC of the posterior against ground truth"),
     MetricKey("t_c_step", "§4", "global step of the cleansing time t_c"),
     MetricKey("loss_histogram", "§4", "loss histogram with the fit", tensorboard_only=True),
+    MetricKey("skipped", "-", "number of skipped fits (only after a failure)"),
 )
 
 #: PhaseDetector, prefix ``"phase"``.
@@ -151,6 +159,7 @@ PHASE: dict[str, MetricKey] = _table(
     MetricKey("recommended", "§2", "1.0 at the measurement of the recommended stop"),
     MetricKey("recommended_step", "§2", "global step of the recommended stop"),
     MetricKey("transitions", "§2", "text entry per transition", tensorboard_only=True),
+    MetricKey("skipped", "-", "number of skipped measurements (only after a failure)"),
 )
 
 #: ``{default prefix: table}``.
@@ -209,3 +218,56 @@ def registry_names(prefix: str | None = None) -> list[str]:
     """Every registered key under its default prefix (or the one table of ``prefix``)."""
     tables = REGISTRY.items() if prefix is None else [(prefix, REGISTRY[prefix])]
     return [f"{p}/{s}" for p, rows in tables for s in rows]
+
+
+def order(statistic: str) -> str:
+    """An OrderParameterMonitor key under the default prefix: ``order("R") == "order/R"``."""
+    return name(ORDER_PREFIX, statistic)
+
+
+def split(statistic: str) -> str:
+    """A NoiseSplitTracker key under the default prefix: ``split("R_cw") == "split/R_cw"``."""
+    return name(SPLIT_PREFIX, statistic)
+
+
+def segment(statistic: str) -> str:
+    """A segment key under the default prefix: ``segment("ratio") == "segment/ratio"``."""
+    return name(SEGMENT_PREFIX, statistic)
+
+
+def gmm(statistic: str) -> str:
+    """A GMMCleanser key: ``gmm("t_c_step") == "gmm/t_c_step"``."""
+    return name(GMM_PREFIX, statistic)
+
+
+def phase(statistic: str) -> str:
+    """A PhaseDetector key: ``phase("index") == "phase/index"``."""
+    return name(PHASE_PREFIX, statistic)
+
+
+#: The statistics :class:`~lightning_phases.functional.phases.PhaseTracker` reads, by its (SPEC) name,
+#: and the key each is logged under (default prefixes). The tracker never sees the keys.
+TRACKER_STATISTICS: dict[str, str] = {
+    "R": order("R"),
+    "sigma2_lambda": order("sigma2_lambda"),
+    "A": order("A"),
+    "A_c": split("A_c"),
+    "A0_c": split("A0_c"),
+    "A0_w": split("A0_w"),
+    "R_cw": split("R_cw"),
+    "err_w": split("err_w"),
+    "L_c": split("L_c"),
+    "L_w": split("L_w"),
+    "segment_ratio": segment("ratio"),
+}
+
+
+def tracker_statistics(metrics: object) -> dict[str, float]:
+    """``{tracker name: value}`` of the :data:`TRACKER_STATISTICS` present in ``metrics`` (a mapping of keys)."""
+    get = metrics.get  # type: ignore[attr-defined]
+    out: dict[str, float] = {}
+    for stat, key in TRACKER_STATISTICS.items():
+        value = get(key)
+        if value is not None:
+            out[stat] = float(value)
+    return out

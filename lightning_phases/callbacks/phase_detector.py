@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightning_phases import _lightning as pl
+from lightning_phases import keys
 from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
@@ -20,9 +21,14 @@ __all__ = ["PhaseDetector"]
 
 log = logging.getLogger("lightning_phases")
 
-_TRIGGERS = ("order/measured_step", "split/measured_step")
-_PROVIDERS = {"order/": "OrderParameterMonitor", "split/": "NoiseSplitTracker"}
-_STAT_PREFIXES = ("order/", "split/", "segment/")
+_TRIGGERS = (keys.order("measured_step"), keys.split("measured_step"))
+_PROVIDERS = {keys.ORDER_PREFIX + "/": "OrderParameterMonitor", keys.SPLIT_PREFIX + "/": "NoiseSplitTracker"}
+_STAT_PREFIXES = tuple(p + "/" for p in (keys.ORDER_PREFIX, keys.SPLIT_PREFIX, keys.SEGMENT_PREFIX))
+
+
+def _logged(statistics: tuple[str, ...]) -> list[str]:
+    """The logged keys of PhaseTracker statistics (SPEC names)."""
+    return [keys.TRACKER_STATISTICS[s] for s in statistics]
 
 
 def _statistics(metrics: Any) -> dict[str, float]:
@@ -199,12 +205,12 @@ class PhaseDetector(Callback):
         if self.model == "auto" and self.tracker.model is None and provided:
             # decide from what the Trainer's callbacks will publish, not from the first measurement
             # (whose split statistics may be missing, e.g. a probe without mislabeled samples)
-            self.tracker.model = "four" if all(k in provided for k in required_keys("four")) else "two"
+            self.tracker.model = "four" if all(k in provided for k in _logged(required_keys("four"))) else "two"
         if not self.strict:
             return
-        needed = list(required_keys("two"))
+        needed = _logged(required_keys("two"))
         if self.model == "four":
-            needed += list(required_keys("four"))
+            needed += _logged(required_keys("four"))
         missing = [k for k in needed if k not in provided]
         if missing:
             names = sorted({name for prefix, name in _PROVIDERS.items() if any(k.startswith(prefix) for k in missing)})
@@ -292,15 +298,15 @@ class PhaseDetector(Callback):
         where_step, where_epoch = self._where
         epoch = where_epoch if where_step == step else trainer.current_epoch
         before = self.tracker.recommended
-        found = self.tracker.update(stats, step=step, epoch=epoch)
+        found = self.tracker.update(keys.tracker_statistics(stats), step=step, epoch=epoch)
         if self.average_weights and before is None and self.tracker.model == "four" and self.tracker.phase_index >= 1:
             self._accumulate(pl_module)
-        out = {"phase/index": float(self.tracker.phase_index)}
+        out = {keys.phase("index"): float(self.tracker.phase_index)}
         now = self.tracker.recommended
         is_new_recommendation = before is None and now is not None
-        out["phase/recommended"] = 1.0 if is_new_recommendation else 0.0
+        out[keys.phase("recommended")] = 1.0 if is_new_recommendation else 0.0
         if now is not None:
-            out["phase/recommended_step"] = float(now.step)
+            out[keys.phase("recommended_step")] = float(now.step)
         self._publish(trainer, out)
         for t in found:
             self._report(trainer, t)
@@ -313,23 +319,13 @@ class PhaseDetector(Callback):
             "clean_learned": "clean data learned (the loss gap L_w - L_c stopped growing in phase II)",
             "memorisation_onset": "memorisation onset (err_w on the mislabeled samples started to fall)",
         }.get(t.kind, "clean-priority learning ended (segment ratio reached 1)")
-        keys = (
-            "split/A0_c",
-            "split/A0_w",
-            "split/R_cw",
-            "split/err_w",
-            "split/L_c",
-            "split/L_w",
-            "order/R",
-            "order/sigma2_lambda",
-            "segment/ratio",
-        )
-        trig = ", ".join(f"{k}={t.statistics[k]:.4g}" for k in keys if k in t.statistics)
+        shown = ("A0_c", "A0_w", "R_cw", "err_w", "L_c", "L_w", "R", "sigma2_lambda", "segment_ratio")
+        trig = ", ".join(f"{keys.TRACKER_STATISTICS[k]}={t.statistics[k]:.4g}" for k in shown if k in t.statistics)
         text = f"step {t.step} (epoch {t.epoch}): {what}; smoothed {trig}"
         if self.verbose:
             rank_zero_info(f"PhaseDetector: {text}")
         for writer in tensorboard_writers(trainer):
-            writer.add_text("phase/transitions", text, t.step)
+            writer.add_text(keys.phase("transitions"), text, t.step)
 
     def _accumulate(self, pl_module: pl.LightningModule) -> None:
         """Add the current weights to the phase-II running sum (float entries; others keep the latest value)."""

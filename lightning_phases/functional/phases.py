@@ -25,19 +25,19 @@ phases only advance, so noise cannot make the phase flap. The detection step
 is the step of the measurement that completed the patience window.
 
 Two more events are recorded in phase II. *Clean data learned*: the smoothed
-loss gap ``L_w − L_c`` (``split/L_w − split/L_c``) has stopped growing -- its
+loss gap ``L_w − L_c`` (the logged ``split/L_w − split/L_c``) has stopped growing -- its
 relative growth per measurement stayed at or below ``gap_plateau`` for
 ``patience`` measurements (phase II often starts while the clean samples are
 still being learned; the gap widens until they are). *Memorisation onset*:
 the smoothed error on the mislabeled samples against their given labels,
-``split/err_w``, has fallen ``memorisation_drop`` below its maximum since
+``err_w``, has fallen ``memorisation_drop`` below its maximum since
 phase II began, for ``patience`` measurements -- the network has started to
 learn the wrong labels (SPEC §2: in phase III "err_w falls toward 0").
 
 The recommended stopping point -- the clean data learned, the mislabeled
 data not yet -- is the end of phase II: the first of the memorisation onset
 and the start of phase III. (With statistics logged by hand that lack
-``split/err_w``: the first of the loss-gap plateau, the start of phase III,
+``err_w``: the first of the loss-gap plateau, the start of phase III,
 the start of phase II when no loss statistics are logged either, and the end
 of clean-priority learning.) With the two-phase model there is none.
 :class:`~lightning_phases.callbacks.PhaseDetector` keeps the weights averaged
@@ -61,15 +61,15 @@ PHASE_NAMES: dict[str, tuple[str, ...]] = {
     "four": ("I", "II", "III", "IV"),
 }
 _KEYS = {
-    "two": ("order/R", "order/sigma2_lambda"),
-    "four": ("split/A0_c", "split/A0_w", "split/R_cw", "split/err_w", "order/A"),
+    "two": ("R", "sigma2_lambda"),
+    "four": ("A0_c", "A0_w", "R_cw", "err_w", "A"),
 }
-_SEGMENT_KEY = "segment/ratio"
-_GAP_KEYS = ("split/L_c", "split/L_w")
+_SEGMENT_KEY = "segment_ratio"
+_GAP_KEYS = ("L_c", "L_w")
 
 
 def required_keys(model: str) -> tuple[str, ...]:
-    """The ``callback_metrics`` keys a phase model reads."""
+    """The statistics (SPEC names, see :meth:`PhaseTracker.update`) a phase model reads."""
     if model not in PHASE_NAMES:
         raise LightningPhasesError(f"phase model must be one of {tuple(PHASE_NAMES)}; got {model!r}.")
     return _KEYS[model]
@@ -255,23 +255,23 @@ class PhaseTracker:
 
     @property
     def has_gap(self) -> bool:
-        """Whether the four-phase model has seen the loss statistics ``split/L_c`` and ``split/L_w``."""
+        """Whether the four-phase model has seen the loss statistics ``L_c`` and ``L_w``."""
         return self.model == "four" and all(k in self.smoothed for k in _GAP_KEYS)
 
     @property
     def recommended(self) -> PhaseTransition | None:
         """The recommended stopping point (see the module docstring); ``None`` until there is one.
 
-        With the four-phase model and ``split/err_w``: the end of phase II, i.e.
+        With the four-phase model and ``err_w``: the end of phase II, i.e.
         the first of the memorisation onset (``kind="memorisation_onset"``) and
-        the start of phase III. Without ``split/err_w`` (statistics logged by
+        the start of phase III. Without ``err_w`` (statistics logged by
         hand): the first of the loss-gap plateau in phase II
         (``kind="clean_learned"``), the start of phase III, the start of phase
         II when no loss statistics are logged either, and the end of
         clean-priority learning.
         """
         phase_start = {t.to_phase: t for t in self.transitions if t.kind == "phase"}
-        if self.model == "four" and "split/err_w" in self.smoothed:
+        if self.model == "four" and "err_w" in self.smoothed:
             candidates = [t for t in self.transitions if t.kind == "memorisation_onset"]
             candidates += [phase_start[p] for p in ("III", "IV") if p in phase_start]
             return min(candidates, key=lambda t: t.measurement) if candidates else None
@@ -333,9 +333,9 @@ class PhaseTracker:
         s, t = self.smoothed, self.thresholds
         if self.model == "two":
             if self.phase_index == 0:
-                return s.get("order/R", math.inf) < t.r_explore and s.get("order/sigma2_lambda", 0.0) > t.sigma2_explore
+                return s.get("R", math.inf) < t.r_explore and s.get("sigma2_lambda", 0.0) > t.sigma2_explore
             return False
-        a0c, a0w, rcw = s.get("split/A0_c"), s.get("split/A0_w"), s.get("split/R_cw")
+        a0c, a0w, rcw = s.get("A0_c"), s.get("A0_w"), s.get("R_cw")
         if a0c is None or a0w is None or rcw is None:
             return False
         if self.phase_index == 0:
@@ -343,8 +343,8 @@ class PhaseTracker:
         if self.phase_index == 1:
             return rcw >= t.r_cw_align
         if self.phase_index == 2:
-            err_w = s.get("split/err_w", math.inf)
-            activity = s.get("order/A", s.get("split/A_c", math.inf))
+            err_w = s.get("err_w", math.inf)
+            activity = s.get("A", s.get("A_c", math.inf))
             return err_w <= t.memorised and activity <= t.activity_drop * self.peak_activity
         return False
 
@@ -352,21 +352,22 @@ class PhaseTracker:
         """Feed one measurement; return the transitions it confirmed (usually none).
 
         Args:
-            stats: ``{key: value}`` with keys as the callbacks log them
-                (``order/R``, ``split/R_cw``, ``segment/ratio``, ...). Missing
-                or non-finite values are ignored.
+            stats: ``{statistic: value}`` by SPEC name (``R``, ``sigma2_lambda``,
+                ``A``, ``A_c``, ``A0_c``, ``A0_w``, ``R_cw``, ``err_w``, ``L_c``,
+                ``L_w``, and ``segment_ratio`` for SPEC §3's mean segment ratio);
+                :class:`~lightning_phases.callbacks.PhaseDetector` maps the
+                logged keys to these names (``lightning_phases.keys.TRACKER_STATISTICS``).
+                Missing or non-finite values are ignored.
             step: Global step of the measurement.
             epoch: Epoch of the measurement.
         """
         if self.model is None:
-            self.model = "four" if all(k in stats for k in ("split/A0_c", "split/A0_w", "split/R_cw")) else "two"
+            self.model = "four" if all(k in stats for k in ("A0_c", "A0_w", "R_cw")) else "two"
         self._smooth(stats)
         index = self.num_measurements
         self.num_measurements += 1
         if self.model == "four" and self.phase_index == 2:
-            self.peak_activity = max(
-                self.peak_activity, self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
-            )
+            self.peak_activity = max(self.peak_activity, self.smoothed.get("A", self.smoothed.get("A_c", 0.0)))
         found: list[PhaseTransition] = []
         if self.phase_index < len(self.phases) - 1:
             self.streak = self.streak + 1 if self._condition() else 0
@@ -375,7 +376,7 @@ class PhaseTracker:
                 self.phase_index += 1
                 self.streak = 0
                 if self.model == "four" and self.phase_index == 2:
-                    self.peak_activity = self.smoothed.get("order/A", self.smoothed.get("split/A_c", 0.0))
+                    self.peak_activity = self.smoothed.get("A", self.smoothed.get("A_c", 0.0))
                 found.append(
                     PhaseTransition("phase", str(old), str(self.phase), step, epoch, index, dict(self.smoothed))
                 )
@@ -398,7 +399,7 @@ class PhaseTracker:
         """Track the smoothed loss gap; in phase II, report once when it stops growing."""
         if not self.has_gap:
             return []
-        gap = self.smoothed["split/L_w"] - self.smoothed["split/L_c"]
+        gap = self.smoothed["L_w"] - self.smoothed["L_c"]
         prev, self.gap_prev = self.gap_prev, gap
         if self.phase_index != 1 or self.clean_learned is not None or prev is None:
             return []
@@ -410,7 +411,7 @@ class PhaseTracker:
 
     def _onset_update(self, step: int, epoch: int, index: int) -> list[PhaseTransition]:
         """From phase II on, report once when the smoothed ``err_w`` has fallen ``memorisation_drop`` below its maximum."""
-        err_w = self.smoothed.get("split/err_w")
+        err_w = self.smoothed.get("err_w")
         if self.model != "four" or self.phase_index < 1 or err_w is None or self.memorisation_onset is not None:
             return []
         self.err_w_max = err_w if self.err_w_max is None else max(self.err_w_max, err_w)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_phases import keys
 from lightning_phases.errors import LightningPhasesError
 
 __all__ = ["RunData", "read_run", "make_report"]
@@ -67,7 +68,7 @@ def read_run(logdir: str) -> RunData:
         for tag in tags.get("images", []):
             data.images.setdefault(tag, []).extend((e.step, e.encoded_image_string) for e in acc.Images(tag))
         for tag in tags.get("tensors", []):
-            if tag.startswith("phase/transitions"):
+            if tag.startswith(keys.phase("transitions")):
                 for e in acc.Tensors(tag):
                     try:
                         text = e.tensor_proto.string_val[0].decode()
@@ -83,7 +84,7 @@ def read_run(logdir: str) -> RunData:
 
 
 def _phase_spans(data: RunData) -> list[tuple[int, float, float]]:
-    steps, values = data.series("phase/index")
+    steps, values = data.series(keys.phase("index"))
     spans: list[tuple[int, float, float]] = []
     for i, (s, v) in enumerate(zip(steps, values)):
         end = steps[i + 1] if i + 1 < len(steps) else s
@@ -95,7 +96,7 @@ def _phase_spans(data: RunData) -> list[tuple[int, float, float]]:
 
 
 def _phase_model(data: RunData) -> str:
-    return "four" if "split/R_cw" in data.scalars else "two"
+    return "four" if keys.split("R_cw") in data.scalars else "two"
 
 
 def _shade(ax, spans, model: str) -> None:
@@ -151,14 +152,14 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
     panels = [
         (
             "errors and losses (clean vs mislabeled)",
-            ["split/err_c", "split/err_w", "split/L_c", "split/L_w", "val_err", "test_err"],
+            [keys.split("err_c"), keys.split("err_w"), keys.split("L_c"), keys.split("L_w"), "val_err", "test_err"],
             False,
         ),
-        ("total activities", ["order/A", "split/A_c", "split/A_w"], True),
-        ("directed activities", ["order/A0", "split/A0_c", "split/A0_w"], True),
-        ("alignments", ["order/R", "split/R_cw", "split/R_ac", "split/R_aw"], False),
-        ("sigma2_lambda", ["order/sigma2_lambda"], True),
-        ("loss gap ΔL", ["gmm/delta_L"], False),
+        ("total activities", [keys.order("A"), keys.split("A_c"), keys.split("A_w")], True),
+        ("directed activities", [keys.order("A0"), keys.split("A0_c"), keys.split("A0_w")], True),
+        ("alignments", [keys.order("R"), keys.split("R_cw"), keys.split("R_ac"), keys.split("R_aw")], False),
+        ("sigma2_lambda", [keys.order("sigma2_lambda")], True),
+        ("loss gap ΔL", [keys.gmm("delta_L")], False),
     ]
     fig = Figure(figsize=(13, 8.5), dpi=110)
     axes = fig.subplots(3, 3).ravel()
@@ -170,8 +171,8 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
             ax.set_xlabel("step", fontsize=8)
             if title.startswith("alignments"):
                 ax.axhline(0, color="k", lw=0.6, ls=":")
-            if title.startswith("loss gap") and data.last("gmm/t_c_step") is not None:
-                ax.axvline(data.last("gmm/t_c_step"), color="r", ls="--", lw=1, label="t_c")
+            if title.startswith("loss gap") and data.last(keys.gmm("t_c_step")) is not None:
+                ax.axvline(data.last(keys.gmm("t_c_step")), color="r", ls="--", lw=1, label="t_c")
                 ax.legend(fontsize=7)
         else:
             notes.append(f"{title}: no data ({', '.join(tags)})")
@@ -180,10 +181,10 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
     hist_ax = axes[6]
     hist_ax.set_title("losses and fitted mixture at t_c", fontsize=10)
     hist_ax.axis("off")
-    if data.images.get("gmm/loss_histogram"):
+    if data.images.get(keys.gmm("loss_histogram")):
         import matplotlib.image as mpimg
 
-        img = mpimg.imread(io.BytesIO(data.images["gmm/loss_histogram"][-1][1]), format="png")
+        img = mpimg.imread(io.BytesIO(data.images[keys.gmm("loss_histogram")][-1][1]), format="png")
         hist_ax.imshow(img)
     else:
         notes.append(
@@ -192,7 +193,7 @@ def make_report(logdir: str, output: str | None = None) -> dict[str, Any]:
         hist_ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=hist_ax.transAxes, color="0.5")
     seg_ax = axes[7]
     seg_ax.set_title("segment gradients (ratio, cos)", fontsize=10)
-    if _plot(seg_ax, data, ["segment/ratio", "segment/cos"]):
+    if _plot(seg_ax, data, [keys.segment("ratio"), keys.segment("cos")]):
         seg_ax.axhline(1.0, color="k", lw=0.6, ls=":")
         _shade(seg_ax, spans, model)
     else:
@@ -229,16 +230,18 @@ def _summary(data: RunData, spans, model: str, notes: list[str]) -> dict[str, An
         {"phase": labels[i] if i < len(labels) else str(i), "index": i, "first_step": int(a), "last_step": int(b)}
         for i, a, b in spans
     ]
-    t_c = data.last("gmm/t_c_step")
-    rec = data.last("phase/recommended_step")
+    t_c = data.last(keys.gmm("t_c_step"))
+    rec = data.last(keys.phase("recommended_step"))
     cleansing: dict[str, Any] = {}
     if t_c is not None:
         for key in ("num_flagged", "precision", "recall", "f1", "auroc", "delta_L", "threshold"):
-            pts = dict(data.scalars.get(f"gmm/{key}", []))
+            pts = dict(data.scalars.get(keys.gmm(key), []))
             # the values of the fit at t_c
             cleansing[key] = pts.get(int(t_c))
     final = {
-        tag: pts[-1][1] for tag, pts in data.scalars.items() if tag.startswith(("order/", "split/", "segment/")) and pts
+        tag: pts[-1][1]
+        for tag, pts in data.scalars.items()
+        if tag.startswith(tuple(p + "/" for p in (keys.ORDER_PREFIX, keys.SPLIT_PREFIX, keys.SEGMENT_PREFIX))) and pts
     }
     return {
         "logdir": os.path.abspath(data.logdir),

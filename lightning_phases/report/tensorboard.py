@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_phases import keys
+
 __all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_layout"]
+
+
+def _tags(*names: tuple[str, str]) -> list[str]:
+    """Regular expressions matching the registry keys ``(prefix, statistic)`` exactly (at the end of a tag)."""
+    return [re.escape(keys.name(prefix, stat)) + "$" for prefix, stat in names]
+
+
+_O, _S, _G = keys.ORDER_PREFIX, keys.SPLIT_PREFIX, keys.SEGMENT_PREFIX
 
 # Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions.
 PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Phases of learning": {
-        "total activities (A, A_c, A_w)": ["Multiline", [r"order/A$", r"split/A_c$", r"split/A_w$"]],
+        "total activities (A, A_c, A_w)": ["Multiline", _tags((_O, "A"), (_S, "A_c"), (_S, "A_w"))],
         "directed activities (A0, A0_c, A0_w)": [
             "Multiline",
-            [r"order/A0$", r"split/A0$", r"split/A0_c$", r"split/A0_w$"],
+            _tags((_O, "A0"), (_S, "A0"), (_S, "A0_c"), (_S, "A0_w")),
         ],
         "alignments (R, R_cw, R_ac, R_aw)": [
             "Multiline",
-            [r"order/R$", r"split/R_cw$", r"split/R_ac$", r"split/R_aw$"],
+            _tags((_O, "R"), (_S, "R_cw"), (_S, "R_ac"), (_S, "R_aw")),
         ],
-        "sigma2_lambda": ["Multiline", [r"order/sigma2_lambda$"]],
-        "noise (D, D_parallel, A_perp)": ["Multiline", [r"order/D$", r"order/D_parallel$", r"order/A_perp$"]],
-        "segment losses (L_c, L_w)": ["Multiline", [r"split/L_c$", r"split/L_w$", r"order/loss$"]],
+        "sigma2_lambda": ["Multiline", _tags((_O, "sigma2_lambda"))],
+        "noise (D, D_parallel, A_perp)": ["Multiline", _tags((_O, "D"), (_O, "D_parallel"), (_O, "A_perp"))],
+        "segment losses (L_c, L_w)": ["Multiline", _tags((_S, "L_c"), (_S, "L_w"), (_O, "loss"))],
         "errors (clean, mislabeled, probe, validation, test)": [
             "Multiline",
-            [r"split/err_c$", r"split/err_w$", r"order/error$", r"(?i)val.*(err|acc)", r"(?i)test.*(err|acc)"],
+            [*_tags((_S, "err_c"), (_S, "err_w"), (_O, "error")), r"(?i)val.*(err|acc)", r"(?i)test.*(err|acc)"],
         ],
-        "segment gradients (ratio, cos)": ["Multiline", [r"segment/ratio$", r"segment/cos$"]],
+        "segment gradients (ratio, cos)": ["Multiline", _tags((_G, "ratio"), (_G, "cos"))],
     }
 }
 

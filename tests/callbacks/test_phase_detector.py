@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_phases import NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
+from lightning_phases import NoiseSplitTracker, OrderParameterMonitor, PhaseDetector, keys
 from lightning_phases.errors import LightningPhasesError
 from tests.callbacks.helpers import NoisyTensorDataset, TinyClassifier, loader, series, trainer
 from tests.functional.test_phases import _four_phase_series
@@ -34,7 +34,8 @@ class SeriesProvider(pl.Callback):
         self.recorded = recorded
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        stats = dict(self.recorded[trainer.current_epoch])
+        # the recorded series is by PhaseTracker (SPEC) name; the monitors publish the registry keys
+        stats = {keys.TRACKER_STATISTICS.get(k, k): v for k, v in self.recorded[trainer.current_epoch].items()}
         stats["order/measured_step"] = float(trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in stats.items()})
 

@@ -29,13 +29,13 @@ def _four_phase_series(noise: float = 0.0, seed: int = 0, lengths=(10, 30, 15, 1
             jitter = lambda v: v * (1 + noise * rng.uniform(-1, 1))  # noqa: E731
             series.append(
                 {
-                    "split/A0_c": jitter(a0c),
-                    "split/A0_w": jitter(a0w),
-                    "split/R_cw": rcw + noise * rng.uniform(-1, 1) * 0.3,
-                    "split/err_w": err_w,
-                    "order/A": jitter(a),
-                    "order/R": 0.1,
-                    "order/sigma2_lambda": 1.0,
+                    "A0_c": jitter(a0c),
+                    "A0_w": jitter(a0w),
+                    "R_cw": rcw + noise * rng.uniform(-1, 1) * 0.3,
+                    "err_w": err_w,
+                    "A": jitter(a),
+                    "R": 0.1,
+                    "sigma2_lambda": 1.0,
                 }
             )
             truth.append(("I", "II", "III", "IV")[phase])
@@ -72,8 +72,8 @@ def test_alternating_statistics_that_make_a_naive_rule_flap():
     """In phase II R_cw alternates +0.1 / -0.5: a raw `R_cw >= 0` rule flips every measurement."""
     series, truth = _four_phase_series()
     for i in range(14, 40):
-        series[i]["split/R_cw"] = 0.1 if i % 2 == 0 else -0.5
-    naive = ["III" if s["split/R_cw"] >= 0 else "II" for s in series[14:40]]
+        series[i]["R_cw"] = 0.1 if i % 2 == 0 else -0.5
+    naive = ["III" if s["R_cw"] >= 0 else "II" for s in series[14:40]]
     assert naive.count("III") == 13  # the naive reading flips at every measurement
     tracker = PhaseTracker(smoothing=0.5, patience=2)
     phases = tracker.run(series)
@@ -82,7 +82,7 @@ def test_alternating_statistics_that_make_a_naive_rule_flap():
 
 
 def test_two_phase_model_on_clean_statistics():
-    series = [{"order/R": 0.4 - 0.01 * i, "order/sigma2_lambda": 0.2 + 0.05 * i} for i in range(40)]
+    series = [{"R": 0.4 - 0.01 * i, "sigma2_lambda": 0.2 + 0.05 * i} for i in range(40)]
     tracker = PhaseTracker(patience=2)
     phases = tracker.run(series)
     assert tracker.model == "two"
@@ -94,27 +94,25 @@ def test_two_phase_model_on_clean_statistics():
 
 
 def test_segment_ratio_end_of_clean_priority():
-    series = [
-        {"segment/ratio": 9.0 * math.exp(-i / 5) + 0.5, "order/R": 0.3, "order/sigma2_lambda": 0.5} for i in range(30)
-    ]
+    series = [{"segment_ratio": 9.0 * math.exp(-i / 5) + 0.5, "R": 0.3, "sigma2_lambda": 0.5} for i in range(30)]
     tracker = PhaseTracker(smoothing=1.0, patience=2)
     tracker.run(series)
     event = tracker.clean_priority_end
-    raw_first = next(i for i, s in enumerate(series) if s["segment/ratio"] <= 1.0)
+    raw_first = next(i for i, s in enumerate(series) if s["segment_ratio"] <= 1.0)
     assert event is not None and event.measurement == raw_first + 1
     assert tracker.recommended == event
 
 
 def test_nan_values_are_ignored():
     series, truth = _four_phase_series()
-    series[3]["split/R_cw"] = float("nan")
+    series[3]["R_cw"] = float("nan")
     tracker = PhaseTracker(smoothing=1.0, patience=1)
     assert tracker.run(series) == truth
 
 
 def _with_gap(series, gaps):
     for stats, gap in zip(series, gaps):
-        stats["split/L_c"], stats["split/L_w"] = 0.5, 0.5 + gap
+        stats["L_c"], stats["L_w"] = 0.5, 0.5 + gap
     return series
 
 
@@ -147,7 +145,7 @@ def test_clean_learned_is_the_loss_gap_plateau_in_phase_two(patience):
     assert tracker.recommended.measurement == 40 + patience - 1  # the stop is still the end of phase II
     # without err_w (statistics logged by hand) the plateau itself is the recommendation
     for stats in series:
-        del stats["split/err_w"]
+        del stats["err_w"]
     bare = PhaseTracker(smoothing=1.0, patience=patience, gap_plateau=0.01)
     bare.run(series)
     assert bare.recommended.kind == "clean_learned" and bare.recommended.measurement == expected
@@ -178,8 +176,8 @@ def test_recommendation_is_the_memorisation_onset_in_phase_two(smoothing, patien
         if 10 <= i < 50:
             k = i - 10
             value = 0.90 + 0.006 * k if k < 10 else 0.96 - 0.004 * (k - 10)  # peak at 0.96, then a slow fall
-            stats["split/err_w"] = value + rng.uniform(-0.01, 0.01)
-        err_w.append(stats["split/err_w"])
+            stats["err_w"] = value + rng.uniform(-0.01, 0.01)
+        err_w.append(stats["err_w"])
     tracker = PhaseTracker(smoothing=smoothing, patience=patience, memorisation_drop=drop)
     tracker.run(series)
     start = next(t for t in tracker.transitions if t.kind == "phase" and t.to_phase == "II")
@@ -194,9 +192,9 @@ def test_recommendation_is_the_memorisation_onset_in_phase_two(smoothing, patien
 def test_phase_three_before_any_onset_is_the_recommendation():
     series, _ = _four_phase_series()
     for stats in series[10:40]:
-        stats["split/err_w"] = 0.95  # flat: no memorisation in phase II
-    series[40]["split/R_cw"] = 0.9  # R_cw turns positive while err_w has not fallen yet
-    series[40]["split/err_w"] = 0.95
+        stats["err_w"] = 0.95  # flat: no memorisation in phase II
+    series[40]["R_cw"] = 0.9  # R_cw turns positive while err_w has not fallen yet
+    series[40]["err_w"] = 0.95
     tracker = PhaseTracker(smoothing=1.0, patience=1)
     tracker.run(series)
     assert tracker.recommended.kind == "phase" and tracker.recommended.to_phase == "III"
@@ -211,7 +209,7 @@ def _onset_series():
     for i, stats in enumerate(series):
         if 10 <= i < 50:
             k = i - 10
-            stats["split/err_w"] = (0.90 + 0.006 * k if k < 10 else 0.96 - 0.004 * (k - 10)) + rng.uniform(-0.01, 0.01)
+            stats["err_w"] = (0.90 + 0.006 * k if k < 10 else 0.96 - 0.004 * (k - 10)) + rng.uniform(-0.01, 0.01)
     return series
 
 
