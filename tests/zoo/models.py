@@ -539,11 +539,9 @@ ROWS: tuple[ZooRow, ...] = (
            {"fit": GMM.format("task=")}),
     ZooRow("multilabel", "multi-label, BCE (`task=\"multilabel\"`)", multilabel, EXACT,
            {"fit": GMM.format("task=")}),
-    ZooRow("bf16_true", "`precision=\"bf16-true\"`", bf16_true, EXACT,
-           {"auto": "a bf16 tolerance in the fast path's summed-gradient check (it reports weight tying and falls "
-                    "back, exact but with a wrong warning) from fastpath",
-            "fit": GMM.format("dtype casting")},
-           notes="Gram checked against the exact (float64) value to 2⁻⁵ = 8 bf16 roundings"),
+    ZooRow("bf16_true", "`precision=\"bf16-true\"`", bf16_true, EXACT, {"fit": GMM.format("dtype casting")},
+           notes="Gram checked against the exact (float64) value to 2⁻⁵ = 8 bf16 roundings; `auto` leaves bf16 "
+           "layers to the exact engines"),
     ZooRow("f64_true", "`precision=\"64-true\"`", f64_true, EXACT, {"fit": GMM.format("dtype casting")}),
     ZooRow("manual_optimization", "`automatic_optimization=False`", manual_optimization, EXACT),
 )  # fmt: skip
