@@ -8,7 +8,10 @@ equals the value computed from the reference Gram of
 :mod:`tests.reference.zoo_reference` on the same probe samples (read from the
 monitor after the fit) with the same minibatch size. For a row expected
 ``"refused: ..."`` the run completes too, ``order/skipped`` is logged, and the
-monitor's refusal warning is emitted exactly once.
+monitor's refusal warning is emitted exactly once; nothing is measured and
+PhaseDetector has nothing to follow. Every run: a measurement at the start
+and after each of the two epochs (steps 0, 2, 4) by both monitors and
+PhaseDetector, and a loss-mixture fit by GMMCleanser after each epoch.
 """
 
 from __future__ import annotations
@@ -89,9 +92,14 @@ def test_fit_with_all_callbacks(zoo_row: ZooRow, tmp_path) -> None:
         assert series(records, "order/skipped"), "the refused model was not counted in order/skipped"
         warned = [m for m in messages if m.startswith("OrderParameterMonitor") and refusal in m]
         assert len(warned) == 1, warned
+        assert series(records, "split/skipped"), "NoiseSplitTracker measured a refused model"
+        assert not series(records, "order/A") and not series(records, "phase/index")
         return
     assert skipped == [], f"skipped measurements: {skipped}; warnings: {messages}"
-    assert series(records, "order/A"), "no measurement"
+    assert [step for step, _ in series(records, "order/A")] == [0, 2, 4], "a measurement is missing"
+    assert [step for step, _ in series(records, "split/A0")] == [0, 2, 4], "a split measurement is missing"
+    assert [step for step, _ in series(records, "phase/index")] == [0, 2, 4], "PhaseDetector did not follow"
+    assert [step for step, _ in series(records, "gmm/separation")] == [2, 4], "GMMCleanser did not fit each epoch"
     indices = monitor.probe_indices
     assert indices is not None and len(indices) == case.probe_size
     if case.served is not None:
@@ -108,3 +116,6 @@ def test_fit_with_all_callbacks(zoo_row: ZooRow, tmp_path) -> None:
         assert got[0] == 0
         tol = RTOL[case.dtype] * want.A
         assert math.isclose(got[1], getattr(want, key), rel_tol=0, abs_tol=tol), (key, got[1], getattr(want, key))
+    # NoiseSplitTracker's A0 = ‖(1−ρ)g_c + ρ g_w‖² is the same ‖g‖² of the whole probe set
+    split_a0 = series(records, "split/A0")[0][1]
+    assert math.isclose(split_a0, want.A0, rel_tol=0, abs_tol=RTOL[case.dtype] * want.A), (split_a0, want.A0)
