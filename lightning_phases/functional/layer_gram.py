@@ -15,7 +15,8 @@ unfolded convolution) ``G_ij += Σ_{t,s} (a_it·a_js)(δ_it·δ_js)``. This is t
 the per-sample gradients ``Σ_t δ_it a_itᵀ`` and multiplying them costs
 ``n·T·d_in·d_out + n²·d_in·d_out``. For each layer the cheaper of the two is
 taken by operation count. Parameters of every other layer go through the
-``vmap`` engine of :mod:`lightning_phases.functional.per_sample`.
+exact engines of :mod:`lightning_phases.functional.per_sample` (``vmap``, or
+the per-sample loop where ``torch.func`` cannot run the model).
 
 Safety checks, each of which sends the layer to the exact engines
 (``vmap``, or the per-sample loop where ``torch.func`` cannot run the model):
@@ -405,8 +406,12 @@ def fast_layer_gram(
     Returns:
         ``(G or None, losses [n], covered parameter names, plans)``: ``G`` is the
         float64 Gram contribution of the covered parameters (``None`` if no
-        layer is covered); the remaining selected parameters need the ``vmap``
-        engine.
+        layer is covered); the remaining selected parameters need the exact
+        engines (``vmap``, or the per-sample loop).
+
+    Raises:
+        LightningPhasesError: the forward does not return a tensor ``[n, ...]``, or
+            ``loss_fn`` does not return one scalar per sample.
     """
     n = _num_samples(inputs)
     run_forward = forward if forward is not None else default_forward
