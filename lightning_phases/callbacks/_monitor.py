@@ -8,6 +8,7 @@ what to log.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpac
 from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite
-from lightning_phases.functional.per_sample import LossFn, ParamSelection, select_parameters
+from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection, select_parameters
 
 __all__ = ["publish", "should_measure", "stable_state_key"]
 
@@ -283,7 +284,8 @@ class _ProbeMonitor(Callback):
             f"{type(self).__name__} skipped the measurement at step {trainer.global_step} ({reason}); "
             f"training continues unchanged. Further skips are counted in '{skipped}' without another warning.",
         )
-        publish(trainer, {skipped: float(self.num_failures)})
+        with contextlib.suppress(Exception):  # a failing logger must not end the run either
+            publish(trainer, {skipped: float(self.num_failures)})
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One measurement: all of its work inside one warn-once-and-skip net; training never stops here.
@@ -300,16 +302,19 @@ class _ProbeMonitor(Callback):
         with torch.random.fork_rng(devices=devices):
             try:
                 metrics = self._measure(trainer, pl_module)
+                if metrics is not None:
+                    metrics[self.key("measured_step")] = float(step)
+                    publish(trainer, metrics)
             except Exception as err:  # noqa: BLE001 - a monitor must never end the user's run
                 self._skip(trainer, f"{type(err).__name__}: {err}")
-                metrics = None
         self.last_measured_step = step
         self.num_measurements += 1
-        if metrics is not None:
-            metrics[self.key("measured_step")] = float(step)
-            publish(trainer, metrics)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        # build (or re-map) the probe batch first, so that n below is this measurement's probe size; a failure
+        # here is raised (and handled) again in _local_statistics
+        with contextlib.suppress(Exception):
+            self.probe.batch(trainer, pl_module)
         n = self.probe.size
         device = pl_module.device
         try:
@@ -379,7 +384,7 @@ def probe_args(
     output: OutputSelector,
     task: Task,
     chunk_size: int | None,
-    method: str,
+    method: GramMethod,
 ) -> dict[str, Any]:
     """The Probe arguments of a monitor's signature, as a dict."""
     return dict(

@@ -23,7 +23,13 @@ from lightning_phases.functional.noise_split import (
     single_logit_loss,
     split_order_parameters,
 )
-from lightning_phases.functional.per_sample import LossFn, ParamSelection, default_loss, reduce_gram_to_groups
+from lightning_phases.functional.per_sample import (
+    GramMethod,
+    LossFn,
+    ParamSelection,
+    default_loss,
+    reduce_gram_to_groups,
+)
 from lightning_phases.report.tensorboard import write_phase_layout
 
 __all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
@@ -169,7 +175,7 @@ class NoiseSplitTracker(_ProbeMonitor):
         task: Task = "auto",
         seed: int = 0,
         chunk_size: int | None = None,
-        method: str = "auto",
+        method: GramMethod = "auto",
     ) -> None:
         super().__init__(
             probe=probe,
@@ -295,7 +301,10 @@ class NoiseSplitTracker(_ProbeMonitor):
             elif self.probe.task == "binary":
                 stats["segment_gram"] = self.probe.grouped_gram(trainer, pl_module, y, default_loss, groups, k)
             else:
-                pair = torch.stack([y.long().reshape(-1), self._truth[1].to(y.device)], dim=1)  # type: ignore[index]
+                true = self._truth[1] if self._truth is not None else None
+                if true is None:
+                    raise RuntimeError("segment gradients need the true classes")
+                pair = torch.stack([y.long().reshape(-1), true.to(y.device)], dim=1)
                 stats["segment_gram"] = self.probe.grouped_gram(trainer, pl_module, pair, single_logit_loss, groups, k)
         return stats
 

@@ -16,7 +16,7 @@ from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpac
 from lightning_phases.callbacks.probe import Probe
 from lightning_phases.functional._random import derived_seed, make_generator
 from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
-from lightning_phases.functional.per_sample import LossFn, ParamSelection
+from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection
 from lightning_phases.report.tensorboard import spectrum_figure, write_phase_layout
 
 __all__ = ["OrderParameterMonitor"]
@@ -137,7 +137,7 @@ class OrderParameterMonitor(_ProbeMonitor):
         task: Task = "auto",
         seed: int = 0,
         chunk_size: int | None = None,
-        method: str = "auto",
+        method: GramMethod = "auto",
         num_minibatches: int = 256,
         spectrum_fraction: float = 0.9,
         figure_every_n: int | None = 25,

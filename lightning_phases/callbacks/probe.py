@@ -24,6 +24,7 @@ from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional._random import derived_seed
 from lightning_phases.functional.per_sample import (
     GRAM_METHODS,
+    GramMethod,
     LossFn,
     ParamSelection,
     gradient_gram,
@@ -186,7 +187,7 @@ class Probe:
         output: OutputSelector = None,
         task: Task = "auto",
         chunk_size: int | None = None,
-        method: str = "auto",
+        method: GramMethod = "auto",
     ) -> None:
         check_int("probe_size", probe_size, minimum=2)
         check_seed("seed", seed)
@@ -198,7 +199,7 @@ class Probe:
         self.loss_fn = loss_fn
         self.params = params
         self.chunk_size = chunk_size
-        self.method = method
+        self.method: GramMethod = method
         self.num_gram_computations = 0
         self.num_loss_computations = 0
         self.indices: Tensor | None = None

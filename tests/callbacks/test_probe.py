@@ -332,3 +332,30 @@ def test_adapter_task_inference_and_refusals():
     adapter.bind(collate_fn=None, cast_dtype=torch.float64)
     moved = adapter.to_module({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.long)}, nn.Linear(1, 1))
     assert moved["a"].dtype == torch.float64 and moved["b"].dtype == torch.long
+
+
+def test_training_dataloader_resolution():
+    from types import SimpleNamespace
+
+    from lightning_phases.callbacks.probe import training_dataloader
+
+    dl = DataLoader(NoisyTensorDataset(n=16), batch_size=4)
+    for served in (dl, [dl], (dl,), {"a": dl}):
+        assert training_dataloader(SimpleNamespace(train_dataloader=served), "X") is dl
+    for bad in (None, [], {}, "loader"):
+        with pytest.raises(LightningPhasesError, match="X needs a single map-style training DataLoader"):
+            training_dataloader(SimpleNamespace(train_dataloader=bad), "X")
+
+
+def test_a_failing_logger_does_not_end_the_run(tmp_path):
+    from tests.callbacks.helpers import RecordingLogger
+
+    class FullDisk(RecordingLogger):
+        def log_metrics(self, metrics, step=None) -> None:
+            raise OSError("No space left on device")
+
+    mon = OrderParameterMonitor(probe_size=32)
+    model = TinyClassifier()
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        _fit(tmp_path, [mon], model, loader(NoisyTensorDataset(n=48)), max_epochs=2, logger=FullDisk(tmp_path / "x"))
+    assert mon.num_measurements == 3 and mon.num_failures == 3
