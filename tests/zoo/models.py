@@ -34,7 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, SubsetRandomSampler, TensorDataset, default_collate
 
-__all__ = ["CHECKS", "METHODS", "ROWS", "ZooCase", "ZooRow", "probe_batch", "row"]
+__all__ = [
+    "CHECKS",
+    "METHODS",
+    "ROWS",
+    "RTOL",
+    "ZooCase",
+    "ZooRow",
+    "cast_like_precision",
+    "expected_refusal",
+    "probe_batch",
+    "row",
+]
 
 METHODS = ("auto", "vmap", "loop")
 CHECKS = (*METHODS, "fit")
@@ -560,6 +571,24 @@ def probe_batch(case: ZooCase, indices: list[int] | Tensor) -> tuple[Any, Tensor
     items = [case.dataset[int(i)] for i in indices]
     collate = case.collate_fn or default_collate
     return case.unpack(collate(items))
+
+
+#: Relative tolerance of a Gram matrix (Frobenius norm) and of the statistics linear in it, by model dtype;
+#: the reasons are in tests/zoo/test_zoo_gram.py's docstring.
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2.0**-5}
+
+
+def cast_like_precision(inputs: Any, targets: Tensor, dtype: torch.dtype) -> tuple[Any, Tensor]:
+    """Floating inputs and targets cast to ``dtype``, as a true-precision plugin casts a batch (integers unchanged)."""
+
+    def cast(tree: Any) -> Any:
+        if isinstance(tree, Tensor):
+            return tree.to(dtype) if tree.is_floating_point() else tree
+        if isinstance(tree, dict):
+            return {k: cast(v) for k, v in tree.items()}
+        return type(tree)(cast(v) for v in tree)
+
+    return cast(inputs), cast(targets)
 
 
 def expected_refusal(expectation: str) -> str | None:

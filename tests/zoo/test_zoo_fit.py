@@ -29,8 +29,17 @@ from lightning_phases import GMMCleanser, NoiseSplitTracker, OrderParameterMonit
 from lightning_phases.functional import order_parameters
 from tests.callbacks.helpers import RecordingLogger, series
 from tests.reference.zoo_reference import reference_gram
-from tests.zoo.models import BATCH, NUM_TRAIN, ROWS, ZooCase, ZooRow, expected_refusal, probe_batch
-from tests.zoo.test_zoo_gram import RTOL, _cast
+from tests.zoo.models import (
+    BATCH,
+    NUM_TRAIN,
+    ROWS,
+    RTOL,
+    ZooCase,
+    ZooRow,
+    cast_like_precision,
+    expected_refusal,
+    probe_batch,
+)
 
 
 def _params():
@@ -104,8 +113,7 @@ def test_fit_with_all_callbacks(zoo_row: ZooRow, tmp_path) -> None:
     assert indices is not None and len(indices) == case.probe_size
     if case.served is not None:
         assert set(indices.tolist()) <= set(case.served), "the probe holds samples the sampler never serves"
-    x, y = probe_batch(case, indices)
-    x, y = _cast(x, case.dtype), (y.to(case.dtype) if y.is_floating_point() else y)  # as the precision plugin
+    x, y = cast_like_precision(*probe_batch(case, indices), case.dtype)
     model = initial.to(case.dtype)
     exact = torch.float64 if case.dtype == torch.bfloat16 else None
     gram, _ = reference_gram(model, x, y, case.loss_fn, forward=case.forward, compute_dtype=exact)

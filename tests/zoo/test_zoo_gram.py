@@ -42,9 +42,17 @@ from lightning_phases.functional import (
     order_parameters,
 )
 from tests.reference.zoo_reference import reference_gram
-from tests.zoo.models import BATCH, METHODS, ROWS, ZooCase, ZooRow, expected_refusal, probe_batch
-
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2.0**-5}
+from tests.zoo.models import (
+    BATCH,
+    METHODS,
+    ROWS,
+    RTOL,
+    ZooCase,
+    ZooRow,
+    cast_like_precision,
+    expected_refusal,
+    probe_batch,
+)
 
 
 def _params(rows=ROWS, methods=METHODS):
@@ -58,21 +66,10 @@ def _params(rows=ROWS, methods=METHODS):
     return out
 
 
-def _cast(inputs, dtype: torch.dtype):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(dtype) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, dict):
-        return {k: _cast(v, dtype) for k, v in inputs.items()}
-    return type(inputs)(_cast(v, dtype) for v in inputs)
-
-
 def _probe(case: ZooCase):
     """The model in its training dtype and the first ``probe_size`` samples, cast as the precision plugin does."""
     model = case.module.to(case.dtype)
-    x, y = probe_batch(case, range(case.probe_size))
-    x = _cast(x, case.dtype)
-    if y.is_floating_point():
-        y = y.to(case.dtype)
+    x, y = cast_like_precision(*probe_batch(case, range(case.probe_size)), case.dtype)
     return model, x, y
 
 
