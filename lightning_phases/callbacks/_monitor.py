@@ -25,6 +25,7 @@ from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection, select_parameters
+from lightning_phases.report.tensorboard import write_phase_layout
 
 __all__ = ["publish", "should_measure", "stable_state_key"]
 
@@ -241,6 +242,12 @@ class _ProbeMonitor(Callback):
         self.probe.prepare(trainer, pl_module, who=type(self).__name__)
         self._resolve_batch_size(trainer)
         self._on_probe_ready(trainer, pl_module)
+        writer = self._tensorboard_writer(trainer)
+        if writer is not None:
+            try:
+                write_phase_layout(writer)
+            except Exception as err:  # noqa: BLE001 - a failed layout never ends the run
+                self._warn_once("tensorboard", f"{type(self).__name__} could not write to TensorBoard ({err}).")
         if self.measure_at_start and trainer.global_step == 0 and self.last_measured_step < 0:
             self._run(trainer, pl_module)
 
@@ -333,12 +340,18 @@ class _ProbeMonitor(Callback):
             self._write_tensorboard(trainer, reduced, metrics)
         return metrics
 
-    def _write_tensorboard(self, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]) -> None:
+    @staticmethod
+    def _tensorboard_writer(trainer: pl.Trainer) -> Any:
+        """The ``SummaryWriter`` of the first TensorBoard logger on rank 0, else ``None``."""
         writers = tensorboard_writers(trainer)
-        if not writers:
+        return writers[0] if writers else None
+
+    def _write_tensorboard(self, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]) -> None:
+        writer = self._tensorboard_writer(trainer)
+        if writer is None:
             return
         try:
-            self._tensorboard(writers[0], trainer, stats, metrics)
+            self._tensorboard(writer, trainer, stats, metrics)
         except Exception as err:  # noqa: BLE001 - a failed figure never ends the run (the scalars are kept)
             self._warn_once(
                 "tensorboard", f"{type(self).__name__} could not write to TensorBoard ({type(err).__name__}: {err})."

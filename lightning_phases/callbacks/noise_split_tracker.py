@@ -30,7 +30,6 @@ from lightning_phases.functional.per_sample import (
     default_loss,
     reduce_gram_to_groups,
 )
-from lightning_phases.report.tensorboard import write_phase_layout
 
 __all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
 
@@ -268,14 +267,6 @@ class NoiseSplitTracker(_ProbeMonitor):
         self._segment_groups = None
         if self._truth is not None and self._truth[1] is not None:
             self._segment_groups = segment_groups(self._truth[1], self._truth[0])
-        write_phase_layout(self._tensorboard_writer(trainer))
-
-    @staticmethod
-    def _tensorboard_writer(trainer: pl.Trainer) -> Any:
-        from lightning_phases._lightning import tensorboard_writers
-
-        writers = tensorboard_writers(trainer)
-        return writers[0] if writers else None
 
     def _local_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         losses, errors = self.probe.losses(trainer, pl_module)

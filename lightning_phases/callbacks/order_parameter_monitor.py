@@ -17,7 +17,7 @@ from lightning_phases.callbacks.probe import Probe
 from lightning_phases.functional._random import derived_seed, make_generator
 from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection
-from lightning_phases.report.tensorboard import spectrum_figure, write_phase_layout
+from lightning_phases.report.tensorboard import spectrum_figure
 
 __all__ = ["OrderParameterMonitor"]
 
@@ -172,16 +172,6 @@ class OrderParameterMonitor(_ProbeMonitor):
     def phase_metrics(self) -> tuple[str, ...]:
         """The keys this monitor puts into ``trainer.callback_metrics`` (a protocol other callbacks may read)."""
         return tuple(self.key(s) for s, k in self.table.items() if not k.tensorboard_only and s != "skipped")
-
-    def _on_probe_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_phase_layout(self._tensorboard_writer(trainer))
-
-    @staticmethod
-    def _tensorboard_writer(trainer: pl.Trainer) -> Any:
-        from lightning_phases._lightning import tensorboard_writers
-
-        writers = tensorboard_writers(trainer)
-        return writers[0] if writers else None
 
     def _local_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         losses, errors = self.probe.losses(trainer, pl_module)
