@@ -94,12 +94,16 @@ ORDER: dict[str, MetricKey] = _table(
     MetricKey("R", "§1", "mean cosine between distinct minibatch gradients"),
     MetricKey("sigma2_lambda", "§1", "variance of the projection λ_μ = g^μ·g/‖g‖²"),
     MetricKey("D_s", "§1", "effective dimension D_s(f) of the noise spectrum"),
+    MetricKey(
+        "D_s_half", "§1", "D_s(f) of a seeded random half of the probe set (close to D_s: the spectrum is resolved)"
+    ),
     MetricKey("loss", "§1", "mean probe loss"),
     MetricKey(
         "error", "§1", "probe error rate against the given labels (per-label for multi-label)", classification_only=True
     ),
     MetricKey("measured_step", "-", "global step of the latest measurement"),
     MetricKey("skipped", "-", "number of skipped measurements (only after a failure)"),
+    MetricKey("overhead", "-", "realised overhead: measurement time / training time so far"),
     MetricKey("spectrum", "§1", "histogram of log10 eigenvalues of the noise spectrum", tensorboard_only=True),
     MetricKey("spectrum_figure", "§1", "rank-ordered eigenvalues and cumulative variance", tensorboard_only=True),
 )
@@ -122,6 +126,7 @@ SPLIT: dict[str, MetricKey] = _table(
     MetricKey("mask_estimated", "§4", "1 if the mask came from the loss mixture, 0 if from ground truth"),
     MetricKey("measured_step", "-", "global step of the latest measurement"),
     MetricKey("skipped", "-", "number of skipped measurements (only after a failure)"),
+    MetricKey("overhead", "-", "realised overhead: measurement time / training time so far"),
     MetricKey("loss_clean", "§2", "histogram of the clean probe losses", tensorboard_only=True),
     MetricKey("loss_noisy", "§2", "histogram of the mislabeled probe losses", tensorboard_only=True),
 )

@@ -20,6 +20,7 @@ from lightning_phases import _lightning as pl
 from lightning_phases import keys
 from lightning_phases._lightning import Callback, rank_zero_warn, tensorboard_writers
 from lightning_phases._validation import check_bool, check_int
+from lightning_phases.callbacks._budget import MeasurementBudget
 from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpack
 from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
@@ -104,6 +105,7 @@ class _ProbeMonitor(Callback):
         batch_size: int | None,
         every_n_epochs: int | None,
         every_n_steps: int | None,
+        overhead: float,
         measure_at_start: bool,
         num_minibatches: int,
         probe_args: dict[str, Any],
@@ -114,12 +116,16 @@ class _ProbeMonitor(Callback):
         check_int("every_n_steps", every_n_steps, minimum=1, allow_none=True)
         check_int("num_minibatches", num_minibatches, minimum=2)
         check_bool("measure_at_start", measure_at_start)
-        if every_n_epochs is None and every_n_steps is None:
-            every_n_epochs = 1
         if every_n_epochs is not None and every_n_steps is not None:
             raise LightningPhasesError(
-                f"Set only one of every_n_epochs={every_n_epochs} and every_n_steps={every_n_steps}."
+                f"Set only one of every_n_epochs={every_n_epochs} and every_n_steps={every_n_steps} "
+                "(or neither, for the default overhead budget)."
             )
+        #: When to measure: the overhead budget (default) or a fixed schedule; shared with the monitors
+        #: that share this monitor's probe (see :meth:`setup`).
+        self.budget = MeasurementBudget(overhead, every_n_epochs, every_n_steps)
+        self._own_budget = self.budget
+        self._own_probe = probe is None
         if probe is not None:
             if not isinstance(probe, Probe):
                 raise LightningPhasesError(f"probe must be a lightning_phases.callbacks.Probe or None; got {probe!r}.")
@@ -132,6 +138,7 @@ class _ProbeMonitor(Callback):
         else:
             probe = Probe(**probe_args)
         self.probe = probe
+        self._probe_mine = probe
         self.prefix = keys.check_prefix(self.default_prefix if prefix is None else prefix)
         if batch_size is not None and batch_size > probe.probe_size:
             raise LightningPhasesError(
@@ -141,6 +148,7 @@ class _ProbeMonitor(Callback):
         self.batch_size = batch_size
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
+        self.overhead = float(overhead)
         self.measure_at_start = measure_at_start
         self.num_minibatches = num_minibatches
         self._fresh()
@@ -193,6 +201,7 @@ class _ProbeMonitor(Callback):
                 "num_measurements": self.num_measurements,
                 "num_failures": self.num_failures,
                 "last": dict(self.last),
+                "budget": self.budget.state_dict(),
             }
         )
         return state
@@ -203,6 +212,8 @@ class _ProbeMonitor(Callback):
         self.num_measurements = int(state_dict.get("num_measurements", 0))
         self.num_failures = int(state_dict.get("num_failures", 0))
         self.last = dict(state_dict.get("last", {}))
+        if "budget" in state_dict:
+            self.budget.load_state_dict(state_dict["budget"])
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -216,7 +227,41 @@ class _ProbeMonitor(Callback):
         select_parameters(pl_module, self.probe.params)  # raises ParameterSelectionError early
         # A new fit starts fresh (Lightning restores a checkpoint's state after setup).
         self._fresh()
+        self.budget = self._own_budget = MeasurementBudget(self.overhead, self.every_n_epochs, self.every_n_steps)
+        if self._own_probe and self.probe is not self._probe_mine:  # adopted in an earlier fit: back to its own
+            self.probe = self._probe_mine
         self.probe.reset()
+        self._share(trainer)
+
+    def _schedule(self) -> tuple[Any, ...]:
+        return (self.overhead, self.every_n_epochs, self.every_n_steps, self.measure_at_start)
+
+    def _share(self, trainer: pl.Trainer) -> None:
+        """Measure together with an earlier monitor of this Trainer that probes the same samples.
+
+        A monitor built without ``probe=`` adopts the probe of an earlier
+        monitor that was also built without one and has the same probe
+        settings, so that the default ``[OrderParameterMonitor(),
+        NoiseSplitTracker()]`` compute one Gram matrix per step; monitors
+        with one probe (given or adopted) and the same schedule share one
+        budget, so that they measure at the same steps. The sharing is held
+        by the callbacks themselves, for this fit (no global state).
+        """
+        for other in trainer.callbacks:
+            if other is self:
+                break
+            if not isinstance(other, _ProbeMonitor):
+                continue
+            if (
+                self._own_probe
+                and other._own_probe
+                and other.probe is not self.probe
+                and _probe_settings(other.probe) == _probe_settings(self.probe)
+            ):
+                self.probe = other.probe
+            if other.probe is self.probe and other._schedule() == self._schedule():
+                self.budget = other.budget
+                return
 
     def _resolve_batch_size(self, trainer: pl.Trainer) -> None:
         from lightning_phases.callbacks.probe import training_dataloader
@@ -248,7 +293,8 @@ class _ProbeMonitor(Callback):
                 write_phase_layout(writer)
             except Exception as err:  # noqa: BLE001 - a failed layout never ends the run
                 self._warn_once("tensorboard", f"{type(self).__name__} could not write to TensorBoard ({err}).")
-        if self.measure_at_start and trainer.global_step == 0 and self.last_measured_step < 0:
+        at_start = self.measure_at_start and trainer.global_step == 0 and self.last_measured_step < 0
+        if at_start and (not self.budget.budgeted or self._due(trainer, epoch_end=None)):
             self._run(trainer, pl_module)
 
     def on_train_batch_end(
@@ -262,17 +308,21 @@ class _ProbeMonitor(Callback):
             self._run(trainer, pl_module)
 
     def _due(self, trainer: pl.Trainer, *, epoch_end: int | None) -> bool:
-        """The one place where "measure now?" is decided (a pure function of the step on every rank)."""
-        if epoch_end is None:
-            return should_measure(
-                global_step=trainer.global_step, epoch_end=None, every_n_steps=self.every_n_steps, every_n_epochs=None
-            )
-        return should_measure(
-            global_step=trainer.global_step,
-            epoch_end=epoch_end,
-            every_n_steps=None,
-            every_n_epochs=self.every_n_epochs,
-        )
+        """The one place where "measure now?" is decided: the same answer on every rank.
+
+        A fixed schedule is a pure function of the step; the overhead budget is
+        decided on rank 0 and broadcast (:class:`~lightning_phases.callbacks._budget.MeasurementBudget`).
+        """
+        try:
+            return self.budget.should_measure(trainer, epoch_end=epoch_end is not None)
+        except Exception as err:  # noqa: BLE001 - a monitor must never end the user's run
+            self._skip(trainer, f"the schedule failed: {type(err).__name__}: {err}")
+            return False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is self._own_budget:  # a shared budget is reported once, by its owner
+            with contextlib.suppress(Exception):
+                self.budget.report(trainer, type(self).__name__)
 
     # ------------------------------------------------------------------ measurement
     def _on_probe_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -308,9 +358,11 @@ class _ProbeMonitor(Callback):
         devices = [torch.cuda.current_device()] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             try:
-                metrics = self._measure(trainer, pl_module)
+                with self.budget.timed(trainer):
+                    metrics = self._measure(trainer, pl_module)
                 if metrics is not None:
                     metrics[self.key("measured_step")] = float(step)
+                    metrics[self.key("overhead")] = self.budget.overhead
                     publish(trainer, metrics)
             except Exception as err:  # noqa: BLE001 - a monitor must never end the user's run
                 self._skip(trainer, f"{type(err).__name__}: {err}")
@@ -384,6 +436,23 @@ class _ProbeMonitor(Callback):
         self, writer: Any, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
     ) -> None:
         """Subclass hook: histograms and figures (rank 0, TensorBoard only)."""
+
+
+def _probe_settings(probe: Probe) -> tuple[Any, ...]:
+    """What makes two probes measure the same thing (callables compared by identity)."""
+    adapter = probe.adapter
+    return (
+        probe.probe_size,
+        probe.seed,
+        id(probe.loss_fn),
+        repr(probe.params) if not callable(probe.params) else id(probe.params),
+        probe.chunk_size,
+        probe.method,
+        tuple(
+            id(getattr(adapter, a, None)) if callable(getattr(adapter, a, None)) else repr(getattr(adapter, a, None))
+            for a in ("unpack", "forward", "output", "task")
+        ),
+    )
 
 
 def probe_args(

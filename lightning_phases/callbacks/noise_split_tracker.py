@@ -102,6 +102,7 @@ class NoiseSplitTracker(_ProbeMonitor):
           ``segment/ratio``, ``segment/cos``: their means over classes.
         - ``split/measured_step``: global step of the latest measurement.
         - ``split/skipped``: number of skipped measurements (only after a failure).
+        - ``split/overhead``: realised overhead, measurement time / training time so far.
         - TensorBoard only: histograms ``split/loss_clean`` and ``split/loss_noisy``.
     """
 
@@ -123,6 +124,7 @@ class NoiseSplitTracker(_ProbeMonitor):
         batch_size: int | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
+        overhead: float = 0.1,
         measure_at_start: bool = True,
         loss_fn: LossFn | None = None,
         params: ParamSelection = None,
@@ -140,6 +142,7 @@ class NoiseSplitTracker(_ProbeMonitor):
             batch_size=batch_size,
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
+            overhead=overhead,
             measure_at_start=measure_at_start,
             num_minibatches=256,
             probe_args=probe_args(

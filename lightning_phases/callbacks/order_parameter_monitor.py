@@ -10,11 +10,13 @@ from torch import Tensor
 
 from lightning_phases import _lightning as pl
 from lightning_phases import keys
+from lightning_phases._lightning import tensorboard_writers
 from lightning_phases._validation import check_int, check_real
 from lightning_phases.callbacks._monitor import _ProbeMonitor, probe_args
 from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpack
 from lightning_phases.callbacks.probe import Probe
 from lightning_phases.functional._random import derived_seed, make_generator
+from lightning_phases.functional.convergence import half_probe_effective_dimension
 from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection
 from lightning_phases.report.tensorboard import spectrum_figure
@@ -74,9 +76,14 @@ class OrderParameterMonitor(_ProbeMonitor):
         batch_size: Minibatch size ``B``; default the training DataLoader's
             batch size times the number of processes times
             ``accumulate_grad_batches`` (the samples behind one optimizer step).
-        every_n_epochs: Measure after every this many epochs (default 1 when
-            ``every_n_steps`` is not set).
-        every_n_steps: Measure every this many optimizer steps instead.
+        every_n_epochs: Fixed schedule: measure after every this many epochs.
+        every_n_steps: Fixed schedule: measure every this many optimizer steps.
+        overhead: Without a fixed schedule (the default), measure at the start
+            and then as often as keeps the measurement time at most this
+            fraction of the training time (default 0.1), at geometrically
+            spaced steps so that measurements are densest early. Monitors
+            that share a probe (``probe=``, or equal probe settings) share the
+            budget and measure at the same steps.
         measure_at_start: Also measure before the first step.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``;
             default the task's loss (cross-entropy, logistic, summed BCE, MSE).
@@ -105,11 +112,16 @@ class OrderParameterMonitor(_ProbeMonitor):
         - ``order/R``: mean cosine between distinct minibatch gradients.
         - ``order/sigma2_lambda``: variance of the projection ``λ_μ``.
         - ``order/D_s``: effective dimension ``D_s(spectrum_fraction)``.
+        - ``order/D_s_half``: ``D_s`` of a seeded random half of the probe set. ``D_s`` of an
+          ``n``-sample probe is at most ``n − 1``; when ``D_s_half`` is close to ``D_s`` the spectrum
+          is resolved, when it is about half of it the probe is too small for the spectrum.
         - ``order/loss``: mean probe loss.
         - ``order/error``: probe error rate against the given labels
           (classification only; the per-label error rate for multi-label).
         - ``order/measured_step``: global step of the latest measurement.
         - ``order/skipped``: number of skipped measurements (only after a failure).
+        - ``order/overhead``: realised overhead, measurement time / training time so far
+          (printed at the end of fitting too).
         - TensorBoard only: histogram ``order/spectrum`` of ``log10`` eigenvalues
           and, every ``figure_every_n`` measurements, the figure
           ``order/spectrum_figure`` (rank-ordered eigenvalues and normalised
@@ -128,6 +140,7 @@ class OrderParameterMonitor(_ProbeMonitor):
         batch_size: int | None = None,
         every_n_epochs: int | None = None,
         every_n_steps: int | None = None,
+        overhead: float = 0.1,
         measure_at_start: bool = True,
         loss_fn: LossFn | None = None,
         params: ParamSelection = None,
@@ -148,6 +161,7 @@ class OrderParameterMonitor(_ProbeMonitor):
             batch_size=batch_size,
             every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
+            overhead=overhead,
             measure_at_start=measure_at_start,
             num_minibatches=num_minibatches,
             probe_args=probe_args(
@@ -196,10 +210,17 @@ class OrderParameterMonitor(_ProbeMonitor):
             raise RuntimeError("the minibatch size is not known yet")
         gen = make_generator(derived_seed(self.seed, f"R_minibatches/{trainer.global_step}"))
         op = order_parameters(gram, b, num_minibatches=self.num_minibatches, generator=gen)
-        spectrum = noise_spectrum(gram, b)
+        # the whole spectrum where TensorBoard shows it; otherwise only its leading eigenvalues up to f·D
+        whole = bool(tensorboard_writers(trainer))
+        spectrum = noise_spectrum(gram, b, fraction=None if whole else self.spectrum_fraction)
         self._spectrum = spectrum
         metrics = {self.key(k): v for k, v in op.as_dict().items()}
-        metrics[self.key("D_s")] = float(effective_dimension(spectrum, self.spectrum_fraction))
+        metrics[self.key("D_s")] = float(effective_dimension(spectrum, self.spectrum_fraction, total=op.D))
+        if gram.shape[0] >= 4:
+            half = half_probe_effective_dimension(
+                gram, self.spectrum_fraction, generator=derived_seed(self.seed, "D_s_half")
+            )
+            metrics[self.key("D_s_half")] = float(half)
         metrics[self.key("loss")] = float(stats["losses"].mean())
         if "errors" in stats:
             metrics[self.key("error")] = float(stats["errors"].mean())
