@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_layout"]
+__all__ = [
+    "PHASE_LAYOUT",
+    "add_figure",
+    "add_histogram",
+    "add_text",
+    "chart_regex",
+    "mixture_figure",
+    "spectrum_figure",
+    "summary_writers",
+    "write_phase_layout",
+]
 
-# Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions.
+# Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions: TensorBoard joins
+# a chart's patterns with "|" into ONE regular expression and applies it with ``re.match`` (anchored at
+# the start of the tag), so no pattern may carry inline global flags such as ``(?i)`` (they are only
+# valid at the start of the whole expression); case variants are spelled out with character classes.
 PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Phases of learning": {
         "total activities (A, A_c, A_w)": ["Multiline", [r"order/A$", r"split/A_c$", r"split/A_w$"]],
@@ -27,21 +40,98 @@ PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
         "segment losses (L_c, L_w)": ["Multiline", [r"split/L_c$", r"split/L_w$", r"order/loss$"]],
         "errors (clean, mislabeled, probe, validation, test)": [
             "Multiline",
-            [r"split/err_c$", r"split/err_w$", r"order/error$", r"(?i)val.*(err|acc)", r"(?i)test.*(err|acc)"],
+            [
+                r"split/err_c$",
+                r"split/err_w$",
+                r"order/error$",
+                r"[vV]al.*([eE]rr|[aA]cc)",
+                r"[tT]est.*([eE]rr|[aA]cc)",
+            ],
         ],
         "segment gradients (ratio, cos)": ["Multiline", [r"segment/ratio$", r"segment/cos$"]],
     }
 }
 
-_written: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Attribute set on a ``SummaryWriter`` once the layout is written to it (state on the writer, not in the module).
+_LAYOUT_WRITTEN = "_lightning_phases_layout_written"
 
 
-def write_phase_layout(writer: Any) -> None:
-    """Write :data:`PHASE_LAYOUT` once to a ``SummaryWriter`` (no-op for ``None``)."""
-    if writer is None or writer in _written:
+def chart_regex(patterns: Sequence[str]) -> str:
+    """The one regular expression TensorBoard's Custom Scalars plugin builds from a chart's tag patterns.
+
+    The dashboard joins the patterns of a chart with ``"|"`` and the server
+    compiles the result with Python's ``re`` and keeps the tags it
+    ``match``-es; a chart whose joined expression does not compile shows
+    nothing ("regex_valid: false").
+    """
+    return "|".join(patterns)
+
+
+def summary_writers(target: Any) -> list[Any]:
+    """The SummaryWriters that ``target`` stands for.
+
+    Args:
+        target: A ``Trainer`` (every TensorBoard logger of either Lightning
+            namespace, on global rank 0 only; none elsewhere), one
+            ``SummaryWriter``, a list of them, or ``None`` (none).
+
+    Returns:
+        A list of writers, possibly empty.
+    """
+    if target is None:
+        return []
+    if hasattr(target, "add_scalar"):  # one SummaryWriter
+        return [target]
+    if isinstance(target, (list, tuple)):
+        return [w for w in target if w is not None]
+    from lightning_phases._lightning import tensorboard_writers
+
+    return tensorboard_writers(target)
+
+
+def write_phase_layout(target: Any) -> None:
+    """Write :data:`PHASE_LAYOUT` once to every writer of ``target`` (see :func:`summary_writers`).
+
+    Whether a writer has the layout is recorded on the writer object itself,
+    so every TensorBoard logger of a Trainer gets it exactly once, however
+    many callbacks call this.
+    """
+    for writer in summary_writers(target):
+        if getattr(writer, _LAYOUT_WRITTEN, False):
+            continue
+        writer.add_custom_scalars(PHASE_LAYOUT)
+        setattr(writer, _LAYOUT_WRITTEN, True)
+
+
+def add_histogram(target: Any, tag: str, values: Any, step: int) -> None:
+    """``add_histogram(tag, values, step)`` on every writer of ``target`` (see :func:`summary_writers`)."""
+    for writer in summary_writers(target):
+        writer.add_histogram(tag, values, step)
+
+
+def add_text(target: Any, tag: str, text: str, step: int) -> None:
+    """``add_text(tag, text, step)`` on every writer of ``target`` (see :func:`summary_writers`)."""
+    for writer in summary_writers(target):
+        writer.add_text(tag, text, step)
+
+
+def add_figure(target: Any, tag: str, figure: Any, step: int) -> None:
+    """A matplotlib figure as an image on every writer of ``target`` (see :func:`summary_writers`).
+
+    The figure is rendered once (Agg) and the same pixels go to every writer;
+    the figure is not closed or modified otherwise.
+    """
+    writers = summary_writers(target)
+    if not writers:
         return
-    writer.add_custom_scalars(PHASE_LAYOUT)
-    _written.add(writer)
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # [H, W, 3] uint8
+    for writer in writers:
+        writer.add_image(tag, image, step, dataformats="HWC")
 
 
 def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
