@@ -46,7 +46,7 @@ def test_quickstart_main_job_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Phase timeline" in result.stdout and f"tensorboard --logdir {tmp_path}" in result.stdout
-    assert (tmp_path / "report.png").exists()
+    assert (tmp_path / "version_0" / "report.png").exists()
 
 
 def test_readme_figure_and_links_exist():
