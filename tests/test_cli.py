@@ -50,6 +50,7 @@ def _scalars(run) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_demo_writes_a_versioned_run_and_says_where_everything_is(demo_run):
     code, stdout, out = demo_run
     assert code == 0
@@ -67,6 +68,7 @@ def test_demo_writes_a_versioned_run_and_says_where_everything_is(demo_run):
     assert summary["run"] == f"{out.name}/version_0"  # the run's own name, not an absolute path
 
 
+@pytest.mark.slow
 def test_demo_logs_the_kept_weights_test_error_under_its_own_key(demo_run):
     """test_err (final weights) and test_err_kept (the saved kept weights) are distinct tags, one value each; the
     saved checkpoint gives exactly the logged test_err_kept on the clean test split, computed here by hand."""
@@ -91,6 +93,7 @@ def test_demo_logs_the_kept_weights_test_error_under_its_own_key(demo_run):
     assert scalars["test_err"][0][1] != pytest.approx(wrong / total)  # not the same number twice
 
 
+@pytest.mark.slow
 def test_demo_cleansing_numbers_match_the_flags_and_the_known_noise(demo_run):
     _, stdout, out = demo_run
     run = out / "version_0"
@@ -109,6 +112,7 @@ def test_demo_cleansing_numbers_match_the_flags_and_the_known_noise(demo_run):
     assert f"flagged {len(flagged)} samples" in stdout
 
 
+@pytest.mark.slow
 def test_demo_reaches_t_c_and_phase_two(demo_run):
     _, _, out = demo_run
     summary = json.loads((out / "version_0" / "summary.json").read_text())
@@ -116,6 +120,7 @@ def test_demo_reaches_t_c_and_phase_two(demo_run):
     assert [p["phase"] for p in summary["phases"]][:2] == ["I", "II"]
 
 
+@pytest.mark.slow
 def test_report_reads_the_run_back(demo_run, tmp_path, capsys):
     _, _, out = demo_run
     run = out / "version_0"
@@ -132,6 +137,7 @@ def test_report_reads_the_run_back(demo_run, tmp_path, capsys):
     assert summary["test"]["test_err_kept"] == pytest.approx(acc.Scalars("test_err_kept")[-1].value)
 
 
+@pytest.mark.slow
 def test_a_second_demo_never_mixes_with_the_first(tmp_path, capsys):
     """Two demos into one directory: two runs; `report` on the parent reports each run on its own."""
     out = tmp_path / "demo"

@@ -248,6 +248,23 @@ def _nearest(entries: list[tuple[int, list[float], list[float]]], step: int | No
     return min(entries, key=lambda e: (abs(e[0] - step), -e[0]))
 
 
+def _rebin(edges: list[float], counts: list[float], grid: list[float]) -> list[float]:
+    """Counts of buckets ``[edges[i], edges[i+1]]`` on the bins of ``grid``, each spread uniformly over its bucket."""
+    out = [0.0] * (len(grid) - 1)
+    for a, b, c in zip(edges[:-1], edges[1:], counts):
+        if c == 0:
+            continue
+        if b <= a:  # a bucket of zero width: all in the bin holding it
+            k = min(max(next((i for i in range(len(out)) if grid[i + 1] >= a), len(out) - 1), 0), len(out) - 1)
+            out[k] += c
+            continue
+        for k in range(len(out)):
+            overlap = min(b, grid[k + 1]) - max(a, grid[k])
+            if overlap > 0:
+                out[k] += c * overlap / (b - a)
+    return out
+
+
 def _mixture_axes(ax, data: RunData, t_c: int | None) -> str | None:
     """Clean and mislabeled probe losses at the measurement nearest t_c, with the mixture's threshold and means."""
     clean = _nearest(data.histograms.get("split/loss_clean", []), t_c)
@@ -258,17 +275,20 @@ def _mixture_axes(ax, data: RunData, t_c: int | None) -> str | None:
         _no_data(ax, "split/loss_clean, split/loss_noisy histograms: NoiseSplitTracker with a TensorBoardLogger")
         return "loss populations: no split/loss_clean, split/loss_noisy histograms (NoiseSplitTracker)"
     step = (clean or noisy)[0]
+    present = [e for e in (clean, noisy) if e is not None]
+    lo, hi = min(e[1][0] for e in present), max(e[1][-1] for e in present)
+    grid = [lo + (hi - lo) * k / 40 for k in range(41)] if hi > lo else [lo - 0.5, lo + 0.5]
     for entry, colour, name in ((clean, "tab:blue", "clean"), (noisy, "tab:red", "mislabeled")):
         if entry is None:
             continue
         _, edges, counts = entry
-        if len(counts) >= 3:  # the outer buckets run from the data's min / max to a bucket limit: merge them inwards
-            edges = [edges[0], *edges[2:-2], edges[-1]]
-            counts = [counts[0] + counts[1], *counts[2:-2], counts[-2] + counts[-1]]
-        # TensorBoard's buckets have unequal widths: draw counts per unit of loss, so areas are sample counts
-        density = [c / (b - a) if b > a else 0.0 for c, a, b in zip(counts, edges[:-1], edges[1:])]
-        ax.stairs(density, edges, fill=True, alpha=0.35, color=colour)
-        ax.stairs(density, edges, color=colour, lw=1.2, label=f"{name} samples (n = {sum(counts):.0f})")
+        # TensorBoard's buckets have unequal widths (and empty ones are left out): spread each bucket's count
+        # uniformly over its range onto one even grid shared by both populations, then draw counts per unit of
+        # loss, so that areas are sample counts
+        binned = _rebin(edges, counts, grid)
+        density = [c / (b - a) for c, a, b in zip(binned, grid[:-1], grid[1:])]
+        ax.stairs(density, grid, fill=True, alpha=0.35, color=colour)
+        ax.stairs(density, grid, color=colour, lw=1.2, label=f"{name} samples (n = {sum(counts):.0f})")
     note = None
     if t_c is not None:
         threshold = data.at("gmm/threshold", t_c)
@@ -435,6 +455,7 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
