@@ -33,10 +33,10 @@ PHASE_DESCRIPTIONS = {
         "phase IV: everything memorised",
     ),
 }
-T_C_STYLE = {"color": "tab:red", "ls": "--", "lw": 1.2}
-STOP_STYLE = {"color": "tab:green", "ls": "-.", "lw": 1.4}
+T_C_STYLE: dict[str, Any] = {"color": "tab:red", "ls": "--", "lw": 1.2}
+STOP_STYLE: dict[str, Any] = {"color": "tab:green", "ls": "-.", "lw": 1.4}
 #: Figure fonts (points): readable when the figure is scaled onto a slide.
-FONT = {"title": 11, "label": 10, "tick": 9, "legend": 8.5}
+FONT: dict[str, float] = {"title": 11, "label": 10, "tick": 9, "legend": 8.5}
 
 
 @dataclass

@@ -162,7 +162,7 @@ def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
         )
         x = torch.log10(rank[keep]).numpy()
         ax.plot(x, torch.log10(e[keep]).numpy(), ".-", ms=3)
-        inset = ax.inset_axes([0.55, 0.55, 0.4, 0.38])
+        inset = ax.inset_axes((0.55, 0.55, 0.4, 0.38))
         inset.plot(x, cumulative[keep].numpy())
         inset.set_ylim(0, 1.02)
         inset.set_title("cumulative / D", fontsize=8)
