@@ -122,7 +122,7 @@ def test_two_layer_linear_cli_configs(config, tmp_path, monkeypatch):
     )
     cfg = yaml.safe_load((CONFIGS / config).read_text())
     acc = EventAccumulator(
-        str(tmp_path / "runs" / "two_layer_linear" / cfg["trainer"]["logger"]["init_args"]["version"]),
+        str(tmp_path / "runs" / cfg["trainer"]["logger"]["init_args"]["name"] / "version_0"),
         size_guidance={"scalars": 0},
     )
     acc.Reload()
@@ -176,3 +176,34 @@ def test_feng_tu_digits_reaches_t_c_and_a_recommended_stop(tmp_path, monkeypatch
     flags[flagged] = True
     quality = detection_metrics(flags, dm.noisy_train.is_noisy)
     assert float(quality.precision) > 0.8 and float(quality.recall) > 0.8, quality
+
+
+@pytest.mark.slow
+def test_clean_priority_digits_binary_ratio_starts_at_one_minus_delta_over_delta_and_falls(tmp_path, monkeypatch):
+    """The README's clean-priority row and the config's comment: with δ = 0.4 the clean/noisy segment-gradient
+    ratio starts near (1 − δ)/δ = 1.5, the two segments point in opposite directions, and the ratio falls
+    towards 1 (the config as shipped: 120 epochs)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clean_priority.py"])
+    config = CONFIGS / "clean_priority_digits_binary.yaml"
+    _example("clean_priority").main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    cfg = yaml.safe_load(config.read_text())
+    delta = cfg["data"]["init_args"]["noise_rate"]
+    run = tmp_path / "runs" / cfg["trainer"]["logger"]["init_args"]["name"] / "version_0"
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    ratio = [e.value for e in acc.Scalars("segment/ratio")]
+    cos = [e.value for e in acc.Scalars("segment/cos")]
+    assert ratio[0] == pytest.approx((1 - delta) / delta, abs=0.1)
+    assert max(cos) < -0.9  # opposite directions throughout
+    assert min(ratio[-5:]) < 1.15 and ratio[0] - min(ratio) > 0.3  # falls towards 1
