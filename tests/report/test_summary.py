@@ -133,3 +133,18 @@ def test_title_is_the_runs_name_not_a_path(run, tmp_path):
     assert title.startswith("noisy_mlp/version_3: phases of learning")
     assert str(tmp_path) not in title
     assert summary["run"] == "noisy_mlp/version_3"
+
+
+def test_a_resumed_run_in_one_directory_is_one_run(tmp_path):
+    """A resumed run adds an event file to the same directory: one run, its steps once each, the later value
+    of a re-logged step kept."""
+    import time
+
+    for values in ({0: 1.0, 1: 2.0, 2: 3.0}, {2: 30.0, 3: 40.0}):  # the second writer resumes at step 2
+        writer = SummaryWriter(str(tmp_path))
+        for step, value in values.items():
+            writer.add_scalar("order/A", value, step)
+        writer.close()
+        time.sleep(1.1)  # event file names carry the time in seconds
+    data = read_run(str(tmp_path))
+    assert data.scalars["order/A"] == [(0, 1.0), (1, 2.0), (2, 30.0), (3, 40.0)]
