@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="train a small network on noisy digits with all four callbacks (offline, about a minute on a CPU)",
+        help="train a small network on noisy digits with all four callbacks (offline, well under a minute on a CPU)",
         description=(
             "Train a small fully connected network on scikit-learn's bundled handwritten digits, with part of the "
             "training labels deliberately wrong, under OrderParameterMonitor, NoiseSplitTracker, PhaseDetector and "

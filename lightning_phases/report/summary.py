@@ -393,7 +393,7 @@ def draw_report(data: RunData, *, title: str | None = None) -> tuple[Any, dict[s
         )
     )
     fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=FONT["legend"] + 1, frameon=False)
-    headline = [f"phase model: {model}"]
+    headline = ["four phases (with mislabeled data)" if model == "four" else "two phases (clean data)"]
     if t_c is not None:
         c = summary["cleansing"]
         line = f"t_c at step {t_c}"
