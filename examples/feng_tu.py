@@ -4,7 +4,13 @@ An MLP trained with plain SGD while ``OrderParameterMonitor`` logs the order
 parameters of the minibatch-gradient ensemble (A, A0, R, σ²_λ, the noise
 spectrum and its effective dimension), ``NoiseSplitTracker`` splits them into
 clean and mislabeled parts, ``PhaseDetector`` names the phase online and
-``GMMCleanser`` removes the samples its loss mixture flags at t_c.
+recommends where to stop (the end of phase II), and ``GMMCleanser`` finds the
+cleansing time t_c and flags the samples its loss mixture calls mislabeled
+there. What happens to the flagged samples depends on the config: the digits
+config only *flags* them (``action: flag``: they are written to
+``gmm_flagged.csv`` in the run directory and training goes on unchanged);
+``feng_tu_mnist_noisy.yaml`` *removes* them from the rest of training
+(``action: remove``).
 
 Configs (``examples/configs/``):
 
@@ -12,8 +18,9 @@ Configs (``examples/configs/``):
   then exploration).
 * ``feng_tu_mnist_noisy.yaml``: MNIST with ρ = 0.5 symmetric noise, the four
   phases, cleansing at t_c (``GMMCleanser(action="remove")``).
-* ``feng_tu_digits.yaml``: the noisy run on the bundled digits (offline, a
-  minute on a CPU).
+* ``feng_tu_digits.yaml``: the noisy run on the bundled digits (ρ = 0.5,
+  offline, about a minute on a CPU): phases I and II, t_c with the flagged
+  samples, and a recommended stop (checked by ``tests/examples``).
 
 Run::
 

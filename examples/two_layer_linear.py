@@ -5,7 +5,9 @@ same initialisation and writes all runs under one TensorBoard root, so the
 curves share a chart::
 
     python examples/two_layer_linear.py --logdir runs
-    tensorboard --logdir runs/two_layer_linear     # runs: sgd, label_noise_sgd, sam
+    tensorboard --logdir runs/two_layer_linear     # runs: version_N/sgd, version_N/label_noise_sgd, version_N/sam
+
+Each call writes a new ``runs/two_layer_linear/version_N`` (the next free N), so reruns never mix.
 
 Watch ``two_layer/mean_norm`` (Phase I: falls with label noise and SAM, flat
 with plain SGD) and ``two_layer/mean_abs_cosine`` (Phase II: rises toward 1).
@@ -35,7 +37,17 @@ from lightning_phases import LabelNoise, SparseLinearRegressionDataModule, TwoLa
 RUNS = ("sgd", "label_noise_sgd", "sam")
 
 
-def train(run: str, args: argparse.Namespace) -> dict[str, float]:
+def next_version(root: str) -> str:
+    """``version_N`` with the next free ``N`` under ``root``: each call of the script writes a new set of runs."""
+    taken = [
+        int(name.split("_", 1)[1])
+        for name in (os.listdir(root) if os.path.isdir(root) else [])
+        if name.startswith("version_") and name.split("_", 1)[1].isdigit()
+    ]
+    return f"version_{max(taken, default=-1) + 1}"
+
+
+def train(run: str, args: argparse.Namespace, version: str) -> dict[str, float]:
     """Train one run (``sgd``, ``label_noise_sgd`` or ``sam``) and return its final neuron statistics."""
     pl.seed_everything(args.seed, verbose=False)  # the DataLoader's shuffling
     dm = SparseLinearRegressionDataModule(
@@ -63,7 +75,9 @@ def train(run: str, args: argparse.Namespace) -> dict[str, float]:
         accelerator="cpu",
         max_steps=args.steps,
         callbacks=callbacks,
-        logger=pl.loggers.TensorBoardLogger(args.logdir, name="two_layer_linear", version=run),
+        logger=pl.loggers.TensorBoardLogger(
+            os.path.join(args.logdir, "two_layer_linear"), name=version, version=run
+        ),  # runs/two_layer_linear/version_N/{sgd,label_noise_sgd,sam}: reruns never mix
         log_every_n_steps=max(1, args.steps // 200),
         check_val_every_n_epoch=max(1, args.steps // 20 // steps_per_epoch),
         enable_progress_bar=False,
@@ -105,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]] | None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     results = {}
+    version = next_version(os.path.join(args.logdir, "two_layer_linear"))
     for run in RUNS:
-        results[run] = train(run, args)
+        results[run] = train(run, args, version)
         stats = results[run]
         print(
             f"{run:>16s}: mean_norm {stats['mean_norm']:.3f}  mean_abs_cosine {stats['mean_abs_cosine']:.3f}  "

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def test_quickstart_main_job_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Phase timeline" in result.stdout and f"tensorboard --logdir {tmp_path}" in result.stdout
-    assert (tmp_path / "report.png").exists()
+    assert (tmp_path / "version_0" / "report.png").exists()
 
 
 def test_readme_figure_and_links_exist():
@@ -54,3 +56,31 @@ def test_readme_figure_and_links_exist():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith("http"):
             assert (ROOT / target).exists(), f"README links to a missing file: {target}"
+
+
+def test_extras_install_what_the_examples_need():
+    """The examples extra (which the first Quickstart command installs) brings `lightning` and a jsonargparse
+    whose lower bound is the one the installed Lightning declares for its CLI; the README tells CPU-only users
+    how to get the CPU build of torch."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "[examples]" in _quickstart_commands()[0]
+    lightning_needs = [
+        Requirement(r) for r in importlib.metadata.requires("lightning") or [] if r.startswith("jsonargparse")
+    ]
+    assert lightning_needs, "lightning declares no jsonargparse requirement"
+    lower = {Version(s.version) for r in lightning_needs for s in r.specifier if s.operator == ">="}
+    assert len(lower) == 1
+    for extra in ("examples", "dev"):
+        reqs = {Requirement(r).name: Requirement(r) for r in extras[extra]}
+        assert "lightning" in reqs, extra
+        ours = {Version(s.version) for s in reqs["jsonargparse"].specifier if s.operator == ">="}
+        assert ours == lower, (extra, ours, lower)
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in readme

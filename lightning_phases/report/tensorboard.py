@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,48 +11,146 @@ from torch import Tensor
 
 from lightning_phases import keys
 
-__all__ = ["PHASE_LAYOUT", "mixture_figure", "spectrum_figure", "write_phase_layout"]
+__all__ = [
+    "PHASE_LAYOUT",
+    "add_figure",
+    "add_histogram",
+    "add_text",
+    "chart_regex",
+    "mixture_figure",
+    "spectrum_figure",
+    "summary_writers",
+    "write_phase_layout",
+]
+
+# Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions: TensorBoard joins
+# a chart's patterns with "|" into ONE regular expression and applies it with ``re.match`` (anchored at
+# the start of the tag), so no pattern may carry inline global flags such as ``(?i)`` (they are only
+# valid at the start of the whole expression); case variants are spelled out with character classes.
 
 
-def _tags(*names: tuple[str, str]) -> list[str]:
-    """Regular expressions matching the registry keys ``(prefix, statistic)`` exactly (at the end of a tag)."""
-    return [re.escape(keys.name(prefix, stat)) + "$" for prefix, stat in names]
+def _tag(key: str) -> str:
+    """A pattern matching the registry key ``key`` exactly (at the end of a tag)."""
+    return re.escape(key) + "$"
 
 
-_O, _S, _G = keys.ORDER_PREFIX, keys.SPLIT_PREFIX, keys.SEGMENT_PREFIX
-
-# Related curves on one chart, as in Feng & Tu's figures. Tags are regular expressions.
 PHASE_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "Phases of learning": {
-        "total activities (A, A_c, A_w)": ["Multiline", _tags((_O, "A"), (_S, "A_c"), (_S, "A_w"))],
+        "total activities (A, A_c, A_w)": [
+            "Multiline",
+            [_tag(keys.order("A")), _tag(keys.split("A_c")), _tag(keys.split("A_w"))],
+        ],
         "directed activities (A0, A0_c, A0_w)": [
             "Multiline",
-            _tags((_O, "A0"), (_S, "A0"), (_S, "A0_c"), (_S, "A0_w")),
+            [_tag(keys.order("A0")), _tag(keys.split("A0")), _tag(keys.split("A0_c")), _tag(keys.split("A0_w"))],
         ],
         "alignments (R, R_cw, R_ac, R_aw)": [
             "Multiline",
-            _tags((_O, "R"), (_S, "R_cw"), (_S, "R_ac"), (_S, "R_aw")),
+            [_tag(keys.order("R")), _tag(keys.split("R_cw")), _tag(keys.split("R_ac")), _tag(keys.split("R_aw"))],
         ],
-        "sigma2_lambda": ["Multiline", _tags((_O, "sigma2_lambda"))],
-        "noise (D, D_parallel, A_perp)": ["Multiline", _tags((_O, "D"), (_O, "D_parallel"), (_O, "A_perp"))],
-        "segment losses (L_c, L_w)": ["Multiline", _tags((_S, "L_c"), (_S, "L_w"), (_O, "loss"))],
+        "sigma2_lambda": ["Multiline", [_tag(keys.order("sigma2_lambda"))]],
+        "noise (D, D_parallel, A_perp)": [
+            "Multiline",
+            [_tag(keys.order("D")), _tag(keys.order("D_parallel")), _tag(keys.order("A_perp"))],
+        ],
+        "segment losses (L_c, L_w)": [
+            "Multiline",
+            [_tag(keys.split("L_c")), _tag(keys.split("L_w")), _tag(keys.order("loss"))],
+        ],
         "errors (clean, mislabeled, probe, validation, test)": [
             "Multiline",
-            [*_tags((_S, "err_c"), (_S, "err_w"), (_O, "error")), r"(?i)val.*(err|acc)", r"(?i)test.*(err|acc)"],
+            [
+                _tag(keys.split("err_c")),
+                _tag(keys.split("err_w")),
+                _tag(keys.order("error")),
+                r"[vV]al.*([eE]rr|[aA]cc)",
+                r"[tT]est.*([eE]rr|[aA]cc)",
+            ],
         ],
-        "segment gradients (ratio, cos)": ["Multiline", _tags((_G, "ratio"), (_G, "cos"))],
+        "segment gradients (ratio, cos)": ["Multiline", [_tag(keys.segment("ratio")), _tag(keys.segment("cos"))]],
     }
 }
 
-_written: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Attribute set on a ``SummaryWriter`` once the layout is written to it (state on the writer, not in the module).
+_LAYOUT_WRITTEN = "_lightning_phases_layout_written"
 
 
-def write_phase_layout(writer: Any) -> None:
-    """Write :data:`PHASE_LAYOUT` once to a ``SummaryWriter`` (no-op for ``None``)."""
-    if writer is None or writer in _written:
+def chart_regex(patterns: Sequence[str]) -> str:
+    """The one regular expression TensorBoard's Custom Scalars plugin builds from a chart's tag patterns.
+
+    The dashboard joins the patterns of a chart with ``"|"`` and the server
+    compiles the result with Python's ``re`` and keeps the tags it
+    ``match``-es; a chart whose joined expression does not compile shows
+    nothing ("regex_valid: false").
+    """
+    return "|".join(patterns)
+
+
+def summary_writers(target: Any) -> list[Any]:
+    """The SummaryWriters that ``target`` stands for.
+
+    Args:
+        target: A ``Trainer`` (every TensorBoard logger of either Lightning
+            namespace, on global rank 0 only; none elsewhere), one
+            ``SummaryWriter``, a list of them, or ``None`` (none).
+
+    Returns:
+        A list of writers, possibly empty.
+    """
+    if target is None:
+        return []
+    if hasattr(target, "add_scalar"):  # one SummaryWriter
+        return [target]
+    if isinstance(target, (list, tuple)):
+        return [w for w in target if w is not None]
+    from lightning_phases._lightning import tensorboard_writers
+
+    return tensorboard_writers(target)
+
+
+def write_phase_layout(target: Any) -> None:
+    """Write :data:`PHASE_LAYOUT` once to every writer of ``target`` (see :func:`summary_writers`).
+
+    Whether a writer has the layout is recorded on the writer object itself,
+    so every TensorBoard logger of a Trainer gets it exactly once, however
+    many callbacks call this.
+    """
+    for writer in summary_writers(target):
+        if getattr(writer, _LAYOUT_WRITTEN, False):
+            continue
+        writer.add_custom_scalars(PHASE_LAYOUT)
+        setattr(writer, _LAYOUT_WRITTEN, True)
+
+
+def add_histogram(target: Any, tag: str, values: Any, step: int) -> None:
+    """``add_histogram(tag, values, step)`` on every writer of ``target`` (see :func:`summary_writers`)."""
+    for writer in summary_writers(target):
+        writer.add_histogram(tag, values, step)
+
+
+def add_text(target: Any, tag: str, text: str, step: int) -> None:
+    """``add_text(tag, text, step)`` on every writer of ``target`` (see :func:`summary_writers`)."""
+    for writer in summary_writers(target):
+        writer.add_text(tag, text, step)
+
+
+def add_figure(target: Any, tag: str, figure: Any, step: int) -> None:
+    """A matplotlib figure as an image on every writer of ``target`` (see :func:`summary_writers`).
+
+    The figure is rendered once (Agg) and the same pixels go to every writer;
+    the figure is not closed or modified otherwise.
+    """
+    writers = summary_writers(target)
+    if not writers:
         return
-    writer.add_custom_scalars(PHASE_LAYOUT)
-    _written.add(writer)
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # [H, W, 3] uint8
+    for writer in writers:
+        writer.add_image(tag, image, step, dataformats="HWC")
 
 
 def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
@@ -83,7 +181,7 @@ def spectrum_figure(spectrum: Tensor, *, step: int | None = None):
         )
         x = torch.log10(rank[keep]).numpy()
         ax.plot(x, torch.log10(e[keep]).numpy(), ".-", ms=3)
-        inset = ax.inset_axes([0.55, 0.55, 0.4, 0.38])
+        inset = ax.inset_axes((0.55, 0.55, 0.4, 0.38))
         inset.plot(x, cumulative[keep].numpy())
         inset.set_ylim(0, 1.02)
         inset.set_title("cumulative / D", fontsize=8)

@@ -122,10 +122,88 @@ def test_two_layer_linear_cli_configs(config, tmp_path, monkeypatch):
     )
     cfg = yaml.safe_load((CONFIGS / config).read_text())
     acc = EventAccumulator(
-        str(tmp_path / "runs" / "two_layer_linear" / cfg["trainer"]["logger"]["init_args"]["version"]),
+        str(tmp_path / "runs" / cfg["trainer"]["logger"]["init_args"]["name"] / "version_0"),
         size_guidance={"scalars": 0},
     )
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"two_layer/mean_norm", "two_layer/mean_abs_cosine", "train_loss", "test_loss"} <= tags
     assert len(acc.Scalars("two_layer/mean_norm")) == 8
+
+
+@pytest.mark.slow
+def test_feng_tu_digits_reaches_t_c_and_a_recommended_stop(tmp_path, monkeypatch):
+    """The README's Feng & Tu row: phases, t_c with flagged samples, and a recommended stop, in the config as
+    shipped (only the progress bar off and the output directory moved)."""
+    import csv
+
+    import torch
+
+    from lightning_phases.data import NoisyDigitsDataModule
+    from lightning_phases.functional import detection_metrics
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["feng_tu.py"])
+    config = CONFIGS / "feng_tu_digits.yaml"
+    _example("feng_tu").main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    cfg = yaml.safe_load(config.read_text())
+    run = tmp_path / "runs" / cfg["trainer"]["logger"]["init_args"]["name"] / "version_0"
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    phases = [int(e.value) for e in acc.Scalars("phase/index")]
+    assert phases[0] == 0 and 1 in phases  # phase I, then phase II
+    t_c = acc.Scalars("gmm/t_c_step")[-1].value
+    stop = acc.Scalars("phase/recommended_step")[-1].value
+    assert t_c > 0 and 0 < stop <= acc.Scalars("order/measured_step")[-1].value
+    assert (
+        next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("GMMCleanser"))["init_args"]["action"]
+        == "flag"
+    )
+    flagged = [int(r["index"]) for r in csv.DictReader((run / "gmm_flagged.csv").read_text().splitlines())]
+    dm = NoisyDigitsDataModule(**cfg["data"]["init_args"])
+    dm.setup("fit")
+    flags = torch.zeros(len(dm.noisy_train), dtype=torch.bool)
+    flags[flagged] = True
+    quality = detection_metrics(flags, dm.noisy_train.is_noisy)
+    assert float(quality.precision) > 0.8 and float(quality.recall) > 0.8, quality
+
+
+@pytest.mark.slow
+def test_clean_priority_digits_binary_ratio_starts_at_one_minus_delta_over_delta_and_falls(tmp_path, monkeypatch):
+    """The README's clean-priority row and the config's comment: with δ = 0.4 the clean/noisy segment-gradient
+    ratio starts near (1 − δ)/δ = 1.5, the two segments point in opposite directions, and the ratio falls
+    towards 1 (the config as shipped: 120 epochs)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["clean_priority.py"])
+    config = CONFIGS / "clean_priority_digits_binary.yaml"
+    _example("clean_priority").main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    cfg = yaml.safe_load(config.read_text())
+    delta = cfg["data"]["init_args"]["noise_rate"]
+    run = tmp_path / "runs" / cfg["trainer"]["logger"]["init_args"]["name"] / "version_0"
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    ratio = [e.value for e in acc.Scalars("segment/ratio")]
+    cos = [e.value for e in acc.Scalars("segment/cos")]
+    assert ratio[0] == pytest.approx((1 - delta) / delta, abs=0.1)
+    assert max(cos) < -0.9  # opposite directions throughout
+    assert min(ratio[-5:]) < 1.15 and ratio[0] - min(ratio) > 0.3  # falls towards 1
