@@ -88,7 +88,7 @@ def clean_check(epochs: int, seed: int, lr: float, heavy: float | None = None) -
         max_epochs=epochs,
         limit_val_batches=0,
         logger=CSVLogger(tempfile.mkdtemp()),
-        callbacks=[OrderParameterMonitor(probe_size=512), detector, cleanser],
+        callbacks=[OrderParameterMonitor(every_n_epochs=1, probe_size=512), detector, cleanser],
     )
     trainer.fit(model, datamodule=dm)
     n = len(dm.noisy_train)

@@ -77,8 +77,8 @@ def run(dataset: str, rate: float, epochs: int, seed: int) -> dict:
         max_epochs=epochs,
         limit_val_batches=0,
         callbacks=[
-            OrderParameterMonitor(probe_size=512),
-            NoiseSplitTracker(probe_size=512),
+            OrderParameterMonitor(every_n_epochs=1, probe_size=512),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=512),
             detector,
             at_stop,
             recorder,

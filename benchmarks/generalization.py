@@ -288,7 +288,10 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
     detector = PhaseDetector(verbose=False)
     cleanser = GMMCleanser(action="flag")
     es = RecordingEarlyStopping(monitor="val_loss", mode="min", patience=10)
-    monitors = [OrderParameterMonitor(probe_size=args.probe_size), NoiseSplitTracker(probe_size=args.probe_size)]
+    monitors = [
+        OrderParameterMonitor(every_n_epochs=1, probe_size=args.probe_size),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=args.probe_size),
+    ]
     model, _ = seeded_fit(
         s.model_fn,
         seed,

@@ -167,8 +167,8 @@ def _demo(args: argparse.Namespace) -> int:
         devices=1,
         logger=logger,
         callbacks=[
-            OrderParameterMonitor(probe_size=args.probe_size),
-            NoiseSplitTracker(probe_size=args.probe_size),
+            OrderParameterMonitor(every_n_epochs=1, probe_size=args.probe_size),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=args.probe_size),
             detector,
             cleanser,
         ],

@@ -77,8 +77,8 @@ def tiny_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(namespace.replace(".", "_"))
     logger = importlib.import_module(namespace + ".loggers").TensorBoardLogger(str(root), name="tiny")
     callbacks = [
-        OrderParameterMonitor(probe_size=128, figure_every_n=1),
-        NoiseSplitTracker(probe_size=128),
+        OrderParameterMonitor(every_n_epochs=1, probe_size=128, figure_every_n=1),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=128),
         PhaseDetector(verbose=False),
         GMMCleanser(patience=1, max_fraction=0.95),
     ]

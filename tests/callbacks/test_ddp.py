@@ -40,8 +40,8 @@ def _run(tmp_path, devices: int, lr: float):
     pl.seed_everything(0, verbose=False)
     model = TinyClassifier(lr=lr)
     callbacks = [
-        OrderParameterMonitor(probe_size=48, batch_size=16, seed=2),
-        NoiseSplitTracker(probe_size=48, batch_size=16, seed=2),
+        OrderParameterMonitor(every_n_epochs=1, probe_size=48, batch_size=16, seed=2),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=48, batch_size=16, seed=2),
         _DumpCallbackMetrics(tmp_path),
         DestroyProcessGroupAtExit(),
     ]

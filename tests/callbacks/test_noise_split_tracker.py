@@ -35,8 +35,10 @@ def _fit(tmp_path, callbacks, model, dataset, *, max_epochs=1):
 
 def test_seeds_of_any_size_work(tmp_path):
     big = 2**32
-    split = NoiseSplitTracker(probe_size=48, seed=big)  # no ground truth: the loss mixture needs a 32-bit seed
-    mon = OrderParameterMonitor(probe_size=48, seed=time.time_ns())  # R's minibatches: a derived seed
+    split = NoiseSplitTracker(
+        every_n_epochs=1, probe_size=48, seed=big
+    )  # no ground truth: the loss mixture needs a 32-bit seed
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=48, seed=time.time_ns())  # R's minibatches: a derived seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _fit(tmp_path, [split, mon], TinyClassifier(), PlainDataset(NoisyTensorDataset()))
@@ -44,7 +46,7 @@ def test_seeds_of_any_size_work(tmp_path):
     assert split.last["split/mask_estimated"] == 1.0 and 0 < split.last["split/rho"] < 1
     assert "order/R" in mon.last
     with pytest.raises(LightningPhasesError, match="seed must be a non-negative int; got -1"):
-        NoiseSplitTracker(seed=-1)
+        NoiseSplitTracker(every_n_epochs=1, seed=-1)
 
 
 @pytest.mark.parametrize("flag", ["segments", "require_ground_truth", "measure_at_start"])
@@ -57,7 +59,7 @@ def test_regression_split_with_a_user_mask_skips_the_segments_with_one_note(tmp_
     ds = RegressionDataset(n=64)
     noisy = torch.zeros(64, dtype=torch.bool)
     noisy[::4] = True
-    split = NoiseSplitTracker(probe_size=48, noisy_mask=noisy, true_targets=torch.zeros(64))
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=48, noisy_mask=noisy, true_targets=torch.zeros(64))
     model = Regressor()
     with pytest.warns(RuntimeWarning, match="no segment gradients for task 'regression'") as record:
         tr = _fit(tmp_path, [split], model, ds, max_epochs=2)
@@ -78,7 +80,7 @@ def test_multilabel_error_rates_are_per_label(tmp_path):
     ds = MultiLabelDataset(n=64)
     noisy = torch.zeros(64, dtype=torch.bool)
     noisy[1::3] = True
-    split = NoiseSplitTracker(probe_size=48, noisy_mask=noisy)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=48, noisy_mask=noisy)
     model = MultiLabelClassifier()
     _fit(tmp_path, [split], model, ds)
     idx = split.probe_indices
@@ -91,8 +93,8 @@ def test_multilabel_error_rates_are_per_label(tmp_path):
 def test_prefix_and_the_segment_keys_that_follow_it(tmp_path):
     ds = NoisyTensorDataset()
     probe = Probe(probe_size=48, seed=1)
-    default = NoiseSplitTracker(probe=probe)
-    other = NoiseSplitTracker(probe=probe, prefix="split_b")
+    default = NoiseSplitTracker(every_n_epochs=1, probe=probe)
+    other = NoiseSplitTracker(every_n_epochs=1, probe=probe, prefix="split_b")
     assert default.state_key != other.state_key
     tr = _fit(tmp_path, [default, other], TinyClassifier(), ds)
     assert probe.num_gram_computations == 2  # start and one epoch, shared by both trackers

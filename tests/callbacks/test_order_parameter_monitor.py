@@ -46,16 +46,19 @@ def test_the_two_monitors_share_one_gram_per_measurement(tmp_path):
     from lightning_phases import Probe
 
     ds = NoisyTensorDataset()
-    alone = NoiseSplitTracker(probe_size=64, seed=3)
+    alone = NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=3)
     _fit(tmp_path / "alone", [alone], dataset=ds)
     assert alone.probe.num_gram_computations == 3  # start + 2 epochs
     probe = Probe(probe_size=64, seed=3)
-    both = [OrderParameterMonitor(probe=probe), NoiseSplitTracker(probe=probe)]
+    both = [OrderParameterMonitor(every_n_epochs=1, probe=probe), NoiseSplitTracker(every_n_epochs=1, probe=probe)]
     _fit(tmp_path / "both", both, dataset=ds)
     assert both[0].num_measurements == both[1].num_measurements == 3
     assert probe.num_gram_computations == 3 and probe.num_loss_computations == 3  # one per step for both
     assert both[1].last == alone.last  # bit-identical statistics
-    separate = [OrderParameterMonitor(probe_size=64, seed=3), NoiseSplitTracker(probe_size=64, seed=3)]
+    separate = [
+        OrderParameterMonitor(every_n_epochs=1, probe_size=64, seed=3),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=3),
+    ]
     _fit(tmp_path / "separate", separate, dataset=ds)
     assert separate[0].probe is not separate[1].probe  # without probe= each monitor has its own
     assert separate[0].probe.num_gram_computations == separate[1].probe.num_gram_computations == 3
@@ -64,8 +67,8 @@ def test_the_two_monitors_share_one_gram_per_measurement(tmp_path):
 
 def test_logged_values_equal_the_functional_computation(tmp_path):
     ds = NoisyTensorDataset()
-    mon = OrderParameterMonitor(probe_size=64, seed=3)
-    split = NoiseSplitTracker(probe_size=64, seed=3)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=64, seed=3)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=3)
     tr, model = _fit(tmp_path, [mon, split], dataset=ds)
     idx = mon.probe_indices
     assert torch.equal(idx, split.probe_indices) and idx.numel() == 64 and len(set(idx.tolist())) == 64
@@ -101,7 +104,10 @@ def test_logged_values_equal_the_functional_computation(tmp_path):
 def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path):
     kwargs = dict(dataset=NoisyTensorDataset(), max_epochs=3, dropout=0.3)
     _, plain = _fit(tmp_path / "a", [], **kwargs)
-    callbacks = [OrderParameterMonitor(probe_size=40), NoiseSplitTracker(probe_size=40, every_n_steps=5)]
+    callbacks = [
+        OrderParameterMonitor(every_n_epochs=1, probe_size=40),
+        NoiseSplitTracker(probe_size=40, every_n_steps=5),
+    ]
     _, probed = _fit(tmp_path / "b", callbacks, **kwargs)
     for (name, p), q in zip(plain.named_parameters(), probed.parameters()):
         assert torch.equal(p, q), name
@@ -128,7 +134,7 @@ def test_failure_warns_once_skips_and_training_continues(tmp_path):
 
     kwargs = dict(dataset=NoisyTensorDataset(), max_epochs=3)
     _, plain = _fit(tmp_path / "a", [], **kwargs)
-    mon = OrderParameterMonitor(probe_size=32, loss_fn=broken_loss)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32, loss_fn=broken_loss)
     with pytest.warns(RuntimeWarning, match="skipped the measurement") as record:
         tr, model = _fit(tmp_path / "b", [mon], **kwargs)
     assert sum("skipped the measurement" in str(w.message) for w in record) == 1
@@ -143,7 +149,7 @@ def test_nan_gradients_are_skipped(tmp_path):
     def nan_loss(out, target):
         return torch.nn.functional.cross_entropy(out.unsqueeze(0), target.unsqueeze(0)) * float("nan")
 
-    mon = OrderParameterMonitor(probe_size=32, loss_fn=nan_loss)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32, loss_fn=nan_loss)
     with pytest.warns(RuntimeWarning, match="NaN"):
         _fit(tmp_path, [mon], max_epochs=1)
     assert mon.num_failures == 2 and mon.last == {}
@@ -151,7 +157,7 @@ def test_nan_gradients_are_skipped(tmp_path):
 
 def test_estimated_mask_without_ground_truth(tmp_path):
     inner = NoisyTensorDataset(rate=0.4)
-    split = NoiseSplitTracker(probe_size=96)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=96)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tr, _ = _fit(tmp_path, [split], dataset=PlainDataset(inner), max_epochs=6)
@@ -163,7 +169,7 @@ def test_estimated_mask_without_ground_truth(tmp_path):
 
 def test_user_given_mask(tmp_path):
     ds = NoisyTensorDataset()
-    split = NoiseSplitTracker(probe_size=50, noisy_mask=ds.is_noisy, true_targets=ds.true_targets)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=50, noisy_mask=ds.is_noisy, true_targets=ds.true_targets)
     _fit(tmp_path, [split], dataset=PlainDataset(ds), max_epochs=1)
     assert split.mask_source == "user" and "segment/ratio" in split.last
     assert split.last["split/rho"] == pytest.approx(float(ds.is_noisy[split.probe_indices].float().mean()))
@@ -172,10 +178,10 @@ def test_user_given_mask(tmp_path):
 def test_resume_continues_without_gap_or_duplicate(tmp_path):
     ds = NoisyTensorDataset()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    mon = OrderParameterMonitor(probe_size=40, seed=5)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=5)
     _fit(tmp_path / "first", [mon, ckpt], dataset=ds, max_epochs=2, enable_checkpointing=True)
     first_probe = mon.probe_indices.clone()
-    resumed = OrderParameterMonitor(probe_size=40, seed=5)
+    resumed = OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=5)
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path / "second", [resumed], max_epochs=4, enable_checkpointing=True)
     tr.fit(TinyClassifier(), loader(ds), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -186,17 +192,20 @@ def test_resume_continues_without_gap_or_duplicate(tmp_path):
 
 
 def test_state_dict_round_trip_and_defaults():
-    mon = OrderParameterMonitor(probe_size=10)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=10)
     mon.probe_indices = torch.tensor([1, 4, 7])
     mon.last_measured_step = 12
     mon.num_measurements = 3
-    other = OrderParameterMonitor(probe_size=10)
+    other = OrderParameterMonitor(every_n_epochs=1, probe_size=10)
     other.load_state_dict(mon.state_dict())
     assert torch.equal(other.probe_indices, mon.probe_indices) and other.last_measured_step == 12
-    fresh = OrderParameterMonitor(probe_size=10)
+    fresh = OrderParameterMonitor(every_n_epochs=1, probe_size=10)
     fresh.load_state_dict({})  # an old checkpoint without our keys still loads
     assert fresh.probe_indices is None and fresh.last_measured_step == -1
-    assert OrderParameterMonitor(probe_size=10).state_key != OrderParameterMonitor(probe_size=11).state_key
+    assert (
+        OrderParameterMonitor(every_n_epochs=1, probe_size=10).state_key
+        != OrderParameterMonitor(every_n_epochs=1, probe_size=11).state_key
+    )
 
 
 @pytest.mark.parametrize(
@@ -217,17 +226,21 @@ def test_bad_arguments(kwargs, match):
 
 def test_errors_in_setup_and_at_start(tmp_path):
     with pytest.raises(LightningPhasesError, match="has none"):
-        _fit(tmp_path, [OrderParameterMonitor()], logger=False)
+        _fit(tmp_path, [OrderParameterMonitor(every_n_epochs=1)], logger=False)
     with pytest.raises(ParameterSelectionError, match="nope"):
-        _fit(tmp_path, [OrderParameterMonitor(params=["nope"])])
+        _fit(tmp_path, [OrderParameterMonitor(every_n_epochs=1, params=["nope"])])
     with pytest.raises(LightningPhasesError, match="no ground truth"):
-        _fit(tmp_path, [NoiseSplitTracker(require_ground_truth=True)], dataset=PlainDataset(NoisyTensorDataset()))
+        _fit(
+            tmp_path,
+            [NoiseSplitTracker(every_n_epochs=1, require_ground_truth=True)],
+            dataset=PlainDataset(NoisyTensorDataset()),
+        )
     with pytest.raises(LightningPhasesError, match="B=8 is larger than the probe set"):
-        _fit(tmp_path, [OrderParameterMonitor(probe_size=4)])
+        _fit(tmp_path, [OrderParameterMonitor(every_n_epochs=1, probe_size=4)])
     with pytest.raises(LightningPhasesError, match="noisy_mask has 5 entries"):
-        _fit(tmp_path, [NoiseSplitTracker(noisy_mask=torch.zeros(5, dtype=torch.bool))])
+        _fit(tmp_path, [NoiseSplitTracker(every_n_epochs=1, noisy_mask=torch.zeros(5, dtype=torch.bool))])
     with pytest.raises(LightningPhasesError, match="without noisy_mask"):
-        NoiseSplitTracker(true_targets=torch.zeros(5))
+        NoiseSplitTracker(every_n_epochs=1, true_targets=torch.zeros(5))
 
 
 def test_partition_parameters_is_balanced_and_complete():
@@ -252,7 +265,7 @@ class _OneLogit(TinyClassifier):
 
 def test_one_output_segments_equal_the_block_sums_of_an_independent_gram(tmp_path):
     ds = NoisyTensorDataset(num_classes=2, rate=0.3)
-    split = NoiseSplitTracker(probe_size=64, seed=3)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=3)
     _, model = _fit(tmp_path, [split], dataset=ds, model=_OneLogit())
     assert split.probe.task == "binary"
     idx = split.probe_indices

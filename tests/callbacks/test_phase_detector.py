@@ -171,7 +171,13 @@ def test_works_with_the_real_monitors(tmp_path):
     detector = PhaseDetector()
     pl.seed_everything(0, verbose=False)
     tr = trainer(
-        tmp_path, [OrderParameterMonitor(probe_size=48), NoiseSplitTracker(probe_size=48), detector], max_epochs=3
+        tmp_path,
+        [
+            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+            detector,
+        ],
+        max_epochs=3,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,7 +191,7 @@ def _detector_with_monitors(
 ):
     detector = PhaseDetector(verbose=False)
     providers = [
-        OrderParameterMonitor(probe_size=48, **(order_kw or {})),
+        OrderParameterMonitor(every_n_epochs=1, probe_size=48, **(order_kw or {})),
         NoiseSplitTracker(probe_size=48, every_n_epochs=split_every, **(split_kw or {})),
     ]
     callbacks = providers[:position] + [detector] + providers[position:] + list(extra)
@@ -285,7 +291,9 @@ def test_setup_names_the_missing_callback(tmp_path):
         tr = trainer(tmp_path, [PhaseDetector()], max_epochs=1)
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
     with pytest.raises(LightningPhasesError, match="NoiseSplitTracker"):
-        tr = trainer(tmp_path, [OrderParameterMonitor(probe_size=32), PhaseDetector("four")], max_epochs=1)
+        tr = trainer(
+            tmp_path, [OrderParameterMonitor(every_n_epochs=1, probe_size=32), PhaseDetector("four")], max_epochs=1
+        )
         tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
 
 

@@ -63,7 +63,7 @@ def test_tuple_inputs_are_passed_positionally(tmp_path):
     gen = torch.Generator().manual_seed(0)
     a, b, y = torch.randn(48, 4, generator=gen), torch.randn(48, 2, generator=gen), torch.arange(48) % 3
     ds = [((a[i], b[i]), y[i]) for i in range(48)]
-    mon = OrderParameterMonitor(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     model = TwoInputClassifier()
     tr = _fit(tmp_path, [mon], model, DataLoader(ds, batch_size=B, shuffle=True))
     idx = mon.probe_indices
@@ -76,13 +76,15 @@ def test_dict_batches_keyword_inputs_and_an_output_key(tmp_path):
     gen = torch.Generator().manual_seed(1)
     f, e, y = torch.randn(48, 6, generator=gen), torch.rand(48, 16, generator=gen), torch.arange(48) % 3
     ds = [{"inputs": {"features": f[i], "extra": e[i]}, "label": y[i]} for i in range(48)]
-    mon = OrderParameterMonitor(probe_size=32, unpack=lambda batch: (batch["inputs"], batch["label"]), output="logits")
+    mon = OrderParameterMonitor(
+        every_n_epochs=1, probe_size=32, unpack=lambda batch: (batch["inputs"], batch["label"]), output="logits"
+    )
     model = DictInputDictOutputClassifier()
     tr = _fit(tmp_path, [mon], model, DataLoader(ds, batch_size=B, shuffle=True))
     idx = mon.probe_indices
     _reference(mon, tr, model, {"features": f[idx], "extra": e[idx]}, y[idx], forward=lambda m, x: m(**x)["logits"])
     # without the selector the dict output is refused (warn once, skipped), training goes on
-    bad = OrderParameterMonitor(probe_size=32, unpack=lambda batch: (batch["inputs"], batch["label"]))
+    bad = OrderParameterMonitor(every_n_epochs=1, probe_size=32, unpack=lambda batch: (batch["inputs"], batch["label"]))
     with pytest.warns(RuntimeWarning, match="output="):
         _fit(tmp_path / "bad", [bad], DictInputDictOutputClassifier(), DataLoader(ds, batch_size=B))
     assert bad.num_failures == 2 and bad.last == {}
@@ -90,20 +92,22 @@ def test_dict_batches_keyword_inputs_and_an_output_key(tmp_path):
 
 def test_custom_forward_for_a_module_without_forward_and_a_callable_output(tmp_path):
     ds = NoisyTensorDataset(n=48)
-    mon = OrderParameterMonitor(probe_size=32, forward=lambda m, x: m.backbone(x))
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32, forward=lambda m, x: m.backbone(x))
     model = BackboneOnly()
     tr = _fit(tmp_path, [mon], model, loader(ds))
     idx = mon.probe_indices
     _reference(mon, tr, model, ds.x[idx], ds.noisy_targets[idx], forward=lambda m, x: m.backbone(x))
     # a submodule's output picked by a callable: the hidden layer's first three units as "logits"
-    sub = OrderParameterMonitor(probe_size=32, forward=lambda m, x: (m.backbone(x), x), output=lambda out: out[0])
+    sub = OrderParameterMonitor(
+        every_n_epochs=1, probe_size=32, forward=lambda m, x: (m.backbone(x), x), output=lambda out: out[0]
+    )
     tr = _fit(tmp_path / "sub", [sub], BackboneOnly(), loader(ds))
     assert sub.last["order/A"] > 0 and sub.num_failures == 0
 
 
 def test_padding_collate_fn_of_the_training_loader(tmp_path):
     ds = SequenceDataset(n=48)
-    mon = OrderParameterMonitor(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     model = MaskedMeanClassifier()
     tr = _fit(tmp_path, [mon], model, DataLoader(ds, batch_size=B, shuffle=True, collate_fn=pad_collate))
     assert mon.num_failures == 0
@@ -126,24 +130,24 @@ class _EveryThird(Sampler):
 
 def test_only_samples_the_sampler_serves_are_probed(tmp_path):
     ds = NoisyTensorDataset(n=96)
-    mon = OrderParameterMonitor(probe_size=64)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=64)
     model = TinyClassifier()
     tr = _fit(tmp_path, [mon], model, DataLoader(ds, batch_size=B, sampler=SubsetRandomSampler(range(10, 50))))
     assert mon.probe_indices.tolist() == list(range(10, 50))  # only 40 are served: all of them, nothing else
     _reference(mon, tr, model, ds.x[mon.probe_indices], ds.noisy_targets[mon.probe_indices])
-    third = OrderParameterMonitor(probe_size=16)
+    third = OrderParameterMonitor(every_n_epochs=1, probe_size=16)
     _fit(tmp_path / "third", [third], TinyClassifier(), DataLoader(ds, batch_size=B, sampler=_EveryThird(96)))
     assert third.probe_indices.numel() == 16 and all(int(i) % 3 == 0 for i in third.probe_indices)
     batches = [list(range(k, k + B)) for k in range(40, 88, B)]  # a batch_sampler over 40..87
-    bs = OrderParameterMonitor(probe_size=64, batch_size=B)  # a list of batches has no batch_size
+    bs = OrderParameterMonitor(every_n_epochs=1, probe_size=64, batch_size=B)  # a list of batches has no batch_size
     _fit(tmp_path / "bs", [bs], TinyClassifier(), DataLoader(ds, batch_sampler=batches))
     assert bs.probe_indices.tolist() == list(range(40, 88))
 
 
 def test_regression_uses_the_squared_error_and_logs_no_error_rate(tmp_path):
     ds = RegressionDataset(n=48)
-    mon = OrderParameterMonitor(probe_size=32)
-    split = NoiseSplitTracker(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=32)
     model = Regressor()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,7 +166,7 @@ def test_regression_uses_the_squared_error_and_logs_no_error_rate(tmp_path):
 
 def test_multilabel_sums_bce_over_labels_and_logs_the_per_label_error(tmp_path):
     ds = MultiLabelDataset(n=48)
-    mon = OrderParameterMonitor(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     model = MultiLabelClassifier()
     tr = _fit(tmp_path, [mon], model, loader(ds))
     assert mon.probe.task == "multilabel"
@@ -178,7 +182,7 @@ def test_multilabel_sums_bce_over_labels_and_logs_the_per_label_error(tmp_path):
 @pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
 def test_true_precision_casts_floating_inputs(tmp_path, precision, dtype):
     ds = NoisyTensorDataset(n=48)
-    mon = OrderParameterMonitor(probe_size=32, method="vmap")
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32, method="vmap")
     model = TinyClassifier()
     tr = _fit(tmp_path, [mon], model, loader(ds), precision=precision)
     assert mon.num_failures == 0 and next(model.parameters()).dtype == dtype
@@ -189,8 +193,8 @@ def test_true_precision_casts_floating_inputs(tmp_path, precision, dtype):
 
 def test_two_monitors_on_other_parameters_and_prefixes(tmp_path):
     ds = NoisyTensorDataset(n=48)
-    first = OrderParameterMonitor(probe_size=32, params="net.0")
-    head = OrderParameterMonitor(probe_size=32, params="net.3", prefix="order_head")
+    first = OrderParameterMonitor(every_n_epochs=1, probe_size=32, params="net.0")
+    head = OrderParameterMonitor(every_n_epochs=1, probe_size=32, params="net.3", prefix="order_head")
     assert first.state_key != head.state_key
     model = TinyClassifier()
     tr = _fit(tmp_path, [first, head], model, loader(ds))  # no "more than one stateful callback"
@@ -200,26 +204,26 @@ def test_two_monitors_on_other_parameters_and_prefixes(tmp_path):
     _reference(head, tr, model, x, y, params="net.3")
     assert "order_head/R" in tr.callback_metrics and first.last["order/A"] != head.last["order_head/A"]
     with pytest.raises(LightningPhasesError, match="prefix"):
-        OrderParameterMonitor(prefix="a/b")
+        OrderParameterMonitor(every_n_epochs=1, prefix="a/b")
 
 
 def test_shared_probe_refuses_its_settings_twice():
     probe = Probe(probe_size=64)
     with pytest.raises(LightningPhasesError, match="probe_size=32"):
-        OrderParameterMonitor(probe=probe, probe_size=32)
-    mon = OrderParameterMonitor(probe=probe)
+        OrderParameterMonitor(every_n_epochs=1, probe=probe, probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe=probe)
     assert mon.probe is probe and mon.probe_size == 64
 
 
 def test_a_second_fit_on_other_data_starts_fresh(tmp_path):
-    mon = OrderParameterMonitor(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     _fit(tmp_path / "a", [mon], TinyClassifier(), loader(NoisyTensorDataset(n=96, seed=0)), max_epochs=2)
     assert mon.num_measurements == 3
     other = NoisyTensorDataset(n=40, seed=1)
     model = TinyClassifier()
     tr = _fit(tmp_path / "b", [mon], model, loader(other))
     assert mon.num_measurements == 2 and int(mon.probe_indices.max()) < 40
-    fresh = OrderParameterMonitor(probe_size=32)
+    fresh = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     _fit(tmp_path / "c", [fresh], TinyClassifier(), loader(other))
     assert torch.equal(fresh.probe_indices, mon.probe_indices)
     _reference(mon, tr, model, other.x[mon.probe_indices], other.noisy_targets[mon.probe_indices])
@@ -261,13 +265,13 @@ class _RemoveAfterFirstEpoch(pl.Callback):
 
 
 def test_after_removal_and_across_resume_the_same_samples_are_probed(tmp_path):
-    draw = OrderParameterMonitor(probe_size=40, seed=2)
+    draw = OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=2)
     _fit(tmp_path / "draw", [draw], TinyClassifier(), _RemovableDataModule().train_dataloader())
     probe = draw.probe_indices.clone()  # the probe set this seed draws on this data
     others = [i for i in range(96) if i not in set(probe.tolist())]
     removed = torch.cat([probe[:3], torch.tensor(others[:20])])  # 3 probe samples and 20 others
     dm = _RemovableDataModule()
-    mon = OrderParameterMonitor(probe_size=40, seed=2)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     pl.seed_everything(0, verbose=False)
     with pytest.warns(RuntimeWarning, match="3 probe sample") as record:
@@ -276,7 +280,7 @@ def test_after_removal_and_across_resume_the_same_samples_are_probed(tmp_path):
         ).fit(TinyClassifier(), dm)
     assert sum("probe sample" in str(w.message) for w in record) == 1
     assert mon.probe_indices.tolist() == probe[3:].tolist()  # dropped, never replaced by another sample
-    resumed = OrderParameterMonitor(probe_size=40, seed=2)
+    resumed = OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=2)
     model = TinyClassifier()
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path / "b", [resumed], max_epochs=3)
@@ -290,12 +294,12 @@ def test_after_removal_and_across_resume_the_same_samples_are_probed(tmp_path):
     other = _RemovableDataModule(n=96, seed=7)
     other.remove_train_samples(removed)
     with pytest.raises(LightningPhasesError, match="other data"):
-        trainer(tmp_path / "c", [OrderParameterMonitor(probe_size=40, seed=2)], max_epochs=3).fit(
+        trainer(tmp_path / "c", [OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=2)], max_epochs=3).fit(
             TinyClassifier(), other, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
     smaller = _RemovableDataModule(n=80, seed=0)
     with pytest.raises(LightningPhasesError, match="other data"):
-        trainer(tmp_path / "d", [OrderParameterMonitor(probe_size=40, seed=2)], max_epochs=3).fit(
+        trainer(tmp_path / "d", [OrderParameterMonitor(every_n_epochs=1, probe_size=40, seed=2)], max_epochs=3).fit(
             TinyClassifier(), smaller, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
 
@@ -304,7 +308,7 @@ def test_failures_in_probe_building_are_skipped_and_counted(tmp_path):
     def broken_unpack(batch):
         raise KeyError("no such field")
 
-    mon = OrderParameterMonitor(probe_size=32, unpack=broken_unpack)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32, unpack=broken_unpack)
     with pytest.warns(RuntimeWarning, match="skipped the measurement"):
         tr = _fit(tmp_path, [mon], TinyClassifier(), loader(NoisyTensorDataset(n=48)), max_epochs=2)
     assert mon.num_failures == 3 and float(tr.callback_metrics["order/skipped"]) == 3.0
@@ -354,7 +358,7 @@ def test_a_failing_logger_does_not_end_the_run(tmp_path):
         def log_metrics(self, metrics, step=None) -> None:
             raise OSError("No space left on device")
 
-    mon = OrderParameterMonitor(probe_size=32)
+    mon = OrderParameterMonitor(every_n_epochs=1, probe_size=32)
     model = TinyClassifier()
     with pytest.warns(RuntimeWarning, match="No space left"):
         _fit(tmp_path, [mon], model, loader(NoisyTensorDataset(n=48)), max_epochs=2, logger=FullDisk(tmp_path / "x"))

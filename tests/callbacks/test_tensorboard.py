@@ -40,7 +40,10 @@ def logdir(tmp_path):
         max_epochs=2,
         accelerator="cpu",
         logger=logger,
-        callbacks=[OrderParameterMonitor(probe_size=48, figure_every_n=1), NoiseSplitTracker(probe_size=48)],
+        callbacks=[
+            OrderParameterMonitor(every_n_epochs=1, probe_size=48, figure_every_n=1),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

@@ -66,8 +66,8 @@ def _loader(case: ZooCase) -> DataLoader:
 def _fit(case: ZooCase, tmp_path):
     kwargs = dict(case.callback_kwargs)
     noisy = torch.arange(NUM_TRAIN) % 4 == 0
-    monitor = OrderParameterMonitor(probe_size=case.probe_size, seed=0, figure_every_n=None, **kwargs)
-    split = NoiseSplitTracker(probe_size=case.probe_size, seed=0, noisy_mask=noisy, **kwargs)
+    monitor = OrderParameterMonitor(every_n_epochs=1, probe_size=case.probe_size, seed=0, figure_every_n=None, **kwargs)
+    split = NoiseSplitTracker(every_n_epochs=1, probe_size=case.probe_size, seed=0, noisy_mask=noisy, **kwargs)
     callbacks = [monitor, split, PhaseDetector(), GMMCleanser(batch_size=BATCH, **kwargs)]
     logger = RecordingLogger(tmp_path / "log.jsonl")
     trainer = pl.Trainer(
