@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -60,9 +61,19 @@ def test_the_two_monitors_share_one_gram_per_measurement(tmp_path):
         NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=3),
     ]
     _fit(tmp_path / "separate", separate, dataset=ds)
-    assert separate[0].probe is not separate[1].probe  # without probe= each monitor has its own
-    assert separate[0].probe.num_gram_computations == separate[1].probe.num_gram_computations == 3
+    # without probe=, monitors with equal probe settings adopt one probe for the fit: one Gram per step
+    assert separate[0].probe is separate[1].probe and separate[0].budget is separate[1].budget
+    assert separate[0].probe.num_gram_computations == 3
     assert separate[1].last == alone.last and separate[0].last == both[0].last
+    # other probe settings (here the seed): each monitor keeps its own probe and schedule
+    other = [
+        OrderParameterMonitor(every_n_epochs=1, probe_size=64, seed=3),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=64, seed=4),
+    ]
+    _fit(tmp_path / "other", other, dataset=ds)
+    assert other[0].probe is not other[1].probe and other[0].budget is not other[1].budget
+    assert other[0].probe.num_gram_computations == other[1].probe.num_gram_computations == 3
+    assert other[0].last == both[0].last
 
 
 def test_logged_values_equal_the_functional_computation(tmp_path):
@@ -276,3 +287,26 @@ def test_one_output_segments_equal_the_block_sums_of_an_independent_gram(tmp_pat
     for k, c in enumerate(seg.classes.tolist()):
         assert split.last[f"segment/ratio/{c}"] == pytest.approx(float(seg.ratio[k]), rel=1e-4)
         assert split.last[f"segment/cos/{c}"] == pytest.approx(float(seg.cos[k]), rel=1e-4, abs=1e-6)
+
+
+def test_the_default_schedule_is_the_overhead_budget(tmp_path):
+    """No schedule given: measure at the start, then only as often as the budget allows; the overhead is logged."""
+    ds = NoisyTensorDataset()
+    tight = OrderParameterMonitor(probe_size=64, seed=3, overhead=1e-6)  # nothing after the start is affordable
+    _fit(tmp_path / "tight", [tight], dataset=ds, max_epochs=3)
+    assert tight.budget.budgeted and tight.num_measurements == 1 and tight.last_measured_step == 0
+    loose = OrderParameterMonitor(probe_size=64, seed=3, overhead=1e6)  # any spacing is affordable
+    tr, _ = _fit(tmp_path / "loose", [loose], dataset=ds, max_epochs=3)
+    # 12 steps per epoch: the start, then geometric spacing (next at >= 1.1 x last, at least one step later)
+    steps = [0]
+    while True:
+        nxt = max(steps[-1] + 1, math.ceil(1.1 * steps[-1]))
+        if nxt > 36:
+            break
+        steps.append(nxt)
+    assert loose.num_measurements == len(steps) and loose.last_measured_step == steps[-1]
+    overhead = float(tr.callback_metrics["order/overhead"])
+    assert overhead > 0 and math.isclose(overhead, loose.budget.overhead, rel_tol=0.5)
+    fixed = OrderParameterMonitor(probe_size=64, seed=3, every_n_epochs=1)
+    _fit(tmp_path / "fixed", [fixed], dataset=ds, max_epochs=3)
+    assert not fixed.budget.budgeted and fixed.num_measurements == 4  # start + 3 epochs
