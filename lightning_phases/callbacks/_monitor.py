@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_phases import _lightning as pl
 from lightning_phases import keys
-from lightning_phases._lightning import Callback, rank_zero_warn, tensorboard_writers
+from lightning_phases._lightning import Callback, rank_zero_warn
 from lightning_phases._validation import check_bool, check_int
 from lightning_phases.callbacks._budget import MeasurementBudget
 from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpack
@@ -26,7 +26,7 @@ from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection, select_parameters
-from lightning_phases.report.tensorboard import write_phase_layout
+from lightning_phases.report.tensorboard import summary_writers, write_phase_layout
 
 __all__ = ["publish", "should_measure", "stable_state_key"]
 
@@ -287,10 +287,10 @@ class _ProbeMonitor(Callback):
         self.probe.prepare(trainer, pl_module, who=type(self).__name__)
         self._resolve_batch_size(trainer)
         self._on_probe_ready(trainer, pl_module)
-        writer = self._tensorboard_writer(trainer)
-        if writer is not None:
+        writers = summary_writers(trainer)
+        if writers:
             try:
-                write_phase_layout(writer)
+                write_phase_layout(writers)
             except Exception as err:  # noqa: BLE001 - a failed layout never ends the run
                 self._warn_once("tensorboard", f"{type(self).__name__} could not write to TensorBoard ({err}).")
         at_start = self.measure_at_start and trainer.global_step == 0 and self.last_measured_step < 0
@@ -392,18 +392,12 @@ class _ProbeMonitor(Callback):
             self._write_tensorboard(trainer, reduced, metrics)
         return metrics
 
-    @staticmethod
-    def _tensorboard_writer(trainer: pl.Trainer) -> Any:
-        """The ``SummaryWriter`` of the first TensorBoard logger on rank 0, else ``None``."""
-        writers = tensorboard_writers(trainer)
-        return writers[0] if writers else None
-
     def _write_tensorboard(self, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]) -> None:
-        writer = self._tensorboard_writer(trainer)
-        if writer is None:
+        writers = summary_writers(trainer)  # every TensorBoard logger's writer, rank 0 only
+        if not writers:
             return
         try:
-            self._tensorboard(writer, trainer, stats, metrics)
+            self._tensorboard(writers, trainer, stats, metrics)
         except Exception as err:  # noqa: BLE001 - a failed figure never ends the run (the scalars are kept)
             self._warn_once(
                 "tensorboard", f"{type(self).__name__} could not write to TensorBoard ({type(err).__name__}: {err})."
@@ -433,9 +427,9 @@ class _ProbeMonitor(Callback):
         raise NotImplementedError
 
     def _tensorboard(
-        self, writer: Any, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
+        self, writers: list[Any], trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
     ) -> None:
-        """Subclass hook: histograms and figures (rank 0, TensorBoard only)."""
+        """Subclass hook: histograms and figures for every TensorBoard writer (rank 0, TensorBoard only)."""
 
 
 def _probe_settings(probe: Probe) -> tuple[Any, ...]:

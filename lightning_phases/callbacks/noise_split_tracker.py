@@ -31,6 +31,7 @@ from lightning_phases.functional.per_sample import (
     default_loss,
     reduce_gram_to_groups,
 )
+from lightning_phases.report.tensorboard import add_histogram
 
 __all__ = ["NoiseSplitTracker", "find_probe_ground_truth"]
 
@@ -310,15 +311,15 @@ class NoiseSplitTracker(_ProbeMonitor):
         return metrics
 
     def _tensorboard(
-        self, writer: Any, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
+        self, writers: list[Any], trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
     ) -> None:
         if not hasattr(self, "_mask"):
             return
         mask, losses = self._mask, self._losses
         if bool((~mask).any()):
-            writer.add_histogram(self.key("loss_clean"), losses[~mask].numpy(), trainer.global_step)
+            add_histogram(writers, self.key("loss_clean"), losses[~mask].numpy(), trainer.global_step)
         if bool(mask.any()):
-            writer.add_histogram(self.key("loss_noisy"), losses[mask].numpy(), trainer.global_step)
+            add_histogram(writers, self.key("loss_noisy"), losses[mask].numpy(), trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -10,7 +10,6 @@ from torch import Tensor
 
 from lightning_phases import _lightning as pl
 from lightning_phases import keys
-from lightning_phases._lightning import tensorboard_writers
 from lightning_phases._validation import check_int, check_real
 from lightning_phases.callbacks._monitor import _ProbeMonitor, probe_args
 from lightning_phases.callbacks.model_adapter import OutputSelector, Task, Unpack
@@ -19,7 +18,7 @@ from lightning_phases.functional._random import derived_seed, make_generator
 from lightning_phases.functional.convergence import half_probe_effective_dimension
 from lightning_phases.functional.ensemble import effective_dimension, noise_spectrum, order_parameters
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection
-from lightning_phases.report.tensorboard import spectrum_figure
+from lightning_phases.report.tensorboard import add_figure, add_histogram, spectrum_figure, summary_writers
 
 __all__ = ["OrderParameterMonitor"]
 
@@ -211,7 +210,7 @@ class OrderParameterMonitor(_ProbeMonitor):
         gen = make_generator(derived_seed(self.seed, f"R_minibatches/{trainer.global_step}"))
         op = order_parameters(gram, b, num_minibatches=self.num_minibatches, generator=gen)
         # the whole spectrum where TensorBoard shows it; otherwise only its leading eigenvalues up to f·D
-        whole = bool(tensorboard_writers(trainer))
+        whole = bool(summary_writers(trainer))
         spectrum = noise_spectrum(gram, b, fraction=None if whole else self.spectrum_fraction)
         self._spectrum = spectrum
         metrics = {self.key(k): v for k, v in op.as_dict().items()}
@@ -227,14 +226,15 @@ class OrderParameterMonitor(_ProbeMonitor):
         return metrics
 
     def _tensorboard(
-        self, writer: Any, trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
+        self, writers: list[Any], trainer: pl.Trainer, stats: dict[str, Tensor], metrics: dict[str, float]
     ) -> None:
         spectrum = self._spectrum
         positive = spectrum[spectrum > 0]
         if positive.numel():
-            writer.add_histogram(self.key("spectrum"), positive.log10().cpu().numpy(), trainer.global_step)
+            add_histogram(writers, self.key("spectrum"), positive.log10().cpu().numpy(), trainer.global_step)
         if self.figure_every_n is not None and (self.num_measurements % self.figure_every_n == 0):
-            writer.add_figure(
+            add_figure(
+                writers,
                 self.key("spectrum_figure"),
                 spectrum_figure(spectrum.cpu(), step=trainer.global_step),
                 trainer.global_step,
