@@ -116,3 +116,34 @@ def test_tensorboard_serves_tags_and_layout(logdir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_tensorboard_logger_gets_the_histograms_figures_and_layout(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    loggers = [TensorBoardLogger(tmp_path, name="first"), TensorBoardLogger(tmp_path, name="second")]
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=loggers,
+        callbacks=[
+            OrderParameterMonitor(every_n_epochs=1, probe_size=48, figure_every_n=1),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+    for logger in loggers:
+        logger.experiment.flush()
+        acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0})
+        acc.Reload()
+        tags = acc.Tags()
+        assert {"order/spectrum", "split/loss_clean", "split/loss_noisy"} <= set(tags["histograms"]), logger.name
+        assert "order/spectrum_figure" in tags["images"], logger.name
+        assert "order/A" in tags["scalars"]
