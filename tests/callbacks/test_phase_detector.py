@@ -513,7 +513,9 @@ def test_both_lightning_namespaces(tmp_path, namespace):
         phase_metrics = SeriesProvider.phase_metrics
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            stats = dict(recorded[trainer.current_epoch], **{"order/measured_step": float(trainer.global_step)})
+            # the recorded series is by PhaseTracker (SPEC) name; the monitors publish the registry keys
+            stats = {keys.TRACKER_STATISTICS.get(k, k): v for k, v in recorded[trainer.current_epoch].items()}
+            stats["order/measured_step"] = float(trainer.global_step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in stats.items()})
 
     class Tiny(ns.LightningModule):
