@@ -17,13 +17,15 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from lightning_phases import _lightning as pl
 from lightning_phases._io import atomic_write
 from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
-from lightning_phases.callbacks._probe import Unpack, _check_positive_int, default_unpack
+from lightning_phases.callbacks._probe import _check_positive_int
+from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
+from lightning_phases.callbacks.probe import input_dtype, served_positions
 from lightning_phases.data.protocol import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence
 from lightning_phases.functional.ensemble import derived_seed
 from lightning_phases.functional.mixture import LossMixture, detection_metrics, fit_loss_mixture
-from lightning_phases.functional.per_sample import LossFn, default_loss, eval_mode
+from lightning_phases.functional.per_sample import LossFn, eval_mode
 
 __all__ = ["GMMCleanser"]
 
@@ -133,6 +135,14 @@ class GMMCleanser(Callback):
         batch_size: Batch size of the loss pass over the training set.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
+        forward: ``(pl_module, inputs) -> output`` instead of calling the module (as for the monitors).
+        output: Pick the logits in a tuple/dict output: int index, str key or callable.
+        task: ``"auto"``, ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``: the
+            per-sample loss when ``loss_fn`` is not given (see
+            :class:`~lightning_phases.callbacks.ModelAdapter`). The loss pass collates with the training
+            DataLoader's ``collate_fn`` and casts floating inputs under true-precision plugins, like the
+            monitors' probe. A DataLoader whose sampler serves only part of its dataset is refused (warned
+            once, skipped): pass a ``Subset`` instead, so that no never-trained sample can be flagged.
         seed: ``random_state`` of the mixture fit, any non-negative int (from ``2**32`` on it is hashed
             into scikit-learn's range).
         clip_percentiles, normalize: Passed to :func:`~lightning_phases.functional.fit_loss_mixture`.
@@ -175,6 +185,9 @@ class GMMCleanser(Callback):
         max_class_dependence: float = 0.2,
         heavy_noise_separation: float | None = None,
         heavy_noise_weight: float = 0.2,
+        forward: Forward | None = None,
+        output: OutputSelector = None,
+        task: Task = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(action, str) or action not in ACTIONS:
@@ -210,6 +223,8 @@ class GMMCleanser(Callback):
         for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
             if fn is not None and not callable(fn):
                 raise LightningPhasesError(f"{name} must be callable or None; got {fn!r}.")
+        # the monitors' model adapter: collate_fn, unpack, forward, output selector, dtype cast, task and loss
+        self.adapter = ModelAdapter(unpack=unpack, forward=forward, output=output, task=task, loss_fn=loss_fn)
         if not isinstance(normalize, bool):
             raise LightningPhasesError(f"normalize must be True or False (a bool, not a string); got {normalize!r}.")
         self.action = action
@@ -226,6 +241,8 @@ class GMMCleanser(Callback):
     def _reset(self) -> None:
         """Forget every measurement: a new ``fit`` starts here (and a resumed one then loads its checkpoint)."""
         self.tracker.reset()
+        if hasattr(self, "adapter"):
+            self.adapter.reset()  # the task is resolved again on the new fit's data
         self.removed: bool = False
         self.csv_path: str | None = None
         self.last: dict[str, float] = {}
@@ -368,6 +385,16 @@ class GMMCleanser(Callback):
         """
         dataset = self._train_dataset(trainer)  # the same answer (or error) on every rank
         n = len(dataset)
+        loader = trainer.train_dataloader
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        served = served_positions(loader)
+        if served is not None and served.numel() < n:
+            raise LightningPhasesError(
+                f"the training DataLoader's sampler serves {served.numel()} of the {n} samples of its dataset, and "
+                "GMMCleanser would flag samples that are never trained on; give the DataLoader a "
+                "torch.utils.data.Subset of the served samples instead of a subset sampler"
+            )
+        self.adapter.bind(collate_fn=loader.collate_fn, cast_dtype=input_dtype(trainer, pl_module))
         world, rank = max(1, trainer.world_size), trainer.global_rank if trainer.world_size > 1 else 0
         device = pl_module.device
         # [losses | given | pred] of this rank's shard, then (failed, Σ outputs per sample, batches seen)
@@ -391,32 +418,49 @@ class GMMCleanser(Callback):
         return buffer[:n].clone(), buffer[n : 2 * n].clone(), buffer[2 * n : 3 * n].long()
 
     def _shard_losses(self, dataset: Any, pl_module: pl.LightningModule, mine: list[int], buffer: Tensor) -> None:
-        """Fill ``buffer`` (see :meth:`_all_losses`) with the losses of the samples ``mine``; no collectives."""
+        """Fill ``buffer`` (see :meth:`_all_losses`) with the losses of the samples ``mine``; no collectives.
+
+        Batches go through the monitors' :class:`~lightning_phases.callbacks.ModelAdapter`: the training
+        DataLoader's ``collate_fn``, ``unpack``, ``forward``, ``output``, the true-precision input cast, and
+        the task's loss (or ``loss_fn``).
+        """
         n = (buffer.numel() - 3) // 3
-        loss_fn = self.loss_fn or default_loss
-        loader = DataLoader(Subset(dataset, mine), batch_size=self.batch_size, shuffle=False)
+        adapter = self.adapter
+        loader = DataLoader(
+            Subset(dataset, mine), batch_size=self.batch_size, shuffle=False, collate_fn=adapter.collate
+        )
         offset = 0
         device = pl_module.device
         devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(pl_module):
             for batch in loader:
-                x, y = self.unpack(batch)
-                x, y = x.to(device), y.to(device)
-                out = pl_module(x)
-                outputs = int(out.shape[-1]) if out.ndim > 1 else 1
-                idx = torch.tensor(mine[offset : offset + len(y)], device=device)
-                offset += len(y)
-                losses = torch.vmap(loss_fn)(out, y).reshape(-1).to(torch.float64)
+                inputs, targets = adapter.model_inputs(batch)
+                x = adapter.to_module(inputs, pl_module)
+                y = adapter.to_module(targets, pl_module, cast=False)
+                out = adapter.outputs(pl_module, x)
+                adapter.resolve_task(out, y)
+                count = int(y.shape[0])
+                outputs = int(out[0].numel()) if out.ndim > 1 else 1
+                idx = torch.tensor(mine[offset : offset + count], device=device)
+                offset += count
+                losses = torch.vmap(adapter.loss())(out, y).reshape(-1).to(torch.float64)
                 if not bool(torch.isfinite(losses).all()):
-                    bad = mine[offset - len(y) + int(torch.nonzero(~torch.isfinite(losses))[0])]
+                    bad = mine[offset - count + int(torch.nonzero(~torch.isfinite(losses))[0])]
                     raise LightningPhasesError(
                         f"the loss of training sample {bad} is {float(losses[~torch.isfinite(losses)][0])}: "
                         "the mixture needs finite losses (check the model's outputs and the loss_fn)"
                     )
                 buffer[idx] = losses
-                buffer[n + idx] = y.reshape(-1).to(torch.float64)
-                p = (out.reshape(-1) > 0).long() if out.ndim == 1 or out.shape[-1] == 1 else out.argmax(-1)
-                buffer[2 * n + idx] = p.to(torch.float64)
+                if y.numel() == count:  # one target per sample: the given label (class checks, the CSV)
+                    buffer[n + idx] = y.reshape(-1).to(torch.float64)
+                    if out.ndim == 1 or out.shape[-1] == 1:
+                        p = (out.reshape(-1) > 0).long()
+                    else:
+                        p = out.reshape(count, -1).argmax(-1)
+                    buffer[2 * n + idx] = p.to(torch.float64)
+                else:  # multi-label or multi-output targets: no single label (NaN: not class labels)
+                    buffer[n + idx] = math.nan
+                    buffer[2 * n + idx] = -1.0
                 buffer[3 * n + 1] += outputs
                 buffer[3 * n + 2] += 1
 
@@ -554,7 +598,7 @@ class GMMCleanser(Callback):
                         i,
                         f"{float(cand['losses'][i]):.6g}",
                         f"{float(cand['posterior'][i]):.6g}",
-                        int(cand["given"][i]),
+                        "" if math.isnan(float(cand["given"][i])) else int(cand["given"][i]),
                         int(cand["pred"][i]),
                     ]
                 )

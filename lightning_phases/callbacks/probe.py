@@ -67,6 +67,19 @@ def partition_parameters(sizes: dict[str, int], world_size: int) -> list[list[st
     return [sorted(g, key=order.__getitem__) for g in groups]
 
 
+def input_dtype(trainer: pl.Trainer, pl_module: nn.Module) -> torch.dtype | None:
+    """The dtype floating inputs are cast to: the parameters' under a true-precision plugin, else ``None``."""
+    if getattr(trainer, "precision", "32-true") not in _TRUE_PRECISIONS:
+        return None
+    param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+    return None if param is None else param.dtype
+
+
+def served_positions(loader: DataLoader) -> Tensor | None:
+    """Positions in ``loader.dataset`` that the loader's sampler serves (sorted), or ``None`` for all of them."""
+    return _served_positions(loader)
+
+
 def _served_positions(loader: DataLoader) -> Tensor | None:
     """Positions in ``loader.dataset`` that the loader's sampler serves (sorted), or ``None`` for all of them.
 
@@ -307,12 +320,7 @@ class Probe:
             raise LightningPhasesError(
                 f"{who} needs a map-style training dataset with a length (got an iterable dataset)."
             ) from err
-        precision = getattr(trainer, "precision", "32-true")
-        cast = None
-        if precision in _TRUE_PRECISIONS:
-            param = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
-            cast = None if param is None else param.dtype
-        self.adapter.bind(collate_fn=loader.collate_fn, cast_dtype=cast)
+        self.adapter.bind(collate_fn=loader.collate_fn, cast_dtype=input_dtype(trainer, pl_module))
         original = _original_positions(dataset)  # position -> original index (None: identity)
         datamodule = getattr(trainer, "datamodule", None)
         if original is None:
