@@ -508,7 +508,6 @@ def _loop_fallback(kind: str) -> dict[str, str]:
     return {m: f"cannot compute per-sample gradients through module 'backbone.rnn' ({kind})" for m in ("auto", "vmap")}
 
 
-
 ROWS: tuple[ZooRow, ...] = (
     ZooRow("resnet18", "torchvision `resnet18` (num_classes=10), 3×16×16 inputs", resnet18, EXACT,
            slow=True, rtol={"vmap": 1e-4, "loop": 1e-4},
