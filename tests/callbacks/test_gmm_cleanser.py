@@ -169,7 +169,7 @@ def test_a_tiny_overhead_fits_only_the_first_epoch(tmp_path, clock, caplog):
 
 def test_the_default_is_the_budget_and_every_n_epochs_a_fixed_schedule():
     default = GMMCleanser()
-    assert default.budget.budgeted and default.budget.schedule.overhead == 0.1 and default.every_n_epochs is None
+    assert default.budget.budgeted and default.budget.schedule.overhead == 0.2 and default.every_n_epochs is None
     fixed = GMMCleanser(every_n_epochs=2, overhead=None)
     assert not fixed.budget.budgeted and fixed.budget.every_n_epochs == 2
     with pytest.raises(LightningPhasesError, match="overhead=None and every_n_epochs=None"):
