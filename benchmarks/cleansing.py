@@ -17,6 +17,14 @@ from the same MLP (five extra trainings).
 
     pip install cleanlab   # benchmark-only (the `bench` extra)
     python benchmarks/cleansing.py [--quick]
+
+``--schedules`` compares GMMCleanser's loss-pass schedules instead, side by
+side per noise rate: a fit after every epoch (``every_n_epochs=1``, the old
+default) and the overhead budget (the default, ``overhead=0.2``, or
+``--overhead``): loss passes, seconds spent in them, the realised overhead,
+t_c and the detection quality of the flags (no cleanlab, no ρ = 0 run).
+
+    python benchmarks/cleansing.py --schedules --rates 0.2 0.4 0.6 [--epochs 150] [--overhead 0.2]
 """
 
 from __future__ import annotations
@@ -101,6 +109,40 @@ def clean_check(epochs: int, seed: int, lr: float, heavy: float | None = None) -
     )
 
 
+def compare_schedules(rates, epochs: int, seed: int, lr: float, overhead: float | None = None) -> None:
+    """GMMCleanser(action="remove") with a loss pass after every epoch vs within the overhead budget."""
+    print(
+        f"{'rho':>4s} {'schedule':14s} | {'passes':>6s} {'pass s':>6s} {'fit s':>6s} {'ovh':>6s} | "
+        f"{'t_c':>4s} | {'a_n':>6s} {'a_c':>6s} {'a_p':>6s} {'Q':>6s} | GMM P/R/F1/AUROC"
+    )
+    budgeted = {} if overhead is None else dict(overhead=overhead)  # None: GMMCleanser's default
+    overhead = GMMCleanser().overhead if overhead is None else overhead
+    for rate in rates:
+        kw = dict(noise_rate=rate, seed=seed, batch_size=32)
+        _, a_n = _fit(NoisyDigitsDataModule(**kw), epochs, seed, lr)
+        _, a_p = _fit(_CleanOnly(**kw), epochs, seed, lr)
+        for label, schedule in (("every epoch", dict(every_n_epochs=1)), (f"budget {overhead:g}", budgeted)):
+            dm = NoisyDigitsDataModule(**kw)
+            cleanser = GMMCleanser(action="remove", patience=3, max_fraction=0.95, **schedule)
+            start = time.perf_counter()
+            _, a_c = _fit(dm, epochs, seed, lr, [cleanser])
+            wall = time.perf_counter() - start
+            truth = dm.noisy_train.is_noisy
+            flags = torch.zeros(len(truth), dtype=torch.bool)
+            flags[cleanser.flagged_indices] = True
+            gm = detection_metrics(flags, truth)
+            q = (a_c - a_n) / (a_p - a_n) if a_p != a_n else float("nan")
+            budget = cleanser.budget
+            t_c = "-" if cleanser.t_c_epoch is None else str(cleanser.t_c_epoch)
+            print(
+                f"{rate:4.1f} {label:14s} | {budget.schedule.num_measurements:6d} {budget.spent:6.2f} {wall:6.1f} "
+                f"{100 * budget.overhead:5.1f}% | {t_c:>4s} | {100 * a_n:5.1f}% {100 * a_c:5.1f}% "
+                f"{100 * a_p:5.1f}% {q:6.2f} | {gm.precision:.3f}/{gm.recall:.3f}/{gm.f1:.3f}/"
+                f"{cleanser.last.get('gmm/auroc', float('nan')):.3f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ρ ∈ {0.4} and fewer epochs")
@@ -123,10 +165,22 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: on shared cores OpenMP threads spin-wait on each other)",
     )
+    parser.add_argument(
+        "--schedules",
+        action="store_true",
+        help="instead: GMMCleanser's loss pass after every epoch vs within the overhead budget (see above)",
+    )
+    parser.add_argument(
+        "--overhead", type=float, default=None, help="GMMCleanser(overhead=...) of --schedules (default: its default)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rates = args.rates or ((0.4,) if args.quick else (0.2, 0.4, 0.6, 0.8))
     epochs = 60 if args.quick else args.epochs
+    if args.schedules:
+        print(f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}")
+        compare_schedules(rates, epochs, args.seed, args.lr, args.overhead)
+        return
     heavy = args.heavy_noise_separation
     print(
         f"machine: {machine()}; {epochs} epochs, lr {args.lr}, seed {args.seed}"

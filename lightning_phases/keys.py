@@ -156,6 +156,7 @@ GMM: dict[str, MetricKey] = _table(
     MetricKey("t_c_step", "§4", "global step of the cleansing time t_c"),
     MetricKey("loss_histogram", "§4", "loss histogram with the fit", tensorboard_only=True),
     MetricKey("skipped", "-", "number of skipped fits (only after a failure)"),
+    MetricKey("overhead", "-", "realised overhead of the loss pass: its time / training time so far"),
 )
 
 #: PhaseDetector, prefix ``"phase"``.

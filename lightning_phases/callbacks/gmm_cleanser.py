@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from lightning_phases import _lightning as pl
 from lightning_phases._io import atomic_write
 from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases.callbacks._budget import MeasurementBudget
 from lightning_phases.callbacks._probe import _check_positive_int
 from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
 from lightning_phases.callbacks.probe import input_dtype, served_positions
@@ -33,6 +34,15 @@ log = logging.getLogger("lightning_phases")
 
 Action = Literal["flag", "remove", "stop"]
 ACTIONS: tuple[Action, ...] = ("flag", "remove", "stop")
+
+# The budgeted schedule asks at every epoch end whether the budget allows a loss pass, with no geometric
+# spacing: the peak search needs consecutive fits (patience), and geometric spacing never confirmed t_c
+# within 60 epochs on digits (notes/cost.md). BudgetSchedule wants growth > 0; this one spaces by one step.
+_NO_GROWTH = 1e-12
+# The default budget: 0.2, not the monitors' 0.1. On noisy digits (benchmarks/README.md, "GMMCleanser under the
+# budget") 0.1 put t_c 17 epochs late at rho = 0.2 (Q 0.73 -> 0.50); 0.2 kept every-epoch quality at
+# rho = 0.2, 0.4, 0.5, 0.6, and the cleanser stops measuring at t_c (realised 5-15 % over those runs).
+DEFAULT_OVERHEAD = 0.2
 
 
 class GMMCleanser(Callback):
@@ -109,9 +119,30 @@ class GMMCleanser(Callback):
     restores the checkpoint's state (``load_state_dict``), so a resumed run
     continues its search (and, after ``"remove"``, drops the same samples again).
 
+    **Schedule.** By default (``every_n_epochs=None``) the loss pass keeps within
+    an overhead budget: the cleanser measures at the end of the first epoch
+    (after ``warmup_epochs``) and then at every epoch end at which its
+    measurement time so far plus the last measurement's cost is at most
+    ``overhead`` × the training time it has seen (wall time since the start of
+    training, without its own measurements;
+    :class:`~lightning_phases.functional.schedule.BudgetSchedule` without
+    geometric spacing). When an epoch costs more than ``1/overhead`` loss
+    passes that is every epoch; otherwise fits are spaced evenly in time. The
+    realised overhead is logged as ``gmm/overhead`` and printed at the end of
+    fitting. ``every_n_epochs=k`` gives the fixed schedule instead (after every
+    ``k``-th epoch, whatever it costs; ``every_n_epochs=1`` is the schedule of
+    earlier versions). Under DDP rank 0 decides and broadcasts, so every rank
+    fits at the same epochs.
+
     Args:
         action: ``"flag"``, ``"remove"`` or ``"stop"``.
-        every_n_epochs: Measure after every this many epochs.
+        overhead: Budget of the loss pass and fit, as a fraction of the training
+            time (default 0.2: while it searches for ``t_c``, at most about 1.2× the
+            training time without the cleanser; it stops measuring at ``t_c``),
+            ``> 0``. Used when ``every_n_epochs`` is ``None``; ``None`` is allowed
+            only with a fixed ``every_n_epochs``.
+        every_n_epochs: ``None`` (default): the overhead budget schedules the
+            measurements. An int ``>= 1``: measure after every this many epochs instead.
         warmup_epochs: Ignore measurements before this epoch.
         patience: Bimodal fits after the ΔL peak that confirm it (``>= 1``).
         max_fraction: Never flag more than this fraction of the training set, in ``(0, 1]``.
@@ -163,13 +194,16 @@ class GMMCleanser(Callback):
         - ``gmm/t_c_step``: global step of the confirmed cleansing time (once).
         - ``gmm/skipped``: pieces of work that failed and were skipped so far (with each measurement,
           and whenever one fails).
+        - ``gmm/overhead``: realised overhead when the measurement began: seconds of the cleanser's
+          measurements so far / training seconds so far (with each measurement; under a fixed schedule too).
     """
 
     def __init__(
         self,
         action: Action = "flag",
         *,
-        every_n_epochs: int = 1,
+        overhead: float | None = DEFAULT_OVERHEAD,
+        every_n_epochs: int | None = None,
         warmup_epochs: int = 0,
         patience: int = 3,
         max_fraction: float = 0.5,
@@ -192,7 +226,23 @@ class GMMCleanser(Callback):
         super().__init__()
         if not isinstance(action, str) or action not in ACTIONS:
             raise LightningPhasesError(f"action must be one of {ACTIONS}; got {action!r}.")
-        _check_positive_int("every_n_epochs", every_n_epochs)
+        if every_n_epochs is not None:
+            _check_positive_int("every_n_epochs", every_n_epochs)
+        elif overhead is None:
+            raise LightningPhasesError(
+                "GMMCleanser needs a schedule: overhead=None and every_n_epochs=None; pass overhead=0.2 (the "
+                "default budget) or a fixed every_n_epochs=1."
+            )
+        if overhead is not None and (
+            isinstance(overhead, bool)
+            or not isinstance(overhead, (int, float))
+            or not math.isfinite(overhead)
+            or overhead <= 0
+        ):
+            raise LightningPhasesError(
+                f"overhead is the loss pass's share of the training time, a number > 0 such as 0.2 (or None "
+                f"with a fixed every_n_epochs); got {overhead!r}."
+            )
         _check_positive_int("warmup_epochs", warmup_epochs, minimum=0)
         _check_positive_int("batch_size", batch_size)
         # the decision's own arguments (patience, max_fraction, separations, weights, smoothing, class check)
@@ -228,6 +278,7 @@ class GMMCleanser(Callback):
         if not isinstance(normalize, bool):
             raise LightningPhasesError(f"normalize must be True or False (a bool, not a string); got {normalize!r}.")
         self.action = action
+        self.overhead = None if overhead is None else float(overhead)
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs
         self.batch_size = batch_size
@@ -252,6 +303,12 @@ class GMMCleanser(Callback):
         self._warned: set[str] = set()  # rejection reasons already reported (once each)
         self._failed: set[str] = set()  # kinds of failure already warned about (once each)
         self._num_outputs: int | None = None  # the model's outputs per sample, seen in the loss pass
+        self._overhead_before: float = math.nan  # the realised overhead when the current measurement began
+        self.budget = MeasurementBudget(
+            overhead=DEFAULT_OVERHEAD if self.overhead is None else self.overhead,
+            every_n_epochs=self.every_n_epochs,
+            growth=_NO_GROWTH,
+        )
 
     # The decision state lives in the tracker; these read it.
     patience = property(lambda self: self.tracker.patience)
@@ -321,11 +378,29 @@ class GMMCleanser(Callback):
             if self._any_rank(trainer, pl_module, failed):
                 self.removed = False
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One-off costs (importing scikit-learn, its first fit) before the clock starts: billed to the first
+        # measurement they made it cost ~7x the next ones on digits (0.30 s vs 0.04 s), and the budget takes
+        # the last cost as the estimate of the next, which delayed the second fit by tens of epochs.
+        with contextlib.suppress(Exception):  # only a warm-up: a failure here shows in the first measurement
+            fit_loss_mixture(torch.linspace(0.0, 1.0, 64, dtype=torch.float64), seed=0)
+        # the budget's training clock starts with training (not at the first epoch end)
+        self.budget._start_clock()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.t_c_step is not None or epoch < self.warmup_epochs or (epoch + 1) % self.every_n_epochs:
+        if self.t_c_step is not None or epoch < self.warmup_epochs:
             return
-        self._measure(trainer, pl_module)
+        # the same answer on every rank (fixed: a function of the epoch; budgeted: rank 0's, broadcast)
+        if not self.budget.should_measure(trainer, epoch_end=True):
+            return
+        self._overhead_before = self.budget.overhead  # logged with this measurement (its own time not yet known)
+        with self.budget.timed(trainer):
+            self._measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with contextlib.suppress(Exception):
+            self.budget.report(trainer, "GMMCleanser")
 
     # ------------------------------------------------------------------ the safety net
     def _skip(self, trainer: pl.Trainer, what: str, error: BaseException | str, epoch: int | None = None) -> None:
@@ -534,6 +609,9 @@ class GMMCleanser(Callback):
             "gmm/num_flagged": float(decision.num_flagged),
             "gmm/skipped": float(self.skipped),
         }
+        overhead = self._overhead_before  # measurement seconds / training seconds before this measurement
+        if math.isfinite(overhead):
+            metrics["gmm/overhead"] = overhead
         if math.isfinite(dependence):
             metrics["gmm/class_dependence"] = dependence
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
@@ -630,6 +708,7 @@ class GMMCleanser(Callback):
             "removed": self.removed,
             "skipped": self.skipped,
             "candidate": self._candidate_state(),
+            "budget": self.budget.state_dict(),
         }
 
     _FIT_FIELDS = ("weight_noisy", "mean_clean", "mean_noisy", "std_clean", "std_noisy", "threshold", "converged")
@@ -649,6 +728,7 @@ class GMMCleanser(Callback):
         self.tracker.load_state_dict(state_dict)
         self.removed = bool(state_dict.get("removed", False))
         self.skipped = int(state_dict.get("skipped", 0))
+        self.budget.load_state_dict(state_dict.get("budget", {}))  # old checkpoints: a fresh budget
         self._candidate, self._candidate_fit = None, None
         candidate = state_dict.get("candidate")
         if candidate:

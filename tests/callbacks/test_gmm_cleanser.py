@@ -43,6 +43,7 @@ class ScriptedCleanser(GMMCleanser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("smoothing", 1.0)
+        kwargs.setdefault("every_n_epochs", 1)  # the scripted series is fitted after every epoch
         super().__init__(*args, **kwargs)
 
     def _all_losses(self, trainer, pl_module):
@@ -78,6 +79,132 @@ def test_t_c_is_the_delta_L_peak_confirmed_after_patience(tmp_path, patience, co
     truth = NoisyTensorDataset(n=300).is_noisy
     met = detection_metrics(torch.zeros(300, dtype=torch.bool).index_fill_(0, cleanser.flagged_indices, True), truth)
     assert met.precision > 0.97 and met.recall > 0.97
+
+
+@pytest.mark.parametrize("every,fitted", [(2, [1, 3, 5, 7]), (3, [2, 5, 8, 11])])
+def test_fixed_every_n_epochs_fits_after_every_kth_epoch(tmp_path, every, fitted):
+    cleanser = ScriptedCleanser(patience=10, every_n_epochs=every)  # no t_c: every scheduled epoch is fitted
+    tr, _ = _fit(tmp_path, cleanser, epochs=9)
+    assert [step for step, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [38 * (e + 1) for e in fitted if e < 9]
+    assert [e for _, e, _ in cleanser.delta_L_history] == [e for e in fitted if e < 9]
+
+
+class _FakeClock:
+    """``time.perf_counter`` of the budget: 1 s per training batch, ``cost`` s per loss pass, nothing else."""
+
+    def __init__(self, cost: float) -> None:
+        self.now, self.cost = 0.0, cost
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Tick(pl.Callback):
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.now += 1.0
+
+
+class ClockedCleanser(ScriptedCleanser):
+    """The scripted losses; each loss pass costs ``clock.cost`` seconds of the fake clock."""
+
+    def __init__(self, clock, **kwargs) -> None:
+        kwargs.setdefault("every_n_epochs", None)  # the budget
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    def _all_losses(self, trainer, pl_module):
+        self.clock.now += self.clock.cost
+        return super()._all_losses(trainer, pl_module)
+
+
+def _budget_reference(overhead, cost, steps_per_epoch, epochs, start=0):
+    """The budget rule written out: fit at the first epoch end, then whenever spent + cost <= overhead * T.
+
+    Returns the fitted epochs and, for each, the realised overhead before it (spent / T, the logged value).
+    """
+    fitted, before, spent = [], [], 0.0
+    for epoch in range(start, epochs):
+        train = steps_per_epoch * (epoch + 1)
+        if not fitted or spent + cost <= overhead * train:
+            fitted.append(epoch)
+            before.append(spent / train)
+            spent += cost
+    return fitted, before
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from lightning_phases.callbacks import _budget
+
+    fake = _FakeClock(cost=10.0)
+    monkeypatch.setattr(_budget, "time", fake)
+    return fake
+
+
+def test_the_budget_spaces_the_fits(tmp_path, clock):
+    cleanser = ClockedCleanser(clock, patience=2, overhead=0.1)
+    tr, _ = _fit(tmp_path, cleanser, extra=[_Tick(clock)])
+    fitted, before = _budget_reference(0.1, 10.0, 38, 12)
+    assert fitted == [0, 5, 7, 10]  # 38 s per epoch, 10 s per pass: the budget allows these four
+    assert [step for step, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [38 * (e + 1) for e in fitted]
+    # ΔL 0.5, 1.95, 1.7, 1.4 at the fitted epochs: the peak is epoch 5, confirmed by the fits at 7 and 10
+    assert cleanser.t_c_epoch == 5 and cleanser.t_c_step == 6 * 38
+    logged = [v for _, v in series(tr.loggers[0].records, "gmm/overhead")]
+    assert logged == pytest.approx(before)
+    assert cleanser.budget.overhead == pytest.approx(40.0 / (12 * 38))  # four passes over twelve epochs
+
+
+def test_a_tiny_overhead_fits_only_the_first_epoch(tmp_path, clock, caplog):
+    cleanser = ClockedCleanser(clock, patience=2, overhead=1e-6)
+    with caplog.at_level("INFO", logger="lightning_phases"):
+        tr, _ = _fit(tmp_path, cleanser, extra=[_Tick(clock)])
+    assert [step for step, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [38]
+    assert [e for _, e, _ in cleanser.delta_L_history] == [0] and cleanser.t_c_epoch is None
+    assert series(tr.loggers[0].records, "gmm/overhead") == [(38, 0.0)]  # nothing spent before the first pass
+    assert "GMMCleanser: 1 measurement(s), 10.00 s measuring over 456.00 s of training" in caplog.text
+
+
+def test_the_default_is_the_budget_and_every_n_epochs_a_fixed_schedule():
+    default = GMMCleanser()
+    assert default.budget.budgeted and default.budget.schedule.overhead == 0.2 and default.every_n_epochs is None
+    fixed = GMMCleanser(every_n_epochs=2, overhead=None)
+    assert not fixed.budget.budgeted and fixed.budget.every_n_epochs == 2
+    with pytest.raises(LightningPhasesError, match="overhead=None and every_n_epochs=None"):
+        GMMCleanser(overhead=None)
+
+
+def test_resume_restores_the_budget(tmp_path, clock):
+    whole = ClockedCleanser(clock, patience=5, overhead=0.1)  # no t_c in 12 epochs: only the schedule matters
+    _fit(tmp_path / "w", whole, extra=[_Tick(clock)])
+    fitted = [e for _, e, _ in whole.delta_L_history]
+    assert fitted == _budget_reference(0.1, 10.0, 38, 12)[0]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    first = ClockedCleanser(clock, patience=5, overhead=0.1)
+    clock.now = 0.0
+    _fit(tmp_path / "a", first, epochs=6, extra=[_Tick(clock), ckpt], enable_checkpointing=True)
+    assert [e for _, e, _ in first.delta_L_history] == [0, 5]
+    second = ClockedCleanser(clock, patience=5, overhead=0.1)
+    clock.now = 1000.0  # another process: its clock reads something else
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path / "b", [second, _Tick(clock)], max_epochs=12, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(n=300)), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    # the restored budget (spent, last cost, training time) schedules the rest as in the uninterrupted run
+    assert [e for _, e, _ in second.delta_L_history] == fitted
+    assert second.budget.spent == pytest.approx(whole.budget.spent)
+    assert second.budget.train_time() == pytest.approx(12 * 38)  # the restored training time + 6 epochs
+
+
+def test_a_checkpoint_without_budget_state_loads(tmp_path):
+    cleanser = GMMCleanser()
+    state = cleanser.state_dict()
+    del state["budget"]
+    cleanser.load_state_dict(state)
+    assert cleanser.budget.schedule.num_measurements == 0 and cleanser.budget.spent == 0.0
 
 
 def _ema_peak_reference(deltas, smoothing, patience):
@@ -357,7 +484,7 @@ def _heavy_losses(epoch, n=300):
 
 def test_real_training_finds_the_mislabeled_samples(tmp_path):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
-    cleanser = GMMCleanser(patience=2)
+    cleanser = GMMCleanser(every_n_epochs=1, patience=2)
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path, [cleanser], max_epochs=25)
     with warnings.catch_warnings():
@@ -372,7 +499,7 @@ def test_real_training_finds_the_mislabeled_samples(tmp_path):
 
 def test_clean_data_flags_almost_nothing(tmp_path):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.0, seed=1)
-    cleanser = GMMCleanser(patience=2)
+    cleanser = GMMCleanser(every_n_epochs=1, patience=2)
     pl.seed_everything(0, verbose=False)
     tr = trainer(tmp_path, [cleanser], max_epochs=15)
     with warnings.catch_warnings():
@@ -423,16 +550,22 @@ class _Dump(pl.Callback):
                     "flags": self.cleanser.flagged_indices.tolist(),
                     "t_c": self.cleanser.t_c_step,
                     "epoch": trainer.current_epoch,
+                    "fitted": self.cleanser.budget.schedule.num_measurements,
+                    "fitted_epochs": [epoch for _, epoch, _ in self.cleanser.delta_L_history],
                 },
                 fh,
             )
 
 
-def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "schedule",
+    [dict(every_n_epochs=1), pytest.param(dict(overhead=0.05), marks=pytest.mark.slow, id="budget")],
+)
+def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch, schedule):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")  # spawned ranks: single-threaded BLAS pools (torch's and scikit-learn's)
     ds = NoisyTensorDataset(n=400, dim=8, num_classes=4, rate=0.4, seed=1)
-    cleanser = GMMCleanser(action="stop", patience=2)
+    cleanser = GMMCleanser(action="stop", patience=2, **schedule)
     pl.seed_everything(0, verbose=False)
     tr = pl.Trainer(
         default_root_dir=tmp_path,
@@ -451,8 +584,11 @@ def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch):
         tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=16))
     with open(tmp_path / "rank0.json") as a, open(tmp_path / "rank1.json") as b:
         r0, r1 = json.load(a), json.load(b)
-    assert r0 == r1
-    assert r0["t_c"] is not None and len(r0["flags"]) > 50 and r0["epoch"] < 29
+    assert r0 == r1  # the budget is decided on rank 0 and broadcast: the same epochs are fitted on both ranks
+    if "every_n_epochs" in schedule:
+        assert r0["t_c"] is not None and len(r0["flags"]) > 50 and r0["epoch"] < 29
+    else:
+        assert 1 <= r0["fitted"] < 30
 
 
 def test_class_check_applies_to_class_targets_only():
@@ -525,7 +661,7 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(tmp_path, kind, m
         kwargs["train_loader"] = DataLoader(_Stream(), batch_size=8)
     else:
         kwargs["model"] = EvalFailingClassifier()
-    cleanser = GMMCleanser(patience=2, **cleanser_kw)
+    cleanser = GMMCleanser(every_n_epochs=1, patience=2, **cleanser_kw)
     tr, warned = _fit_warned(tmp_path, cleanser, epochs=3, **kwargs)
     assert tr.current_epoch == 3 and not tr.interrupted  # all three epochs ran
     assert len(warned) == 1 and match in warned[0] and "training goes on" in warned[0]  # once, not per epoch
@@ -536,7 +672,7 @@ def test_a_failing_measurement_warns_once_and_training_goes_on(tmp_path, kind, m
 def test_measurements_resume_once_the_failure_stops(tmp_path):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
     model = EvalFailingClassifier(dim=8, num_classes=4, hidden=32, lr=0.05, until_epoch=2)
-    cleanser = GMMCleanser(patience=10)  # no t_c within the run: every epoch is measured
+    cleanser = GMMCleanser(every_n_epochs=1, patience=10)  # no t_c within the run: every epoch is measured
     tr, warned = _fit_warned(tmp_path, cleanser, epochs=6, model=model, train_loader=loader(ds, batch_size=32))
     assert len(warned) == 1 and cleanser.skipped == 2
     assert [s for s, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [19 * e for e in range(3, 7)]
@@ -653,6 +789,13 @@ def test_the_same_cleanser_resumed_from_a_checkpoint_continues(tmp_path):
         (dict(seed=-3), "non-negative int"),
         (dict(max_fraction=float("inf")), "max_fraction"),
         (dict(action=None), "action must be one of"),
+        (dict(overhead=0.0), "overhead"),
+        (dict(overhead=-0.1), "overhead"),
+        (dict(overhead=float("nan")), "overhead"),
+        (dict(overhead="10%"), "overhead"),
+        (dict(overhead=True), "overhead"),
+        (dict(every_n_epochs=1.5), "every_n_epochs"),
+        (dict(every_n_epochs=True), "every_n_epochs"),
     ],
 )
 def test_more_bad_arguments(kwargs, match):
@@ -749,7 +892,7 @@ def test_ddp_a_failure_on_one_rank_neither_hangs_nor_splits_the_decision(tmp_pat
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
     ds = NoisyTensorDataset(n=400, dim=8, num_classes=4, rate=0.4, seed=1)
-    cleanser = GMMCleanser(action="stop", patience=2)
+    cleanser = GMMCleanser(action="stop", every_n_epochs=1, patience=2)
     model = EvalFailingClassifier(dim=8, num_classes=4, hidden=32, lr=0.05, until_epoch=3, rank=1)
     pl.seed_everything(0, verbose=False)
     tr = pl.Trainer(
