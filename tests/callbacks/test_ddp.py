@@ -79,7 +79,10 @@ def test_ddp_spawn_matches_single_process(tmp_path):
     ddp = _by_step(ddp_records)
     assert sorted(single) == sorted(ddp) == [0, 6, 12]
     for step in single:
-        keys = [k for k in single[step] if k.startswith(("order/", "split/", "segment/"))]
+        # every statistic; not the realised overhead, a wall-clock ratio of each process
+        keys = [
+            k for k in single[step] if k.startswith(("order/", "split/", "segment/")) and not k.endswith("/overhead")
+        ]
         assert len(keys) > 30
         for key in keys:
             assert ddp[step][key] == pytest.approx(single[step][key], rel=1e-4, abs=1e-7), (step, key)
@@ -88,7 +91,11 @@ def test_ddp_spawn_matches_single_process(tmp_path):
     # every rank holds the same values in callback_metrics
     with open(tmp_path / "ddp" / "rank0.json") as f0, open(tmp_path / "ddp" / "rank1.json") as f1:
         r0, r1 = json.load(f0), json.load(f1)
-    assert r0 == r1 and "order/R" in r0 and "split/R_cw" in r0
+
+    def statistics(values):
+        return {k: v for k, v in values.items() if not k.endswith("/overhead")}  # a clock ratio per process
+
+    assert statistics(r0) == statistics(r1) and "order/R" in r0 and "split/R_cw" in r0
 
 
 def test_ddp_spawn_training_with_callbacks_does_not_hang(tmp_path):

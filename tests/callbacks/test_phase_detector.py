@@ -186,13 +186,21 @@ def test_works_with_the_real_monitors(tmp_path):
     assert "phase/index" in tr.callback_metrics
 
 
+def _fixed_schedule(kw):
+    """``kw`` with a fixed schedule: every epoch unless it names ``every_n_steps`` (the default is a time budget)."""
+    kw = dict(kw or {})
+    if "every_n_steps" not in kw:
+        kw.setdefault("every_n_epochs", 1)
+    return kw
+
+
 def _detector_with_monitors(
     tmp_path, position, split_every=None, epochs=3, order_kw=None, split_kw=None, extra=(), fit_kw=None, **kwargs
 ):
     detector = PhaseDetector(verbose=False)
     providers = [
-        OrderParameterMonitor(every_n_epochs=1, probe_size=48, **(order_kw or {})),
-        NoiseSplitTracker(probe_size=48, every_n_epochs=split_every, **(split_kw or {})),
+        OrderParameterMonitor(probe_size=48, **_fixed_schedule(order_kw)),
+        NoiseSplitTracker(probe_size=48, every_n_epochs=split_every or 1, **(split_kw or {})),
     ]
     callbacks = providers[:position] + [detector] + providers[position:] + list(extra)
     pl.seed_everything(0, verbose=False)
