@@ -374,7 +374,7 @@ class PhaseDetector(Callback):
         """Feed one measurement to the tracker and act on it; each piece of work in the safety net."""
         # the epoch of the hook in which that step completed (a deferred measurement is taken one hook later)
         where_step, where_epoch = self._where
-        epoch = where_epoch if where_step == step else trainer.current_epoch
+        epoch = int(where_epoch if where_step == step and where_epoch is not None else trainer.current_epoch)
         before = self.tracker.recommended
         snapshot = self.tracker.state_dict()
         try:

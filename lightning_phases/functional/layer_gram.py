@@ -201,7 +201,7 @@ def _pname(module_name: str, param: str) -> str:
 
 def _unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
     padding = 0 if module.padding == "valid" else module.padding
-    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)  # type: ignore[arg-type]  # "same" padding is not a fast layer
 
 
 def _as_positions(module: nn.Module, inp: Tensor, out_grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -257,11 +257,11 @@ def _costs(n: int, t: int, d_in: int, d_out: int, weight: bool, bias: bool) -> t
 def _layer_dims(module: nn.Module, inp_shape: torch.Size, out_shape: torch.Size) -> tuple[int, int, int]:
     """``(T, d_in, d_out)`` from one sample's input and output shapes."""
     if affine.supported_affine(module):
-        return 1, 1, module.weight.numel()  # elementwise: costs as a bias of that size (always materialised)
+        return 1, 1, module.weight.numel()  # type: ignore[operator]  # elementwise: costs as a bias of that size (always materialised)
     if isinstance(module, nn.Conv2d):
         k = math.prod(module.kernel_size)
         return math.prod(out_shape[2:]), module.in_channels * k, module.out_channels
-    return math.prod(inp_shape[1:-1]) if len(inp_shape) > 2 else 1, module.in_features, module.out_features
+    return math.prod(inp_shape[1:-1]) if len(inp_shape) > 2 else 1, int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
 
 
 # Layers in float16/bfloat16 go to the exact engines: their rounding (2^-8 for bfloat16) is too coarse for the
@@ -278,7 +278,7 @@ def _check_directions(module: nn.Module, like: Tensor) -> Tensor:
     Drawn from a private generator, so the global random state is untouched.
     """
     gen = torch.Generator(device="cpu").manual_seed(_CHECK_SEED)
-    shape = (_CHECK_VECTORS, *module.weight.shape[1:])
+    shape = (_CHECK_VECTORS, *module.weight.shape[1:])  # type: ignore[index]  # a Linear or Conv2d weight
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
 
@@ -636,7 +636,7 @@ def _group_weight_grad(module: nn.Module, inp: Tensor, out_grad: Tensor) -> Tens
     """``Σ_i Σ_t δ_it a_itᵀ`` over the samples of ``inp``: the weight gradient of their summed loss."""
     if isinstance(module, nn.Conv2d):
         padding = 0 if module.padding == "valid" else module.padding
-        return torch.nn.grad.conv2d_weight(
+        return torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined]
             inp, module.weight.shape, out_grad, stride=module.stride, padding=padding, dilation=module.dilation
         )
     d_in = inp.shape[-1]
@@ -770,7 +770,7 @@ def _accumulate(gram: Tensor, module: nn.Module, plan: LayerPlan, step: int) -> 
                 aj, dj = _as_positions(module, inp[sj:ej], out_grad[sj:ej])
                 jj = _per_sample(aj, dj, has_w, has_b) if plan.method == "materialize" else None
             if plan.method == "materialize":
-                blk = ji @ jj.T
+                blk = ji @ jj.T  # type: ignore[operator,union-attr]  # materialised: both set above
             else:
                 blk = _ghost_block(ai, di, aj, dj, has_w, has_b)
             if j == i:

@@ -142,10 +142,10 @@ class LabelNoise(pl.Callback):
                 "it needs a list batch (the default collate of (inputs, targets) items) or a dict with that key. "
                 "Tuples cannot be changed in place; return a list from your collate_fn, or set target_key."
             )
-        targets = batch[key]
+        targets = batch[key]  # type: ignore[index]  # a list batch takes an int key, a dict any key (checked above)
         if not isinstance(targets, Tensor):
             raise LabelNoiseError(f"batch[{key!r}] must be a tensor of targets; got {type(targets).__name__}.")
-        batch[key] = self.noisy(targets, self.generator(rank, self.batches_seen))
+        batch[key] = self.noisy(targets, self.generator(rank, self.batches_seen))  # type: ignore[index]
         self.batches_seen += 1
 
     def state_dict(self) -> dict[str, Any]:

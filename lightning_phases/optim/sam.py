@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +122,8 @@ class SAM(Optimizer):
         pairs = self._params_with_grad()
         if not pairs:
             return []
-        scaled = [(p.abs() * p.grad if g["adaptive"] else p.grad) for p, g in pairs]
+        grads = [cast(Tensor, p.grad) for p, _ in pairs]  # _params_with_grad keeps parameters with a gradient
+        scaled = [(p.abs() * gp if g["adaptive"] else gp) for (p, g), gp in zip(pairs, grads)]
         norms = [torch.linalg.vector_norm(s.to(torch.promote_types(s.dtype, torch.float32))).double() for s in scaled]
         norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         out = []
