@@ -15,10 +15,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_phases import _lightning as pl
+from lightning_phases import keys
 from lightning_phases._io import atomic_write
 from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases._validation import check_int
 from lightning_phases.callbacks._budget import MeasurementBudget
-from lightning_phases.callbacks._probe import _check_positive_int
 from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
 from lightning_phases.callbacks.probe import input_dtype, served_positions
 from lightning_phases.data.protocol import find_probe_ground_truth
@@ -227,7 +228,7 @@ class GMMCleanser(Callback):
         if not isinstance(action, str) or action not in ACTIONS:
             raise LightningPhasesError(f"action must be one of {ACTIONS}; got {action!r}.")
         if every_n_epochs is not None:
-            _check_positive_int("every_n_epochs", every_n_epochs)
+            check_int("every_n_epochs", every_n_epochs, minimum=1)
         elif overhead is None:
             raise LightningPhasesError(
                 "GMMCleanser needs a schedule: overhead=None and every_n_epochs=None; pass overhead=0.2 (the "
@@ -243,8 +244,8 @@ class GMMCleanser(Callback):
                 f"overhead is the loss pass's share of the training time, a number > 0 such as 0.2 (or None "
                 f"with a fixed every_n_epochs); got {overhead!r}."
             )
-        _check_positive_int("warmup_epochs", warmup_epochs, minimum=0)
-        _check_positive_int("batch_size", batch_size)
+        check_int("warmup_epochs", warmup_epochs, minimum=0)
+        check_int("batch_size", batch_size, minimum=1)
         # the decision's own arguments (patience, max_fraction, separations, weights, smoothing, class check)
         self.tracker = CleansingTracker(
             patience=patience,
@@ -415,7 +416,7 @@ class GMMCleanser(Callback):
                 "are counted in gmm/skipped without another warning."
             )
         with contextlib.suppress(Exception):
-            self._publish(trainer, {"gmm/skipped": float(self.skipped)})
+            self._publish(trainer, {keys.gmm("skipped"): float(self.skipped)})
 
     def _attempt(self, trainer: pl.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn(*args)``; on an exception skip it (see :meth:`_skip`). Returns whether it failed."""
@@ -600,26 +601,31 @@ class GMMCleanser(Callback):
             }
             self._candidate_fit = fit
         metrics = {
-            "gmm/delta_L": fit.delta_L,
-            "gmm/threshold": fit.threshold,
-            "gmm/mean_clean": fit.mean_clean,
-            "gmm/mean_noisy": fit.mean_noisy,
-            "gmm/weight_noisy": fit.weight_noisy,
-            "gmm/separation": fit.separation,
-            "gmm/num_flagged": float(decision.num_flagged),
-            "gmm/skipped": float(self.skipped),
+            keys.gmm("delta_L"): fit.delta_L,
+            keys.gmm("threshold"): fit.threshold,
+            keys.gmm("mean_clean"): fit.mean_clean,
+            keys.gmm("mean_noisy"): fit.mean_noisy,
+            keys.gmm("weight_noisy"): fit.weight_noisy,
+            keys.gmm("separation"): fit.separation,
+            keys.gmm("num_flagged"): float(decision.num_flagged),
+            keys.gmm("skipped"): float(self.skipped),
         }
         overhead = self._overhead_before  # measurement seconds / training seconds before this measurement
         if math.isfinite(overhead):
-            metrics["gmm/overhead"] = overhead
+            metrics[keys.gmm("overhead")] = overhead
         if math.isfinite(dependence):
-            metrics["gmm/class_dependence"] = dependence
+            metrics[keys.gmm("class_dependence")] = dependence
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
             det = detection_metrics(decision.flags, truth[0])
             scores = fit.posterior if decision.bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
             metrics.update(
-                {"gmm/precision": det.precision, "gmm/recall": det.recall, "gmm/f1": det.f1, "gmm/auroc": auroc}
+                {
+                    keys.gmm("precision"): det.precision,
+                    keys.gmm("recall"): det.recall,
+                    keys.gmm("f1"): det.f1,
+                    keys.gmm("auroc"): auroc,
+                }
             )
         if decision.rejection is not None and decision.rejection not in self._warned:
             self._warned.add(decision.rejection)
@@ -628,9 +634,9 @@ class GMMCleanser(Callback):
                 "flagged and the fit does not count towards t_c. This is expected on clean data and early in training."
             )
         if decision.smoothed_delta_L is not None:
-            metrics["gmm/delta_L_smoothed"] = decision.smoothed_delta_L
+            metrics[keys.gmm("delta_L_smoothed")] = decision.smoothed_delta_L
         if decision.confirmed:
-            metrics["gmm/t_c_step"] = float(self.tracker.t_c_step)  # type: ignore[arg-type]
+            metrics[keys.gmm("t_c_step")] = float(self.tracker.t_c_step)  # type: ignore[arg-type]
         self.last = {k: float(v) for k, v in metrics.items()}
         self._attempt(trainer, "logging the metrics", self._publish, trainer, metrics)
         if decision.confirmed:
@@ -691,7 +697,7 @@ class GMMCleanser(Callback):
         fig = mixture_figure(
             self._candidate["losses"], self._candidate_fit, title=f"losses at t_c (epoch {self.t_c_epoch})"
         )
-        writers[0].add_figure("gmm/loss_histogram", fig, self.t_c_step)
+        writers[0].add_figure(keys.gmm("loss_histogram"), fig, self.t_c_step)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         trainer.callback_metrics.update(
