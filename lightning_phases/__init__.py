@@ -8,7 +8,7 @@ either (sub-packages that need it are loaded on first attribute access).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_phases.errors import (
     DegenerateInputError,
@@ -16,10 +16,34 @@ from lightning_phases.errors import (
     LightningPhasesError,
     ParameterSelectionError,
     PhaseStatisticsWarning,
+    ProbeMemoryError,
     UnsupportedModelError,
 )
 
 __version__ = "0.1.0.dev0"
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs (nothing is imported at run time)
+    from lightning_phases import functional
+    from lightning_phases.callbacks import (
+        GMMCleanser,
+        ModelAdapter,
+        NoiseSplitTracker,
+        OrderParameterMonitor,
+        PhaseDetector,
+        Probe,
+    )
+    from lightning_phases.data import (
+        GaussianClustersDataModule,
+        NoisyCIFAR10DataModule,
+        NoisyDigitsDataModule,
+        NoisyFashionMNISTDataModule,
+        NoisyLabelDataset,
+        NoisyMNIST1DDataModule,
+        NoisyMNISTDataModule,
+        SparseLinearRegressionDataModule,
+    )
+    from lightning_phases.models import TwoLayerLinearNetwork
+    from lightning_phases.optim import SAM, LabelNoise
 
 __all__ = [
     "__version__",
@@ -44,6 +68,7 @@ __all__ = [
     "LightningPhasesError",
     "ParameterSelectionError",
     "UnsupportedModelError",
+    "ProbeMemoryError",
     "DegenerateInputError",
     "LabelNoiseError",
     "PhaseStatisticsWarning",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from lightning_phases._io import atomic_write
 from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
 from lightning_phases._validation import check_int
 from lightning_phases.callbacks._budget import MeasurementBudget
+from lightning_phases.callbacks._monitor import publish
 from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
 from lightning_phases.callbacks.probe import input_dtype, served_positions
 from lightning_phases.data.protocol import find_probe_ground_truth
@@ -31,7 +31,6 @@ from lightning_phases.functional.per_sample import LossFn, eval_mode
 
 __all__ = ["GMMCleanser"]
 
-log = logging.getLogger("lightning_phases")
 
 Action = Literal["flag", "remove", "stop"]
 ACTIONS: tuple[Action, ...] = ("flag", "remove", "stop")
@@ -700,12 +699,7 @@ class GMMCleanser(Callback):
         writers[0].add_figure(keys.gmm("loss_histogram"), fig, self.t_c_step)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        trainer.callback_metrics.update(
-            {k: torch.tensor(float(v)) for k, v in metrics.items() if math.isfinite(float(v))}
-        )
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+        publish(trainer, metrics)  # the monitors' one rule: non-finite values are neither logged nor published
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import logging
 import math
 import os
 from collections.abc import Callable
@@ -17,12 +16,12 @@ from lightning_phases import _lightning as pl
 from lightning_phases import keys
 from lightning_phases._io import atomic_path
 from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases.callbacks._monitor import publish
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
 
 __all__ = ["PhaseDetector"]
 
-log = logging.getLogger("lightning_phases")
 
 _TRIGGERS = (keys.order("measured_step"), keys.split("measured_step"))
 _PROVIDERS = {keys.ORDER_PREFIX + "/": "OrderParameterMonitor", keys.SPLIT_PREFIX + "/": "NoiseSplitTracker"}
@@ -516,10 +515,7 @@ class PhaseDetector(Callback):
             pl_module.load_state_dict(live)
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items() if not math.isnan(v)})
+        publish(trainer, metrics)  # the monitors' one rule: non-finite values are neither logged nor published
 
     def restore_recommended(self, pl_module: torch.nn.Module) -> None:
         """Load the weights kept at the recommended stop into ``pl_module``.

@@ -308,11 +308,10 @@ def noise_spectrum(
     otherwise the exact path runs. Then
     ``effective_dimension(spectrum, f, total=D)`` equals ``D_s(f)`` of the
     full spectrum, and the leading eigenvalues agree with the full ones to
-    rounding. On one CPU thread at n = 1024 the Lanczos solve takes
-    ≈ 20–40 ms against ≈ 140 ms for the exact one on spectra that decay
-    fast, but only 1.1–1.4× less on real gradient Gram matrices, whose
-    leading eigenvalues are clustered (``benchmarks/gram.py``); it costs a
-    Lanczos solve more when it falls back (``D_s > 32``).
+    rounding. It pays where the spectrum decays fast; on real gradient Gram
+    matrices, whose leading eigenvalues are clustered, the gain is small
+    (measured in ``benchmarks/gram.py``, numbers in ``benchmarks/README.md``),
+    and it costs a Lanczos solve more when it falls back (``D_s > 32``).
 
     Args:
         gram: Per-sample-gradient Gram matrix, shape ``[n, n]``.

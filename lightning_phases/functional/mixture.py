@@ -78,10 +78,6 @@ class LossMixture:
         return int(self.flags.sum())
 
 
-def _gauss_logpdf(x: float, mean: float, std: float) -> float:
-    return -0.5 * ((x - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
-
-
 def mixture_threshold(
     weight_noisy: float, mean_clean: float, mean_noisy: float, std_clean: float, std_noisy: float
 ) -> float:
