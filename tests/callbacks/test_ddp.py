@@ -20,6 +20,8 @@ from tests.callbacks.helpers import (
     read_records,
 )
 
+pytestmark = pytest.mark.slow  # spawns processes: the fast lane (-m 'not slow') skips them
+
 
 class _DumpCallbackMetrics(pl.Callback):
     """Every rank writes its callback_metrics at the end of training."""
