@@ -691,12 +691,12 @@ class GMMCleanser(Callback):
         writers = tensorboard_writers(trainer)
         if not writers or self._candidate_fit is None or self._candidate is None:
             return
-        from lightning_phases.report.tensorboard import mixture_figure
+        from lightning_phases.report.tensorboard import add_figure, mixture_figure
 
         fig = mixture_figure(
             self._candidate["losses"], self._candidate_fit, title=f"losses at t_c (epoch {self.t_c_epoch})"
         )
-        writers[0].add_figure(keys.gmm("loss_histogram"), fig, self.t_c_step)
+        add_figure(writers, keys.gmm("loss_histogram"), fig, self.t_c_step)  # every TensorBoard logger
 
     def _publish(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         publish(trainer, metrics)  # the monitors' one rule: non-finite values are neither logged nor published
