@@ -6,7 +6,6 @@ import contextlib
 import csv
 import math
 import os
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -16,10 +15,11 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from lightning_phases import _lightning as pl
 from lightning_phases import keys
 from lightning_phases._io import atomic_write
-from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases._validation import check_int
 from lightning_phases.callbacks._budget import MeasurementBudget
 from lightning_phases.callbacks._monitor import publish
+from lightning_phases.callbacks._safety import SafetyNet
 from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
 from lightning_phases.callbacks.probe import input_dtype, served_positions
 from lightning_phases.data.protocol import find_probe_ground_truth
@@ -45,7 +45,7 @@ _NO_GROWTH = 1e-12
 DEFAULT_OVERHEAD = 0.2
 
 
-class GMMCleanser(Callback):
+class GMMCleanser(SafetyNet, Callback):
     """Fit the two-component loss mixture during training and flag the mislabeled samples at ``t_c``.
 
     SPEC.md §4 (Feng & Tu 2021, section 5). On its schedule the cleanser
@@ -197,6 +197,9 @@ class GMMCleanser(Callback):
         - ``gmm/overhead``: realised overhead when the measurement began: seconds of the cleanser's
           measurements so far / training seconds so far (with each measurement; under a fixed schedule too).
     """
+
+    _net_name = "GMMCleanser"
+    _skipped_key = keys.gmm("skipped")
 
     def __init__(
         self,
@@ -402,39 +405,7 @@ class GMMCleanser(Callback):
         with contextlib.suppress(Exception):
             self.budget.report(trainer, "GMMCleanser")
 
-    # ------------------------------------------------------------------ the safety net
-    def _skip(self, trainer: pl.Trainer, what: str, error: BaseException | str, epoch: int | None = None) -> None:
-        """Count a failed piece of work in ``gmm/skipped``, warn once per kind (rank zero); training goes on."""
-        self.skipped += 1
-        if what not in self._failed:
-            self._failed.add(what)
-            why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-            when = "" if epoch is None else f" at epoch {epoch}"
-            rank_zero_warn(
-                f"GMMCleanser: {what}{when} failed and was skipped ({why}); training goes on. Further failures "
-                "are counted in gmm/skipped without another warning."
-            )
-        with contextlib.suppress(Exception):
-            self._publish(trainer, {keys.gmm("skipped"): float(self.skipped)})
-
-    def _attempt(self, trainer: pl.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)``; on an exception skip it (see :meth:`_skip`). Returns whether it failed."""
-        try:
-            fn(*args)
-        except Exception as error:
-            self._skip(trainer, what, error)
-            return True
-        return False
-
-    @staticmethod
-    def _any_rank(trainer: pl.Trainer, pl_module: pl.LightningModule, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (a collective under DDP: every rank calls it at the same point)."""
-        if trainer.world_size <= 1:
-            return flag
-        total = trainer.strategy.reduce(
-            torch.tensor(float(flag), dtype=torch.float64, device=pl_module.device), reduce_op="sum"
-        )
-        return bool(float(total) > 0)
+    # the safety net (_skip, _attempt, _any_rank) comes from callbacks/_safety.SafetyNet
 
     # ------------------------------------------------------------------ measurement
     def _train_dataset(self, trainer: pl.Trainer):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import math
 import os
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -15,8 +13,9 @@ import torch
 from lightning_phases import _lightning as pl
 from lightning_phases import keys
 from lightning_phases._io import atomic_path
-from lightning_phases._lightning import Callback, rank_zero_info, rank_zero_warn, tensorboard_writers
+from lightning_phases._lightning import Callback, rank_zero_info, tensorboard_writers
 from lightning_phases.callbacks._monitor import publish
+from lightning_phases.callbacks._safety import SafetyNet
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.phases import PHASE_MODELS, PhaseTracker, PhaseTransition, required_keys
 
@@ -43,7 +42,7 @@ def _statistics(metrics: Any) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(_STAT_PREFIXES)}
 
 
-class PhaseDetector(Callback):
+class PhaseDetector(SafetyNet, Callback):
     """Detect the phases of learning from the statistics other callbacks publish.
 
     Reads ``trainer.callback_metrics`` -- as ``EarlyStopping`` reads its
@@ -141,6 +140,9 @@ class PhaseDetector(Callback):
         - ``phase/skipped``: pieces of work that failed and were skipped so far (logged when one fails).
         - TensorBoard only: a text entry ``phase/transitions`` per transition.
     """
+
+    _net_name = "PhaseDetector"
+    _skipped_key = keys.phase("skipped")
 
     def __init__(
         self,
@@ -396,38 +398,7 @@ class PhaseDetector(Callback):
         if is_new_recommendation and now is not None:
             self._on_recommended(trainer, pl_module, now)
 
-    # ------------------------------------------------------------------ the safety net
-    def _skip(self, trainer: pl.Trainer, what: str, error: BaseException | str) -> None:
-        """Count a failed piece of work in ``phase/skipped``, warn once per kind (rank zero); training goes on."""
-        self.skipped += 1
-        if what not in self._failed:
-            self._failed.add(what)
-            why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-            rank_zero_warn(
-                f"PhaseDetector: {what} failed and was skipped ({why}); training goes on. Further failures "
-                "are counted in phase/skipped without another warning."
-            )
-        with contextlib.suppress(Exception):
-            self._publish(trainer, {keys.phase("skipped"): float(self.skipped)})
-
-    def _attempt(self, trainer: pl.Trainer, what: str, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)``; on an exception skip it (see :meth:`_skip`). Returns whether it failed."""
-        try:
-            fn(*args)
-        except Exception as error:
-            self._skip(trainer, what, error)
-            return True
-        return False
-
-    @staticmethod
-    def _any_rank(trainer: pl.Trainer, pl_module: pl.LightningModule, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (a collective under DDP: every rank calls it at the same point)."""
-        if trainer.world_size <= 1:
-            return flag
-        total = trainer.strategy.reduce(
-            torch.tensor(float(flag), dtype=torch.float64, device=pl_module.device), reduce_op="sum"
-        )
-        return bool(float(total) > 0)
+    # the safety net (_skip, _attempt, _any_rank) comes from callbacks/_safety.SafetyNet
 
     def _report(self, trainer: pl.Trainer, t: PhaseTransition) -> None:
         what = {
