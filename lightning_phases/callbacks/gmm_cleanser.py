@@ -37,7 +37,7 @@ ACTIONS: tuple[Action, ...] = ("flag", "remove", "stop")
 
 # The budgeted schedule asks at every epoch end whether the budget allows a loss pass, with no geometric
 # spacing: the peak search needs consecutive fits (patience), and geometric spacing never confirmed t_c
-# within 60 epochs on digits (notes/cost.md). BudgetSchedule wants growth > 0; this one spaces by one step.
+# within 60 epochs on digits (benchmarks/README.md). BudgetSchedule wants growth > 0; this one spaces by one step.
 _NO_GROWTH = 1e-12
 # The default budget: 0.2, not the monitors' 0.1. On noisy digits (benchmarks/README.md, "GMMCleanser under the
 # budget") 0.1 put t_c 17 epochs late at rho = 0.2 (Q 0.73 -> 0.50); 0.2 kept every-epoch quality at

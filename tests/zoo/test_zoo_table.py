@@ -2,8 +2,7 @@
 
 ``scripts/zoo_table.py`` turns the row definitions of ``tests/zoo/models.py``
 (whose expectations the other zoo tests verify) into Markdown. README.md holds
-the table between the ``zoo-table`` markers; until the integrator has pasted
-the section into README.md, ``notes/zoo.md`` (the section's text) is checked.
+the table between the ``zoo-table`` markers.
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ def _script():
 
 
 def _documented_table(start: str, end: str) -> tuple[Path, str]:
-    for path in (ROOT / "README.md", ROOT / "notes" / "zoo.md"):
+    for path in (ROOT / "README.md",):
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         if start in text:
             body = text.split(start, 1)[1]
             assert end in body, f"{path.name}: the zoo table has no end marker"
             return path, body.split(end, 1)[0].strip()
-    pytest.fail("neither README.md nor notes/zoo.md holds the zoo table (run scripts/zoo_table.py)")
+    pytest.fail("README.md does not hold the zoo table (run scripts/zoo_table.py and paste it)")
 
 
 def test_documented_table_is_the_generated_one() -> None:
@@ -60,7 +59,7 @@ def test_adapter_examples_run() -> None:
     """The "Adapting the probe to your model" examples construct what they say (no training needed)."""
     import re
 
-    for path in (ROOT / "README.md", ROOT / "notes" / "zoo.md"):
+    for path in (ROOT / "README.md",):
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         if "### Adapting the probe to your model" in text:
             section = text.split("### Adapting the probe to your model", 1)[1].split("\n## ", 1)[0]
@@ -70,7 +69,7 @@ def test_adapter_examples_run() -> None:
             exec(compile(blocks[0], f"{path.name}:adapter-examples", "exec"), namespace)
             assert len(namespace["callbacks"]) == 3
             return
-    pytest.fail("neither README.md nor notes/zoo.md has the adapter section")
+    pytest.fail("README.md has no adapter section")
 
 
 def test_rows_are_well_formed() -> None:
