@@ -21,7 +21,7 @@ from lightning_phases.callbacks._budget import MeasurementBudget
 from lightning_phases.callbacks._monitor import publish
 from lightning_phases.callbacks._safety import SafetyNet
 from lightning_phases.callbacks.model_adapter import Forward, ModelAdapter, OutputSelector, Task, Unpack, default_unpack
-from lightning_phases.callbacks.probe import input_dtype, served_positions
+from lightning_phases.callbacks.probe import input_dtype, served_positions, training_dataloader
 from lightning_phases.data.protocol import find_probe_ground_truth
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence
@@ -408,17 +408,18 @@ class GMMCleanser(SafetyNet, Callback):
     # the safety net (_skip, _attempt, _any_rank) comes from callbacks/_safety.SafetyNet
 
     # ------------------------------------------------------------------ measurement
-    def _train_dataset(self, trainer: pl.Trainer):
-        loader = trainer.train_dataloader
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-            got = type(loader.dataset if isinstance(loader, DataLoader) else loader).__name__
+    def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
+        """The training DataLoader (found as the monitors find it); its dataset must be map-style."""
+        loader = training_dataloader(trainer, "GMMCleanser")
+        if isinstance(loader.dataset, IterableDataset):
             raise LightningPhasesError(
-                f"GMMCleanser needs a single map-style training DataLoader (a dataset with __len__ and "
-                f"__getitem__, so that every sample has an index to flag); got {got}."
+                "GMMCleanser needs a single map-style training DataLoader (a dataset with __len__ and "
+                f"__getitem__, so that every sample has an index to flag); got {type(loader.dataset).__name__}."
             )
-        return loader.dataset
+        return loader
+
+    def _train_dataset(self, trainer: pl.Trainer) -> Any:
+        return self._train_loader(trainer).dataset
 
     def _all_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
         """The loss pass: loss, given label and prediction of every training sample, float64/long ``[N]``.
@@ -429,10 +430,9 @@ class GMMCleanser(SafetyNet, Callback):
         vectors or every rank raises :class:`LightningPhasesError` (a failure on one rank never hangs
         the others). A non-finite loss is a failure.
         """
-        dataset = self._train_dataset(trainer)  # the same answer (or error) on every rank
-        n = len(dataset)
-        loader = trainer.train_dataloader
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        loader = self._train_loader(trainer)  # the same answer (or error) on every rank
+        dataset = loader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
         served = served_positions(loader)
         if served is not None and served.numel() < n:
             raise LightningPhasesError(
