@@ -16,7 +16,7 @@ import torch
 
 from lightning_phases import _lightning as pl
 from lightning_phases.errors import LightningPhasesError
-from lightning_phases.functional.schedule import BudgetSchedule
+from lightning_phases.functional.schedule import BudgetSchedule, should_measure
 
 __all__ = ["MeasurementBudget"]
 
@@ -136,9 +136,12 @@ class MeasurementBudget:
         self._start_clock()
         step = int(trainer.global_step)
         if not self.budgeted:
-            if epoch_end:
-                return self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            return self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0
+            return should_measure(
+                global_step=step,
+                epoch_end=int(trainer.current_epoch) if epoch_end else None,
+                every_n_steps=None if epoch_end else self.every_n_steps,
+                every_n_epochs=self.every_n_epochs if epoch_end else None,
+            )
         if self._decided is not None and self._decided[0] == step:
             return self._decided[1]
         if step < self._plan:

@@ -26,23 +26,10 @@ from lightning_phases.callbacks.probe import Probe
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.ensemble import _all_finite
 from lightning_phases.functional.per_sample import GramMethod, LossFn, ParamSelection, select_parameters
+from lightning_phases.functional.schedule import should_measure  # re-exported: the fixed schedule
 from lightning_phases.report.tensorboard import summary_writers, write_phase_layout
 
 __all__ = ["publish", "should_measure", "stable_state_key"]
-
-
-def should_measure(
-    *, global_step: int, epoch_end: int | None, every_n_steps: int | None, every_n_epochs: int | None
-) -> bool:
-    """The schedule as a pure function, so that every rank agrees.
-
-    ``epoch_end`` is the index of the epoch that just ended (``None`` when
-    called after a training step). Steps are counted by ``global_step``
-    (optimizer steps taken so far).
-    """
-    if epoch_end is None:
-        return every_n_steps is not None and global_step > 0 and global_step % every_n_steps == 0
-    return every_n_epochs is not None and (epoch_end + 1) % every_n_epochs == 0
 
 
 def publish(trainer: pl.Trainer, metrics: Mapping[str, float]) -> dict[str, float]:

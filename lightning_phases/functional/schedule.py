@@ -36,7 +36,7 @@ from typing import Any
 
 from lightning_phases.errors import LightningPhasesError
 
-__all__ = ["BudgetSchedule"]
+__all__ = ["BudgetSchedule", "should_measure"]
 
 
 def _check_number(name: str, value: Any, *, low: float, low_open: bool) -> float:
@@ -46,6 +46,20 @@ def _check_number(name: str, value: Any, *, low: float, low_open: bool) -> float
         bound = f"> {low}" if low_open else f">= {low}"
         raise LightningPhasesError(f"{name} must be {bound}; got {value!r}.")
     return float(value)
+
+
+def should_measure(
+    *, global_step: int, epoch_end: int | None, every_n_steps: int | None, every_n_epochs: int | None
+) -> bool:
+    """The schedule as a pure function, so that every rank agrees.
+
+    ``epoch_end`` is the index of the epoch that just ended (``None`` when
+    called after a training step). Steps are counted by ``global_step``
+    (optimizer steps taken so far).
+    """
+    if epoch_end is None:
+        return every_n_steps is not None and global_step > 0 and global_step % every_n_steps == 0
+    return every_n_epochs is not None and (epoch_end + 1) % every_n_epochs == 0
 
 
 class BudgetSchedule:
