@@ -123,7 +123,8 @@ class MeasurementBudget:
             return self._train_time_base
         return max(0.0, self._train_time_base + (time.perf_counter() - self._t0) - self._spent_here)
 
-    def _start_clock(self) -> None:
+    def start(self) -> None:
+        """Start the training clock now (otherwise the first decision or timed block starts it); idempotent."""
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
@@ -133,7 +134,7 @@ class MeasurementBudget:
 
         Identical on every rank. Cheap between planned steps (an integer comparison).
         """
-        self._start_clock()
+        self.start()
         step = int(trainer.global_step)
         if not self.budgeted:
             return should_measure(
@@ -165,7 +166,7 @@ class MeasurementBudget:
         training kernels are not billed to the measurement and its own
         kernels are. After the block the next planned step is updated.
         """
-        self._start_clock()
+        self.start()
         gpu = _on_gpu(trainer)
         if gpu:
             torch.cuda.synchronize()

@@ -68,9 +68,10 @@ class BudgetSchedule:
     Args:
         overhead: Budget: measurement time at most this fraction of the training
             time (default 0.1, i.e. ≤ 1.1× the wall time of training alone).
-        growth: Geometric spacing ``q > 0``: after a measurement at step ``s``
+        growth: Geometric spacing ``q ≥ 0``: after a measurement at step ``s``
             the next one is at a step ``≥ (1 + q)·s`` (default 0.1: at most
-            about 24 measurements per decade of steps).
+            about 24 measurements per decade of steps; 0: no spacing, only
+            the budget, at least one step apart).
 
     State (all plain numbers, saved by :meth:`state_dict`):
         ``num_measurements``, ``last_step`` (``-1`` before the first), ``spent``
@@ -81,7 +82,7 @@ class BudgetSchedule:
 
     def __init__(self, overhead: float = 0.1, *, growth: float = 0.1) -> None:
         self.overhead = _check_number("overhead", overhead, low=0.0, low_open=True)
-        self.growth = _check_number("growth", growth, low=0.0, low_open=True)
+        self.growth = _check_number("growth", growth, low=0.0, low_open=False)
         self.num_measurements = 0
         self.last_step = -1
         self.spent = 0.0
