@@ -159,7 +159,7 @@ def _demo(args: argparse.Namespace) -> int:
     pl.seed_everything(args.seed, verbose=False)
     dm = NoisyDigitsDataModule(noise_rate=args.noise_rate, seed=args.seed, batch_size=32)
     logger = TensorBoardLogger(args.output_dir, name="", default_hp_metric=False)  # a new version_N each call
-    cleanser = GMMCleanser(every_n_epochs=1, patience=3, max_fraction=0.95)
+    cleanser = GMMCleanser(every_n_epochs=1, patience=3)
     detector = PhaseDetector(verbose=False)
     trainer = pl.Trainer(
         max_epochs=args.epochs,

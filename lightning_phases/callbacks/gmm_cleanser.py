@@ -144,7 +144,9 @@ class GMMCleanser(SafetyNet, Callback):
             measurements. An int ``>= 1``: measure after every this many epochs instead.
         warmup_epochs: Ignore measurements before this epoch.
         patience: Bimodal fits after the ΔL peak that confirm it (``>= 1``).
-        max_fraction: Never flag more than this fraction of the training set, in ``(0, 1]``.
+        max_fraction: Never flag more than this fraction of the training set, in ``(0, 1]``. ``None``
+            (default): ``(C − 1)/C`` for ``C`` classes (beyond that rate symmetric noise leaves the given
+            labels no information), 0.5 for targets that are not classes.
         min_separation: Minimal Ashman's D of a fit that counts as bimodal.
         min_weight: Minimal weight of each component of a bimodal fit.
         max_class_dependence: Largest share of the flags' variance (η²) that the
@@ -155,13 +157,14 @@ class GMMCleanser(SafetyNet, Callback):
             ``(C − 1)/C`` to recover the class sizes); in ``(0, 1]`` (1 turns the check off). Applies to
             integer class targets only. Noise concentrated in a few classes (e.g.
             pair flips between two classes only) can exceed it: raise it or pass 1.
-        heavy_noise_separation: If set, a fit whose mislabeled weight is at least
-            ``heavy_noise_weight`` counts as bimodal from this Ashman's D (below
-            ``min_separation``). Meant for heavy label noise, where the mislabeled
-            component is large and the mixture may have no second hump; note that
-            once on it lowers the bar for every fit with a mislabeled weight of at
-            least ``heavy_noise_weight``. ``None`` (default): off.
-        heavy_noise_weight: The mislabeled weight from which ``heavy_noise_separation`` applies, in ``(0, 1)``.
+        heavy_noise_separation: A fit whose mislabeled weight is at least
+            ``heavy_noise_weight`` and whose two components explain the losses better than one Gaussian
+            by BIC counts as bimodal from this Ashman's D (the smaller of it and ``min_separation``; a
+            single Gaussian split in two has D 1.2–1.5, hence the BIC condition). For heavy label noise or a weak model: the two loss populations
+            then overlap without a second hump. Default 1.2 (chosen on the tuning half of
+            ``benchmarks/generalization.py``, see its README); ``None``: ``min_separation`` for every fit.
+        heavy_noise_weight: The mislabeled weight from which ``heavy_noise_separation`` applies, in
+            ``(0, 1)``; default 0.2 (fits with a smaller mislabeled weight need ``min_separation``).
         batch_size: Batch size of the loss pass over the training set.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
@@ -208,7 +211,7 @@ class GMMCleanser(SafetyNet, Callback):
         every_n_epochs: int | None = None,
         warmup_epochs: int = 0,
         patience: int = 3,
-        max_fraction: float = 0.5,
+        max_fraction: float | None = None,
         min_separation: float = 2.0,
         min_weight: float = 0.01,
         batch_size: int = 1024,
@@ -219,7 +222,7 @@ class GMMCleanser(SafetyNet, Callback):
         normalize: bool = True,
         smoothing: float = 0.5,
         max_class_dependence: float = 0.2,
-        heavy_noise_separation: float | None = None,
+        heavy_noise_separation: float | None = 1.2,
         heavy_noise_weight: float = 0.2,
         forward: Forward | None = None,
         output: OutputSelector = None,
@@ -525,19 +528,22 @@ class GMMCleanser(SafetyNet, Callback):
             return None
         return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
 
-    def _fit(self, trainer: pl.Trainer, losses: Tensor, given: Tensor) -> tuple[LossMixture, float, Any]:
-        """The mixture fit, its class-dependence value and the ground truth (or ``None``); no collectives."""
+    def _fit(self, trainer: pl.Trainer, losses: Tensor, given: Tensor) -> tuple[LossMixture, float, Any, int | None]:
+        """The mixture fit, its class-dependence value, the ground truth (or ``None``) and the number of
+        classes (``None``: the targets are not classes); no collectives."""
         fit = fit_loss_mixture(
             losses,
             seed=self.seed if self.seed < 2**32 else derived_seed(self.seed, "gmm") % 2**32,
             clip_percentiles=self.clip_percentiles,
             normalize=self.normalize,
         )
-        dependence = excess_class_dependence(fit, self._class_labels(given, self._num_outputs))
+        labels = self._class_labels(given, self._num_outputs)
+        dependence = excess_class_dependence(fit, labels)
         truth = find_probe_ground_truth(
             self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None)
         )
-        return fit, dependence, truth
+        num_classes = None if labels is None else max(self._num_outputs or 0, int(torch.unique(labels).numel()))
+        return fit, dependence, truth, num_classes
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One measurement: loss pass, fit, decision, logging and (at t_c) the outputs and the action.
@@ -553,13 +559,15 @@ class GMMCleanser(SafetyNet, Callback):
             return
         error: Exception | None = None
         try:
-            fit, dependence, truth = self._fit(trainer, losses, given)
+            fit, dependence, truth, num_classes = self._fit(trainer, losses, given)
         except Exception as exc:
             error = exc
         if self._any_rank(trainer, pl_module, error is not None):
             self._skip(trainer, "the mixture fit", error or "it failed on another rank", epoch)
             return
-        decision = self.tracker.update(fit, losses, dependence=dependence, step=trainer.global_step, epoch=epoch)
+        decision = self.tracker.update(
+            fit, losses, dependence=dependence, step=trainer.global_step, epoch=epoch, num_classes=num_classes
+        )
         if decision.new_peak:
             self._candidate = {
                 "losses": losses,

@@ -4,7 +4,12 @@ This sub-package depends on torch, numpy, scikit-learn and torchmetrics only;
 it never imports Lightning, so it can be used from any training loop.
 """
 
-from lightning_phases.functional.cleansing import CleansingDecision, CleansingTracker, excess_class_dependence
+from lightning_phases.functional.cleansing import (
+    CleansingDecision,
+    CleansingTracker,
+    default_max_fraction,
+    excess_class_dependence,
+)
 from lightning_phases.functional.ensemble import (
     OrderParameters,
     derived_seed,
@@ -89,6 +94,7 @@ __all__ = [
     "CleansingTracker",
     "CleansingDecision",
     "excess_class_dependence",
+    "default_max_fraction",
     "PhaseTracker",
     "PhaseTransition",
     "PHASE_MODELS",

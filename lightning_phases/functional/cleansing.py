@@ -8,8 +8,11 @@ samples are flagged:
 * A fit **counts as bimodal** unless one of the rejection rules applies, in
   this order: ``"weight"`` (a degenerate fit: ΔL or Ashman's D not finite, or
   the mislabeled weight ``r`` outside ``(min_weight, 1 − min_weight)``),
-  ``"separation"`` (Ashman's D below ``min_separation``, or below
-  ``heavy_noise_separation`` when that is set and ``r >= heavy_noise_weight``),
+  ``"separation"`` (Ashman's D below ``min_separation``, or, when the
+  mislabeled component is large, ``r >= heavy_noise_weight``, and two
+  components explain the losses better than one Gaussian by BIC
+  (``fit.bic_gain > 0``: a single Gaussian split in two has D 1.2–1.5), below
+  ``heavy_noise_separation``),
   ``"class"`` (the flags follow the given class: the class-dependence value,
   see :func:`excess_class_dependence`, above ``max_class_dependence``).
 * Over the bimodal fits the tracker keeps an exponential moving average of
@@ -19,7 +22,10 @@ samples are flagged:
   bimodal fits after it have not exceeded it. A fit that is not bimodal
   neither makes nor confirms a peak, and restarts the count.
 * The **flags** of a bimodal fit are its samples above the threshold, at most
-  ``floor(max_fraction · n)`` of them: when the fit flags more, the highest
+  ``floor(max_fraction · n)`` of them (by default ``max_fraction = (C − 1)/C``
+  for ``C`` classes: symmetric noise up to that rate leaves the true class the
+  most frequent given label, beyond it the labels carry no information; 0.5
+  without classes): when the fit flags more, the highest
   posteriors are kept and ties (posteriors saturated at 1) go to the higher
   loss, then to the lower index. The flags at ``t_c`` are those of the fit at
   the peak.
@@ -42,9 +48,20 @@ from torch import Tensor
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional.mixture import LossMixture, class_dependence, symmetric_noise_class_dependence
 
-__all__ = ["CleansingDecision", "CleansingTracker", "REJECTIONS", "excess_class_dependence"]
+__all__ = ["CleansingDecision", "CleansingTracker", "REJECTIONS", "excess_class_dependence", "default_max_fraction"]
 
 REJECTIONS = ("weight", "separation", "class")
+
+
+def default_max_fraction(num_classes: int | None) -> float:
+    """The flag cap when none is given: ``(C − 1)/C`` for ``C >= 2`` classes, else 0.5.
+
+    Under symmetric noise at rate ``ρ`` the true class stays the most frequent given label of its
+    samples only while ``ρ < (C − 1)/C``; a cleanser flagging more would remove the labels' information.
+    """
+    if num_classes is None or isinstance(num_classes, bool) or int(num_classes) < 2:
+        return 0.5
+    return (int(num_classes) - 1) / int(num_classes)
 
 
 def excess_class_dependence(fit: LossMixture, labels: Tensor | None) -> float:
@@ -115,14 +132,19 @@ class CleansingTracker:
 
     Args:
         patience: Bimodal fits after the ΔL peak that confirm it, ``>= 1``.
-        max_fraction: Never flag more than this fraction of the samples, in ``(0, 1]``.
+        max_fraction: Never flag more than this fraction of the samples, in ``(0, 1]``; ``None``
+            (default): :func:`default_max_fraction` of the ``num_classes`` given to :meth:`update`.
         min_separation: Minimal Ashman's D of a bimodal fit, ``> 0``.
         min_weight: Minimal weight of each component of a bimodal fit, in ``[0, 0.5)``.
         smoothing: EMA weight of the newest ΔL, in ``(0, 1]`` (1: raw ΔL).
         max_class_dependence: Largest class-dependence value of a bimodal fit, in ``(0, 1]`` (1: off).
-        heavy_noise_separation: ``None`` (off) or the Ashman's D, in ``(0, min_separation]``, that
-            suffices for fits whose mislabeled weight is at least ``heavy_noise_weight``.
-        heavy_noise_weight: See ``heavy_noise_separation``; in ``(0, 1)``.
+        heavy_noise_separation: The Ashman's D, ``> 0``, that suffices for fits whose mislabeled
+            weight is at least ``heavy_noise_weight`` and whose two components beat one Gaussian by BIC
+            (``fit.bic_gain > 0``; the smaller of it and ``min_separation`` is
+            used); ``None``: ``min_separation`` for every fit. Default 1.2 (chosen on the tuning half
+            of ``benchmarks/generalization.py``: with many mislabeled samples, or a weak model, the
+            two loss populations overlap without forming a second hump).
+        heavy_noise_weight: See ``heavy_noise_separation``; in ``(0, 1)``, default 0.2.
 
     Raises:
         LightningPhasesError: an argument out of its range or not a finite number.
@@ -132,17 +154,18 @@ class CleansingTracker:
         self,
         *,
         patience: int = 3,
-        max_fraction: float = 0.5,
+        max_fraction: float | None = None,
         min_separation: float = 2.0,
         min_weight: float = 0.01,
         smoothing: float = 0.5,
         max_class_dependence: float = 0.2,
-        heavy_noise_separation: float | None = None,
+        heavy_noise_separation: float | None = 1.2,
         heavy_noise_weight: float = 0.2,
     ) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise LightningPhasesError(f"patience must be an int >= 1; got {patience!r}.")
-        max_fraction = _check_number("max_fraction", max_fraction)
+        if max_fraction is not None:
+            max_fraction = _check_number("max_fraction", max_fraction)
         min_separation = _check_number("min_separation", min_separation)
         min_weight = _check_number("min_weight", min_weight)
         smoothing = _check_number("smoothing", smoothing)
@@ -150,7 +173,7 @@ class CleansingTracker:
         heavy_noise_weight = _check_number("heavy_noise_weight", heavy_noise_weight)
         if heavy_noise_separation is not None:
             heavy_noise_separation = _check_number("heavy_noise_separation", heavy_noise_separation)
-        if not 0 < max_fraction <= 1:
+        if max_fraction is not None and not 0 < max_fraction <= 1:
             raise LightningPhasesError(f"max_fraction must be in (0, 1]; got {max_fraction!r}.")
         if min_separation <= 0:
             raise LightningPhasesError(
@@ -167,10 +190,9 @@ class CleansingTracker:
             )
         if not 0 < heavy_noise_weight < 1:
             raise LightningPhasesError(f"heavy_noise_weight must be in (0, 1); got {heavy_noise_weight!r}.")
-        if heavy_noise_separation is not None and not 0 < heavy_noise_separation <= min_separation:
+        if heavy_noise_separation is not None and not heavy_noise_separation > 0:
             raise LightningPhasesError(
-                f"heavy_noise_separation must be None or in (0, min_separation={min_separation}]; "
-                f"got {heavy_noise_separation!r}."
+                f"heavy_noise_separation must be None or an Ashman's D > 0 (such as 1.2); got {heavy_noise_separation!r}."
             )
         self.patience = patience
         self.max_fraction = max_fraction
@@ -238,7 +260,9 @@ class CleansingTracker:
         if not (math.isfinite(fit.delta_L) and math.isfinite(sep)) or not self.min_weight < r < 1 - self.min_weight:
             return "weight", f"the fit is degenerate (mislabeled weight {r:.3g})"
         heavy = self.heavy_noise_separation
-        needed = heavy if heavy is not None and r >= self.heavy_noise_weight else self.min_separation
+        needed = self.min_separation
+        if heavy is not None and r >= self.heavy_noise_weight and fit.bic_gain > 0:
+            needed = min(heavy, needed)
         if sep < needed:
             return "separation", f"separation {sep:.2f} < {needed}"
         if math.isfinite(dependence) and dependence > self.max_class_dependence:
@@ -249,18 +273,23 @@ class CleansingTracker:
             )
         return None
 
-    def capped_flags(self, fit: LossMixture, losses: Tensor) -> Tensor:
-        """The fit's flags, at most ``floor(max_fraction · n)``: the highest posteriors, ties by the higher loss.
+    def cap_fraction(self, num_classes: int | None = None) -> float:
+        """``max_fraction``, or :func:`default_max_fraction` of ``num_classes`` when it is ``None``."""
+        return self.max_fraction if self.max_fraction is not None else default_max_fraction(num_classes)
+
+    def capped_flags(self, fit: LossMixture, losses: Tensor, num_classes: int | None = None) -> Tensor:
+        """The fit's flags, at most ``floor(cap · n)``: the highest posteriors, ties by the higher loss.
 
         Args:
             fit: The mixture fit (``flags`` and ``posterior`` of shape ``[n]``).
             losses: The per-sample losses the fit was made from, ``[n]``.
+            num_classes: Number of classes of the targets (``None``: not classes), for the default cap.
 
         Returns:
             Bool ``[n]``.
         """
         flags = fit.flags.clone()
-        cap = int(math.floor(self.max_fraction * flags.numel()))
+        cap = int(math.floor(self.cap_fraction(num_classes) * flags.numel()))
         if int(flags.sum()) > cap:
             by_loss = torch.argsort(losses.to(fit.posterior.device), descending=True, stable=True)
             order = by_loss[torch.argsort(fit.posterior[by_loss], descending=True, stable=True)]
@@ -270,7 +299,14 @@ class CleansingTracker:
 
     # ------------------------------------------------------------------ update
     def update(
-        self, fit: LossMixture, losses: Tensor, *, dependence: float = math.nan, step: int, epoch: int = 0
+        self,
+        fit: LossMixture,
+        losses: Tensor,
+        *,
+        dependence: float = math.nan,
+        step: int,
+        epoch: int = 0,
+        num_classes: int | None = None,
     ) -> CleansingDecision:
         """Feed one measurement; return its decision.
 
@@ -280,6 +316,7 @@ class CleansingTracker:
             dependence: The class-dependence value (:func:`excess_class_dependence`); ``nan``: no class check.
             step: Global step of the measurement.
             epoch: Epoch of the measurement.
+            num_classes: Number of classes of the targets (``None``: not classes), for the default cap.
 
         Raises:
             LightningPhasesError: ``t_c`` is already confirmed (the decision is final).
@@ -290,7 +327,11 @@ class CleansingTracker:
             )
         rejected = self.rejection(fit, dependence)
         bimodal = rejected is None
-        flags = self.capped_flags(fit, losses) if bimodal else torch.zeros(int(losses.numel()), dtype=torch.bool)
+        flags = (
+            self.capped_flags(fit, losses, num_classes)
+            if bimodal
+            else torch.zeros(int(losses.numel()), dtype=torch.bool)
+        )
         new_peak, level = False, None
         if bimodal:
             self.delta_L_history.append((int(step), int(epoch), float(fit.delta_L)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 
@@ -276,6 +277,31 @@ def test_max_fraction_caps_the_flags(tmp_path):
     assert sorted(cleanser.flagged_indices.tolist()) == sorted(top)
 
 
+class MajorityCleanser(ScriptedCleanser):
+    """70 % of the samples mislabeled (every class alike), given labels of ``num_classes`` classes."""
+
+    def __init__(self, *args, num_classes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_classes = num_classes
+
+    def _all_losses(self, trainer, pl_module):
+        n = len(self._train_dataset(trainer))
+        gen = torch.Generator().manual_seed(trainer.current_epoch)
+        losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+        noisy = torch.randperm(n, generator=torch.Generator().manual_seed(123))[: 7 * n // 10]  # not by class
+        losses[noisy] += DELTAS[trainer.current_epoch]
+        given = torch.arange(n) % self.num_classes
+        return losses, given, given.clone()
+
+
+@pytest.mark.parametrize("num_classes,cap", [(10, 0.9), (4, 0.75), (3, 2 / 3)])
+def test_the_default_cap_is_the_symmetric_noise_limit_of_the_classes(tmp_path, num_classes, cap):
+    cleanser = MajorityCleanser(patience=1, num_classes=num_classes)
+    _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == 3 and int(cleanser._candidate_fit.flags.sum()) == 210  # 70 % of 300
+    assert cleanser.flagged_indices.numel() == min(210, math.floor(cap * 300))
+
+
 class RemovableDataModule(pl.LightningDataModule):
     def __init__(self, dataset) -> None:
         super().__init__()
@@ -441,7 +467,8 @@ def test_class_dependence_is_logged_and_spread_flags_pass(tmp_path):
     assert logged[4 * 38] == pytest.approx(expected, abs=1e-12) and expected < 0.2
 
 
-HEAVY_SCALE = 0.08  # mislabeled losses 0.08·ΔL_epoch above the clean ones: fitted D 1.0-1.95, weight ≈ 0.5-0.66
+HEAVY_SCALE = 0.1  # mislabeled losses 0.1·ΔL_epoch above the clean ones, n = 3000: fitted D 1.4-1.8, weight ≈ 0.5
+HEAVY_N = 3000
 
 
 class HeavyNoiseCleanser(ScriptedCleanser):
@@ -456,26 +483,33 @@ class HeavyNoiseCleanser(ScriptedCleanser):
 @pytest.mark.parametrize(
     "kwargs,t_c",
     [
-        (dict(), None),  # default: no fit reaches D = 2
-        (dict(heavy_noise_separation=1.2), 3),  # epochs 2-7 pass (D 1.31-1.95): peak at 3, confirmed at 6
-        (dict(heavy_noise_separation=1.2, heavy_noise_weight=0.7), None),  # fitted weights are below 0.7
-        (dict(heavy_noise_separation=1.5), None),  # epoch 6 (D 1.31) fails and restarts the count each time
+        (dict(heavy_noise_separation=None), None),  # off: no fit reaches D = 2
+        # default 1.2 from weight 0.2 where two components beat one Gaussian (epochs 3-7: D 1.73-1.79,
+        # BIC gain 9-32; the others are one Gaussian by BIC): peak at 3, confirmed at 6
+        (dict(), 3),
+        (dict(heavy_noise_weight=0.7), None),  # fitted weights are below 0.7
+        (dict(heavy_noise_separation=1.75), None),  # epoch 5 (D 1.73) fails and restarts the count
+        (dict(heavy_noise_separation=2.5, min_separation=2.0), None),  # above min_separation: min_separation
     ],
 )
 def test_heavy_noise_separation(tmp_path, kwargs, t_c):
     cleanser = HeavyNoiseCleanser(patience=3, **kwargs)
-    tr, _ = _fit(tmp_path, cleanser)
+    tr, _ = _fit(tmp_path, cleanser, dataset=NoisyTensorDataset(n=HEAVY_N))
     assert cleanser.t_c_epoch == t_c
     fits = [fit_loss_mixture(_heavy_losses(e)) for e in range(12)]
-    sep, weight = kwargs.get("heavy_noise_separation"), kwargs.get("heavy_noise_weight", 0.2)
+    sep, weight = kwargs.get("heavy_noise_separation", 1.2), kwargs.get("heavy_noise_weight", 0.2)
+    sep = None if sep is None else min(sep, kwargs.get("min_separation", 2.0))
     accepted = [
-        f.separation >= 2 or (sep is not None and f.separation >= sep and f.weight_noisy >= weight) for f in fits
+        f.separation >= 2 or (sep is not None and f.separation >= sep and f.weight_noisy >= weight and f.bic_gain > 0)
+        for f in fits
     ]
+    if not kwargs:
+        assert accepted == [False] * 3 + [True] * 5 + [False] * 4  # the default accepts epochs 3-7
     logged = series(tr.loggers[0].records, "gmm/num_flagged")
     assert [v > 0 for _, v in logged] == accepted[: len(logged)]  # flags exactly on the accepted fits
 
 
-def _heavy_losses(epoch, n=300):
+def _heavy_losses(epoch, n=HEAVY_N):
     gen = torch.Generator().manual_seed(epoch)
     losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
     losses[torch.arange(n) % 3 != 0] += HEAVY_SCALE * DELTAS[epoch]
@@ -523,7 +557,7 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(max_class_dependence=0.0), "max_class_dependence"),
         (dict(max_class_dependence=1.5), "max_class_dependence"),
         (dict(heavy_noise_weight=1.0), "heavy_noise_weight"),
-        (dict(heavy_noise_separation=2.5), "heavy_noise_separation"),
+        (dict(heavy_noise_separation=-1.0), "heavy_noise_separation"),
         (dict(heavy_noise_separation=0.0), "heavy_noise_separation"),
         (dict(min_separation=float("nan")), "min_separation"),
         (dict(min_separation=-1.0), "min_separation"),
@@ -807,7 +841,7 @@ def test_more_bad_arguments(kwargs, match):
 def test_any_non_negative_seed_works():
     losses = torch.cat([0.2 + 0.05 * torch.randn(200, dtype=torch.float64), 1.0 + 0.05 * torch.randn(100)])
     for seed in (0, 2**32 - 1, 2**32, 2**64 + 7):
-        fit, _, _ = GMMCleanser(seed=seed)._fit(_NoTrainer(), losses.double(), torch.zeros(300))
+        fit, _, _, _ = GMMCleanser(seed=seed)._fit(_NoTrainer(), losses.double(), torch.zeros(300))
         assert fit.mean_noisy - fit.mean_clean == pytest.approx(0.8, abs=0.05)
 
 

@@ -13,6 +13,7 @@ from lightning_phases.functional import (
     CleansingTracker,
     LossMixture,
     class_dependence,
+    default_max_fraction,
     excess_class_dependence,
     symmetric_noise_class_dependence,
 )
@@ -21,15 +22,16 @@ N = 30
 
 
 def _mixture(
-    delta: float, *, std: float = 0.1, r: float = 0.3, n: int = N, seed: int = 0
+    delta: float, *, std: float = 0.1, r: float = 0.3, n: int = N, seed: int = 0, bic_gain: float = 10.0
 ) -> tuple[LossMixture, torch.Tensor]:
-    """A fit with ΔL = ``delta`` and Ashman's D = delta/std, and losses: the first round(r·n) samples high."""
+    """A fit with ΔL = ``delta`` and Ashman's D = delta/std, and losses: the first round(r·n) samples high
+    (two components better than one Gaussian by ``bic_gain``)."""
     gen = torch.Generator().manual_seed(seed)
     noisy = torch.arange(n) < round(r * n)
     losses = 0.2 + std * torch.randn(n, generator=gen, dtype=torch.float64) + delta * noisy
     threshold = 0.2 + delta / 2
     posterior = torch.sigmoid((losses - threshold) / max(std, 1e-3) * 4)
-    fit = LossMixture(r, 0.2, 0.2 + delta, std, std, threshold, posterior, losses > threshold, True)
+    fit = LossMixture(r, 0.2, 0.2 + delta, std, std, threshold, posterior, losses > threshold, True, bic_gain)
     return fit, losses
 
 
@@ -122,8 +124,11 @@ def test_rejection_rules_in_order():
     assert tracker.rejection(high_weight)[0] == "weight"
     nan_fit = LossMixture(0.3, 0.2, math.nan, 0.1, 0.1, 0.5, ok.posterior, ok.flags, False)
     assert tracker.rejection(nan_fit)[0] == "weight"
-    close, _ = _mixture(0.15)  # D = 1.5
-    assert tracker.rejection(close)[0] == "separation"
+    close, _ = _mixture(0.15)  # D = 1.5 at weight 0.3: enough under the default heavy-noise rule, not without it
+    assert tracker.rejection(close) is None
+    assert CleansingTracker(heavy_noise_separation=None).rejection(close)[0] == "separation"
+    closer, _ = _mixture(0.1)  # D = 1.0 < 1.2
+    assert tracker.rejection(closer)[0] == "separation"
     assert tracker.rejection(ok, 0.25)[0] == "class" and "follows the given class" in tracker.rejection(ok, 0.25)[1]
     assert tracker.rejection(ok, math.nan) is None  # no class labels: no class check
     assert CleansingTracker(max_class_dependence=1.0).rejection(ok, 0.99) is None
@@ -156,6 +161,41 @@ def test_cap_keeps_the_highest_posteriors_ties_by_loss_then_index():
         ranked = sorted(range(n), key=lambda i: (-float(posterior[i]), -float(losses[i]), i))
         assert sorted(torch.nonzero(capped).flatten().tolist()) == sorted(ranked[:cap])
         assert int(capped.sum()) == cap
+
+
+@pytest.mark.parametrize("classes,cap", [(None, 0.5), (1, 0.5), (2, 0.5), (4, 0.75), (10, 0.9), (100, 0.99)])
+def test_default_cap_is_the_symmetric_noise_limit(classes, cap):
+    assert default_max_fraction(classes) == pytest.approx(cap)
+    n = 200
+    losses = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    posterior = losses.clone()
+    fit = LossMixture(0.95, 0.0, 1.0, 0.1, 0.1, 0.0, posterior, losses > 0.0, True)  # flags 199 of 200
+    capped = CleansingTracker().capped_flags(fit, losses, classes)
+    assert int(capped.sum()) == min(199, math.floor(cap * n))
+    assert bool(capped[-int(capped.sum()) :].all())  # the highest posteriors
+    assert int(CleansingTracker(max_fraction=0.3).capped_flags(fit, losses, classes).sum()) == 60  # explicit wins
+
+
+def test_update_uses_the_number_of_classes_for_the_cap():
+    fit, losses = _mixture(2.0, r=0.8)  # 24 of 30 flagged
+    assert CleansingTracker(patience=1).update(fit, losses, step=0, num_classes=10).num_flagged == 24
+    assert CleansingTracker(patience=1).update(fit, losses, step=0, num_classes=4).num_flagged == 22
+    assert CleansingTracker(patience=1).update(fit, losses, step=0).num_flagged == 15
+
+
+def test_default_heavy_noise_rule():
+    tracker = CleansingTracker()
+    majority, _ = _mixture(0.15, r=0.3)  # D = 1.5 with a mislabeled weight of at least 0.2
+    minority, _ = _mixture(0.15, r=0.1)
+    assert tracker.rejection(majority) is None
+    assert tracker.rejection(minority)[0] == "separation"
+    assert CleansingTracker(heavy_noise_separation=None).rejection(majority)[0] == "separation"
+    one_gaussian, _ = _mixture(0.15, r=0.3, bic_gain=-5.0)  # D 1.5, but one Gaussian explains the losses better
+    assert tracker.rejection(one_gaussian)[0] == "separation"
+    unknown, _ = _mixture(0.15, r=0.3, bic_gain=math.nan)
+    assert tracker.rejection(unknown)[0] == "separation"
+    low, _ = _mixture(0.11, r=0.3)  # D = 1.1 at weight 0.3: below the default 1.2, above min_separation 1.0
+    assert CleansingTracker(min_separation=1.0).rejection(low) is None  # the smaller of the two applies
 
 
 def test_cap_decides_the_flags_at_t_c():
@@ -244,7 +284,8 @@ def test_excess_class_dependence():
         (dict(min_weight=0.5), "min_weight"),
         (dict(smoothing=0.0), "smoothing"),
         (dict(max_class_dependence="0.2"), "max_class_dependence"),
-        (dict(heavy_noise_separation=3.0), "heavy_noise_separation"),
+        (dict(heavy_noise_separation=0.0), "heavy_noise_separation"),
+        (dict(heavy_noise_separation=float("nan")), "heavy_noise_separation"),
         (dict(heavy_noise_weight=1.0), "heavy_noise_weight"),
     ],
 )
@@ -257,3 +298,26 @@ def test_an_equal_value_is_not_a_new_peak():
     tracker = CleansingTracker(patience=2, smoothing=1.0)
     decisions = _run(tracker, [_mixture(d, seed=i) for i, d in enumerate([1.0, 2.0, 2.0, 2.0])])
     assert [d.new_peak for d in decisions] == [True, True, False, False] and tracker.t_c_epoch == 1
+
+
+def test_a_single_gaussian_split_in_two_is_not_bimodal_under_the_heavy_noise_rule():
+    """EM splits one Gaussian at Ashman's D 1.2-1.5 with weights near 0.5; the BIC condition refuses it."""
+    from sklearn.mixture import GaussianMixture
+
+    from lightning_phases.functional import fit_loss_mixture
+
+    gen = torch.Generator().manual_seed(0)
+    one = 0.2 + 0.1 * torch.randn(2000, generator=gen, dtype=torch.float64)
+    two = torch.cat(
+        [0.2 + 0.1 * torch.randn(1400, generator=gen), 0.45 + 0.1 * torch.randn(600, generator=gen)]
+    ).double()
+    for losses, bimodal in ((one, False), (two, True)):
+        fit = fit_loss_mixture(losses)
+        z = ((losses - losses.min()) / (losses.max() - losses.min())).numpy().reshape(-1, 1)
+        reference = GaussianMixture(1, reg_covar=5e-4).fit(z).bic(z) - GaussianMixture(
+            2, reg_covar=5e-4, random_state=0
+        ).fit(z).bic(z)
+        assert fit.bic_gain == pytest.approx(reference, rel=1e-3, abs=0.5)
+        assert (fit.bic_gain > 0) == bimodal
+        assert (CleansingTracker().rejection(fit) is None) == bimodal
+    assert 1.2 <= fit_loss_mixture(one).separation < 2  # D alone would have passed the heavy-noise bar
