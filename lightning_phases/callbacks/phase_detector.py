@@ -97,8 +97,9 @@ class PhaseDetector(SafetyNet, Callback):
     weights *at* the stop. No clean validation data is needed.
 
     Args:
-        model: Phase model: ``"auto"`` (four phases when the split statistics
-            are present, two otherwise), ``"two"`` or ``"four"``.
+        model: Phase model: ``"auto"`` (four phases when a split tracker is among the callbacks and
+            its first measurement has split statistics; two otherwise, e.g. on clean data, where the
+            probe has no mislabeled samples), ``"two"`` or ``"four"``.
         smoothing: EMA weight of the newest measurement, in ``(0, 1]``.
         patience: Consecutive measurements a transition condition must hold.
         stop: Stop training at the recommended point.
@@ -267,8 +268,8 @@ class PhaseDetector(SafetyNet, Callback):
             provided.update(getattr(cb, "phase_metrics", ()) or ())
         self._expected = tuple(k for k in _TRIGGERS if k in provided)
         if self.model == "auto" and self.tracker.model is None and provided:
-            # decide from what the Trainer's callbacks will publish, not from the first measurement
-            # (whose split statistics may be missing, e.g. a probe without mislabeled samples)
+            # decide from what the Trainer's callbacks will publish; the first measurement revises it to the
+            # two-phase model when the split tracker publishes nothing (no mislabeled probe samples: clean data)
             self.tracker.model = "four" if all(k in provided for k in _logged(required_keys("four"))) else "two"
         if not self.strict:
             return
@@ -378,8 +379,13 @@ class PhaseDetector(SafetyNet, Callback):
         epoch = int(where_epoch if where_step == step and where_epoch is not None else trainer.current_epoch)
         before = self.tracker.recommended
         snapshot = self.tracker.state_dict()
+        named = keys.tracker_statistics(stats)
+        first_of_auto = self.model == "auto" and self.tracker.num_measurements == 0 and self.tracker.model == "four"
+        if first_of_auto and not any(k in named for k in ("A0_c", "A0_w", "R_cw")):
+            # the split tracker publishes nothing: its probe has no mislabeled samples (clean data)
+            self.tracker.model = "two"
         try:
-            found = self.tracker.update(keys.tracker_statistics(stats), step=step, epoch=epoch)
+            found = self.tracker.update(named, step=step, epoch=epoch)
         except Exception as error:  # the same statistics on every rank: the same outcome on every rank
             self.tracker.load_state_dict(snapshot)
             self._skip(trainer, "the phase update", error)

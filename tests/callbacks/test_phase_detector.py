@@ -186,6 +186,42 @@ def test_works_with_the_real_monitors(tmp_path):
     assert "phase/index" in tr.callback_metrics
 
 
+def test_clean_data_gets_the_two_phase_model(tmp_path):
+    """ρ = 0: the split tracker publishes nothing (no mislabeled probe samples), so the detector reports
+    the two-phase model of clean data instead of waiting in phase I of the four-phase one."""
+    detector = PhaseDetector()
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(
+        tmp_path,
+        [
+            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+            detector,
+        ],
+        max_epochs=2,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(rate=0.0)))
+    assert detector.tracker.model == "two" and detector.phase in ("fast_learning", "exploration")
+    assert len(detector.history) == 3 and detector.recommended is None
+    # a forced four-phase model is kept as asked
+    forced = PhaseDetector(model="four")
+    tr = trainer(
+        tmp_path / "four",
+        [
+            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
+            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+            forced,
+        ],
+        max_epochs=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(rate=0.0)))
+    assert forced.tracker.model == "four"
+
+
 def _fixed_schedule(kw):
     """``kw`` with a fixed schedule: every epoch unless it names ``every_n_steps`` (the default is a time budget)."""
     kw = dict(kw or {})
