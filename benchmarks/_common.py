@@ -193,18 +193,20 @@ class PerSampleLossRecorder(pl.Callback):
     """The oracle's view of the training set after every epoch: the loss AUROC of the mislabeled samples
     and the true gap ``L_w − L_c`` (reads the ground truth; eval mode, the served noisy labels)."""
 
-    def __init__(self, dataset, batch_size: int = 1024) -> None:
+    def __init__(self, dataset, batch_size: int = 1024, keep: bool = False) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
+        self.keep = keep
         self.auroc: dict[int, float] = {}
         self.gap: dict[int, float] = {}
+        self.losses: dict[int, torch.Tensor] = {}  # with keep=True: the per-sample losses [n] of every epoch
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         from sklearn.metrics import roc_auc_score
         from torch.utils.data import DataLoader
 
         truth = self.dataset.is_noisy
-        if not bool(truth.any()) or bool(truth.all()):
+        if not self.keep and (not bool(truth.any()) or bool(truth.all())):
             return
         was = pl_module.training
         pl_module.eval()
@@ -215,5 +217,9 @@ class PerSampleLossRecorder(pl.Callback):
         pl_module.train(was)
         loss = torch.cat(losses).double()
         epoch = trainer.current_epoch
+        if self.keep:
+            self.losses[epoch] = loss.float()
+        if not bool(truth.any()) or bool(truth.all()):
+            return
         self.auroc[epoch] = float(roc_auc_score(truth.numpy(), loss.numpy()))
         self.gap[epoch] = float(loss[truth].mean() - loss[~truth].mean())

@@ -1,0 +1,276 @@
+"""Replay decision rules on recorded noisy runs (issue 15): choose rules on the tuning half without retraining.
+
+``generalization.py --record DIR`` saves, per cell, the per-sample training
+losses after every epoch, the noise mask, the given labels, the clean-test
+accuracy curve, the statistics PhaseDetector's tracker was fed and the
+weights after every epoch. This script feeds those series to
+:class:`~lightning_phases.functional.CleansingTracker` and
+:class:`~lightning_phases.functional.PhaseTracker` with candidate settings and
+prints, per candidate and cell, what the decision would have been:
+
+* cleansing: ``t_c`` (epoch), the flags' precision / recall / F1 against the
+  noise mask, and at ρ = 0 the flagged fraction (a retrain is needed for Q:
+  ``generalization.py`` does it for the chosen rule);
+* stopping: the recommended epoch, its clean-test accuracy (at the epoch and
+  of the phase-II weight average up to it, as PhaseDetector keeps), the
+  oracle's best and EarlyStopping's on the noisy validation loss.
+
+The mixture is fitted once per (cell, epoch) and shared by all candidates.
+
+    python benchmarks/replay.py --records DIR --split tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from lightning_phases.functional import detection_metrics, fit_loss_mixture  # noqa: E402
+from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence  # noqa: E402
+from lightning_phases.functional.phases import PhaseTracker  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def half_of(dataset: str, seed: int) -> str:
+    from generalization import half_of as h
+
+    return h(dataset, seed)
+
+
+def load(directory: str, split: str) -> list[dict]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.pt"))):
+        rec = torch.load(path)
+        dataset, noise, rate, seed = rec["cell"]
+        if split != "all" and half_of(dataset, seed) != split:
+            continue
+        rec["name"] = f"{dataset}:{noise}:{rate:g}:{seed}"
+        out.append(rec)
+    return out
+
+
+_FITS: dict[tuple[str, int], tuple] = {}
+
+
+def fits(rec: dict):
+    """(fit, excess class dependence) per epoch, cached."""
+    out = []
+    for e in range(rec["losses"].shape[0]):
+        key = (rec["name"], e)
+        if key not in _FITS:
+            losses = rec["losses"][e].double()
+            fit = fit_loss_mixture(losses, seed=0)
+            _FITS[key] = (fit, excess_class_dependence(fit, rec["labels"]))
+        out.append(_FITS[key])
+    return out
+
+
+def replay_cleansing(rec: dict, epochs: list[int] | None = None, return_flags: bool = False, **tracker_kwargs) -> dict:
+    tracker = CleansingTracker(**tracker_kwargs)
+    all_fits = fits(rec)
+    for e in epochs if epochs is not None else range(len(all_fits)):
+        fit, dep = all_fits[e]
+        tracker.update(fit, rec["losses"][e].double(), dependence=dep, step=e, epoch=e, num_classes=rec["num_classes"])
+        if tracker.confirmed:
+            break
+    n = rec["losses"].shape[1]
+    flags = torch.zeros(n, dtype=torch.bool)
+    if tracker.confirmed:
+        flags[tracker.flagged_indices] = True
+    truth = rec["truth"]
+    res = dict(t_c=tracker.t_c_epoch, flagged=float(flags.float().mean()))
+    if return_flags:
+        res["flags"] = flags
+    if bool(truth.any()):
+        det = detection_metrics(flags, truth)
+        res.update(precision=det.precision, recall=det.recall, f1=det.f1)
+    return res
+
+
+def replay_phases(rec: dict, **tracker_kwargs) -> dict:
+    tracker = PhaseTracker(**tracker_kwargs)
+    acc = rec["test_acc"]
+    rec_epoch = None
+    avg_epochs: list[int] = []
+    for item in rec["tracker_inputs"]:
+        before = tracker.recommended
+        tracker.update(item["stats"], step=item["step"], epoch=item["epoch"])
+        if before is None and tracker.model == "four" and tracker.phase_index >= 1 and item["step"] > 0:
+            avg_epochs.append(item["epoch"])
+        if tracker.recommended is not None:
+            rec_epoch = tracker.recommended.epoch
+            break
+    return dict(
+        model=tracker.model,
+        epoch=rec_epoch,
+        acc=float(acc[rec_epoch]) if rec_epoch is not None else None,
+        avg_epochs=avg_epochs,
+        timeline=tracker.timeline(),
+    )
+
+
+_EVAL: dict[str, tuple] = {}
+
+
+def averaged_accuracy(rec: dict, epochs: list[int]) -> float | None:
+    """Clean-test accuracy of the average of the recorded weights of ``epochs`` (PhaseDetector's phase-II average)."""
+    if not epochs:
+        return None
+    from generalization import make
+
+    dataset, noise, rate, seed = rec["cell"]
+    if rec["name"] not in _EVAL:
+        args = argparse.Namespace(epochs=None, mnist1d_samples=10000)
+        setting = make(dataset, noise, rate, seed, args)
+        setting.datamodule.setup("test")
+        _EVAL[rec["name"]] = (setting.model_fn, list(setting.datamodule.test_dataloader()))
+    model_fn, batches = _EVAL[rec["name"]]
+    model = model_fn()
+    torch.nn.utils.vector_to_parameters(rec["params"][epochs].mean(0), model.parameters())
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(1, total)
+
+
+def early_stopping(rec: dict, patience: int = 10) -> tuple[int, float]:
+    """EarlyStopping(patience) on the recorded noisy validation loss: (best epoch, its test accuracy)."""
+    vl = rec["val_loss"]
+    best, best_e, wait = math.inf, 0, 0
+    for e in sorted(vl):
+        if vl[e] < best:
+            best, best_e, wait = vl[e], e, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                break
+    return best_e, float(rec["test_acc"][best_e])
+
+
+def summarize(rows: list[dict], key: str) -> str:
+    vals = [r[key] for r in rows if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    return f"{sum(vals) / len(vals):.3f}" if vals else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", required=True)
+    parser.add_argument("--split", default="tuning", choices=("tuning", "heldout", "all"))
+    parser.add_argument("--what", default="both", choices=("phases", "cleansing", "both"))
+    parser.add_argument("--average", action="store_true", help="evaluate the phase-II weight average (slower)")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="generalization.py --out file of the same runs: GMMCleanser at its budget there vs every epoch here",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    recs = load(args.records, args.split)
+    print(f"{len(recs)} records")
+    if args.compare:
+        compare_schedules(recs, args.compare)
+        return
+    if args.what in ("phases", "both"):
+        for name, kw in PHASE_VARIANTS.items():
+            rows = []
+            for rec in recs:
+                r = replay_phases(rec, **kw)
+                es_epoch, es_acc = early_stopping(rec)
+                oracle = float(rec["test_acc"].max())
+                avg = averaged_accuracy(rec, r["avg_epochs"]) if args.average else None
+                kept = avg if avg is not None else (r["acc"] if r["acc"] is not None else float(rec["test_acc"][-1]))
+                rows.append(dict(name=rec["name"], gap=oracle - kept, es_gap=es_acc - kept, epoch=r["epoch"]))
+                if args.verbose:
+                    print(
+                        f"  {name:<14s} {rec['name']:<28s} stop {r['epoch']} kept {100 * kept:5.1f} oracle {100 * oracle:5.1f} "
+                        f"ES {100 * es_acc:5.1f}({es_epoch}) model {r['model']} {r['timeline']}"
+                    )
+            rows = [r for r in rows if ":0:" not in r["name"]]  # rho = 0: no stop to judge
+            ok = sum(1 for r in rows if r["gap"] <= 0.015 and r["es_gap"] <= 0)
+            mean_gap = sum(r["gap"] for r in rows) / len(rows)
+            print(
+                f"phases {name:<14s} met {ok}/{len(rows)}  mean(oracle-kept) {100 * mean_gap:5.2f}  "
+                f"mean(ES-kept) {100 * sum(r['es_gap'] for r in rows) / len(rows):5.2f}  none {sum(r['epoch'] is None for r in rows)}"
+            )
+    if args.what in ("cleansing", "both"):
+        for name, kw in CLEANSING_VARIANTS.items():
+            rows = []
+            for rec in recs:
+                r = replay_cleansing(rec, **kw)
+                r["name"] = rec["name"]
+                r["rho"] = rec["cell"][2]
+                rows.append(r)
+                if args.verbose:
+                    print(f"  {name:<14s} {rec['name']:<28s} {r}")
+            noisy = [r for r in rows if r["rho"] > 0]
+            clean = [r for r in rows if r["rho"] == 0]
+            print(
+                f"cleansing {name:<14s} fired {sum(r['t_c'] is not None for r in noisy)}/{len(noisy)}  "
+                f"mean F1 {sum(r.get('f1', 0.0) for r in noisy) / max(1, len(noisy)):.3f}  "
+                f"rho=0 max flagged {max((r['flagged'] for r in clean), default=0):.3f}"
+            )
+
+
+def compare_schedules(recs: list[dict], path: str) -> None:
+    """GMMCleanser's decision under its default budget (the recorded run) against every epoch (this replay)."""
+    import json
+
+    runs = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            runs[f"{r['dataset']}:{r['noise']}:{r['rho']:g}:{r['seed']}"] = r
+    print(f"{'cell':<28s} | budget t_c  F1   | every epoch t_c  F1")
+    pairs = []
+    for rec in recs:
+        run = runs.get(rec["name"])
+        if run is None or rec["cell"][2] == 0:
+            continue
+        every = replay_cleansing(rec)
+        budget_f1 = (run["gmm"] or {}).get("f1", 0.0)
+        pairs.append((budget_f1, every.get("f1", 0.0), run["t_c_epoch"] is not None, every["t_c"] is not None))
+        print(
+            f"{rec['name']:<28s} | {str(run['t_c_epoch']):>10s} {budget_f1:.3f} | {str(every['t_c']):>15s} {every.get('f1', 0.0):.3f}"
+        )
+    n = len(pairs)
+    if n:
+        print(
+            f"{n} cells: mean F1 budget {sum(p[0] for p in pairs) / n:.3f}, every epoch {sum(p[1] for p in pairs) / n:.3f}; "
+            f"t_c found {sum(p[2] for p in pairs)} / {sum(p[3] for p in pairs)}"
+        )
+
+
+PHASE_VARIANTS: dict[str, dict] = {
+    "default": {},
+    **{f"drop{d}": {"memorisation_drop": d} for d in (0.01, 0.05, 0.1, 0.2)},
+    **{f"pat{p}": {"patience": p} for p in (3, 4)},
+    **{f"sm{a}": {"smoothing": a} for a in (0.3,)},
+    "drop0.1pat3": {"memorisation_drop": 0.1, "patience": 3},
+    "drop0.05pat3": {"memorisation_drop": 0.05, "patience": 3},
+}
+CLEANSING_VARIANTS: dict[str, dict] = {
+    "old": {"max_fraction": 0.5, "heavy_noise_separation": None},  # the defaults before issue 15's tuning
+    "cap(C-1)/C": {"heavy_noise_separation": None},
+    **{f"cap+heavy{h}": {"heavy_noise_separation": h} for h in (1.0, 1.4)},
+    "default": {},  # cap (C-1)/C, heavy_noise_separation 1.2 from weight 0.5
+    "heavy1.2w0.2": {"heavy_noise_weight": 0.2},
+    **{f"cap+sep{h}": {"heavy_noise_separation": None, "min_separation": h} for h in (1.6, 1.8)},
+    "cap+cd0.1": {"heavy_noise_separation": None, "max_class_dependence": 0.1},
+}
+
+
+if __name__ == "__main__":
+    main()
