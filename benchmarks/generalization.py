@@ -47,6 +47,14 @@ reported separately (benchmarks/README.md, "Generalization").
     python benchmarks/generalization.py --only digits_mlp:symmetric:0.2:0  # one cell
     python benchmarks/generalization.py --only mnist1d_cnn --epochs 40 --no-cleanlab
 
+    python benchmarks/generalization.py --split tuning --noisy-only --record rec   # record noisy runs for replay.py
+    python benchmarks/generalization.py --rescore tuning.jsonl --record rec --out tuning_v2.jsonl  # current defaults
+    python benchmarks/generalization.py --report tuning_v2.jsonl heldout_v2.jsonl  # both halves and the targets
+
+``--monitor-budget`` runs the monitors at their default overhead budget
+instead of every epoch, ``--every-epoch`` GMMCleanser after every epoch
+instead of its budget.
+
 ``--only`` takes ``dataset[:noise[:rho[:seed]]]`` patterns (``*`` or a missing
 field matches all) and runs those cells of the chosen ``--split``.
 """
