@@ -222,3 +222,18 @@ def test_out_of_memory_says_so_and_suggests_chunk_size(method):
     with pytest.raises(ProbeMemoryError, match=r"out of memory.*chunk_size.*probe_size"):
         gradient_gram(model, x, y, method=method)
     assert issubclass(ProbeMemoryError, UnsupportedModelError)
+
+
+def test_the_exact_engines_multiply_in_float64_slices(monkeypatch):
+    """``J Jᵀ`` of the exact engines is accumulated in float64 over parameter slices (any slice width)."""
+    from lightning_phases.functional import per_sample
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 1000, generator=gen)
+    b = torch.randn(3, 1000, generator=gen)
+    want = a.double() @ b.double().T
+    for width in (1000, 256, 7):
+        monkeypatch.setattr(per_sample, "_PRODUCT_COLUMNS", width)
+        got = per_sample._product64(a, b)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
