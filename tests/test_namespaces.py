@@ -80,7 +80,7 @@ def tiny_run(request, tmp_path_factory):
         OrderParameterMonitor(every_n_epochs=1, probe_size=128, figure_every_n=1),
         NoiseSplitTracker(every_n_epochs=1, probe_size=128),
         PhaseDetector(verbose=False),
-        GMMCleanser(patience=1, max_fraction=0.95),
+        GMMCleanser(every_n_epochs=1, patience=1, max_fraction=0.95),  # fixed schedule: t_c on every machine
     ]
     module.seed_everything(0, verbose=False)
     trainer = module.Trainer(
