@@ -307,6 +307,13 @@ def record_path(directory: str, dataset: str, noise: str, rate: float, seed: int
     return os.path.join(directory, f"{dataset}_{noise}_{rate:g}_{seed}.pt")
 
 
+def retrained_accuracy(setting: Setting, train, drop, seed: int, test_loader) -> float:
+    """Clean-test accuracy of the cell's model trained from scratch on ``train`` without the indices ``drop``."""
+    loader = DataLoader(train.without(drop), batch_size=32, shuffle=True)
+    model, _ = seeded_fit(setting.model_fn, seed, setting.epochs, train_loader=loader)
+    return accuracy(model, test_loader)
+
+
 def _q(a_c: float, a_n: float, a_p: float) -> float:
     return (a_c - a_n) / (a_p - a_n) if abs(a_p - a_n) > 1e-12 else math.nan
 
@@ -373,21 +380,11 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
             record_path(args.record, dataset, noise, rate, seed),
         )
     # 2) cleansed retrain, 3) clean-label run
-    loader = lambda ds: DataLoader(ds, batch_size=32, shuffle=True)  # noqa: E731
     if args.noisy_only:
         a_c = a_p = math.nan
-    elif int(flags.sum()):
-        m_c, _ = seeded_fit(s.model_fn, seed, s.epochs, train_loader=loader(train.without(cleanser.flagged_indices)))
-        a_c = accuracy(m_c, test_loader)
     else:
-        a_c = a_n
-    if args.noisy_only:
-        pass
-    elif bool(truth.any()):
-        m_p, _ = seeded_fit(s.model_fn, seed, s.epochs, train_loader=loader(train.without(train.noisy_indices)))
-        a_p = accuracy(m_p, test_loader)
-    else:
-        a_p = a_n
+        a_c = retrained_accuracy(s, train, cleanser.flagged_indices, seed, test_loader) if int(flags.sum()) else a_n
+        a_p = retrained_accuracy(s, train, train.noisy_indices, seed, test_loader) if bool(truth.any()) else a_n
     # 4) cleanlab
     cl = None
     if not args.no_cleanlab and not args.noisy_only and bool(truth.any()):
@@ -503,10 +500,9 @@ def rescore_cell(r: dict, args) -> dict:
         s = make(r["dataset"], r["noise"], r["rho"], r["seed"], args)
         s.datamodule.setup("fit")
         s.datamodule.setup("test")
-        train = s.datamodule.noisy_train
-        kept = train.without(torch.nonzero(flags).flatten())
-        m_c, _ = seeded_fit(s.model_fn, r["seed"], s.epochs, train_loader=DataLoader(kept, batch_size=32, shuffle=True))
-        out["a_c"] = accuracy(m_c, s.datamodule.test_dataloader())
+        out["a_c"] = retrained_accuracy(
+            s, s.datamodule.noisy_train, torch.nonzero(flags).flatten(), r["seed"], s.datamodule.test_dataloader()
+        )
     elif not int(flags.sum()):
         out["a_c"] = r["a_n"]
     out["Q"] = _q(out["a_c"], r["a_n"], r["a_p"])

@@ -32,6 +32,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from _common import accuracy  # noqa: E402
 
 from lightning_phases.functional import detection_metrics, fit_loss_mixture  # noqa: E402
 from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence  # noqa: E402
@@ -136,13 +137,7 @@ def averaged_accuracy(rec: dict, epochs: list[int]) -> float | None:
     model_fn, batches = _EVAL[rec["name"]]
     model = model_fn()
     torch.nn.utils.vector_to_parameters(rec["params"][epochs].mean(0), model.parameters())
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return correct / max(1, total)
+    return accuracy(model, batches)
 
 
 def early_stopping(rec: dict, patience: int = 10) -> tuple[int, float]:

@@ -206,8 +206,9 @@ def fit_loss_mixture(
     r = float(gmm.weights_[noisy])
     threshold = mixture_threshold(r, mc, mw, sc, sw)
     # one Gaussian (maximum likelihood, the same reg_covar) against the two-component fit, on the fitted values
-    var1 = float(np.var(z_fit)) + reg_covar
-    ll1 = -0.5 * z_fit.shape[0] * (math.log(2 * math.pi * var1) + float(np.var(z_fit)) / var1)
+    var0 = float(np.var(z_fit))
+    var1 = var0 + reg_covar
+    ll1 = -0.5 * z_fit.shape[0] * (math.log(2 * math.pi * var1) + var0 / var1)
     ll2 = float(gmm.score(z_fit)) * z_fit.shape[0]
     bic_gain = 2.0 * (ll2 - ll1) - 3.0 * math.log(z_fit.shape[0])
     return LossMixture(

@@ -167,21 +167,23 @@ def test_resume_continues_the_phase_sequence(tmp_path):
         torch.testing.assert_close(v, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_works_with_the_real_monitors(tmp_path):
-    detector = PhaseDetector()
+def _fit_with_the_real_monitors(root, detector, *, epochs, rate=0.3):
+    """Fit TinyClassifier with OrderParameterMonitor + NoiseSplitTracker (every epoch, probe 48) and ``detector``."""
     pl.seed_everything(0, verbose=False)
-    tr = trainer(
-        tmp_path,
-        [
-            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
-            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
-            detector,
-        ],
-        max_epochs=3,
-    )
+    monitors = [
+        OrderParameterMonitor(every_n_epochs=1, probe_size=48),
+        NoiseSplitTracker(every_n_epochs=1, probe_size=48),
+    ]
+    tr = trainer(root, [*monitors, detector], max_epochs=epochs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr.fit(TinyClassifier(), loader(NoisyTensorDataset()))
+        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(rate=rate)))
+    return tr
+
+
+def test_works_with_the_real_monitors(tmp_path):
+    detector = PhaseDetector()
+    tr = _fit_with_the_real_monitors(tmp_path, detector, epochs=3)
     assert detector.tracker.model == "four" and len(detector.history) == 4  # start + 3 epochs
     assert "phase/index" in tr.callback_metrics
 
@@ -190,35 +192,12 @@ def test_clean_data_gets_the_two_phase_model(tmp_path):
     """ρ = 0: the split tracker publishes nothing (no mislabeled probe samples), so the detector reports
     the two-phase model of clean data instead of waiting in phase I of the four-phase one."""
     detector = PhaseDetector()
-    pl.seed_everything(0, verbose=False)
-    tr = trainer(
-        tmp_path,
-        [
-            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
-            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
-            detector,
-        ],
-        max_epochs=2,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(rate=0.0)))
+    _fit_with_the_real_monitors(tmp_path, detector, epochs=2, rate=0.0)
     assert detector.tracker.model == "two" and detector.phase in ("fast_learning", "exploration")
     assert len(detector.history) == 3 and detector.recommended is None
     # a forced four-phase model is kept as asked
     forced = PhaseDetector(model="four")
-    tr = trainer(
-        tmp_path / "four",
-        [
-            OrderParameterMonitor(every_n_epochs=1, probe_size=48),
-            NoiseSplitTracker(every_n_epochs=1, probe_size=48),
-            forced,
-        ],
-        max_epochs=1,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tr.fit(TinyClassifier(), loader(NoisyTensorDataset(rate=0.0)))
+    _fit_with_the_real_monitors(tmp_path / "four", forced, epochs=1, rate=0.0)
     assert forced.tracker.model == "four"
 
 
