@@ -6,9 +6,7 @@
   monitors  OrderParameterMonitor + NoiseSplitTracker
   all       OrderParameterMonitor + NoiseSplitTracker + PhaseDetector + GMMCleanser
 
-every callback with its default arguments (probe set of 1024 samples, measured
-at the start and after every epoch; GMMCleanser fits its mixture after every
-epoch), on
+(probe set of 1024 samples unless the task's example sets another), on
 
   digits    the ``lightning-phases demo`` setup: MLP 64-128-128-10 on
             scikit-learn's digits with 50% symmetric label noise, batch 32, SGD
@@ -19,12 +17,15 @@ epoch), on
   resnet18  torchvision ``resnet18(num_classes=10)`` on the same CIFAR-sized
             synthetic task (``--resnet-train`` samples, batch 64, SGD)
 
-``--budget OVERHEAD`` adds the configurations ``monitors+budget`` and
-``all+budget``: the same callbacks scheduled by
-``lightning_phases.callbacks._budget.MeasurementBudget(overhead=OVERHEAD)``
-(one budget shared by the two monitors, so they measure at the same steps and
-share the Gram matrix, and one for GMMCleanser's loss pass), applied by thin
-benchmark-local subclasses until the callbacks take the budget themselves.
+The default configurations run every callback with its default arguments,
+so on its default schedule: the overhead budgets (the two monitors share one
+of ``overhead=0.1``, measuring at the start and then as the budget and the
+geometric spacing allow; GMMCleanser its own of 0.2 for the loss pass and fit,
+at epoch ends). ``monitors@epoch`` and ``all@epoch`` are the same callbacks on
+the fixed schedule ``every_n_epochs=1`` (the monitors also measure at the
+start). ``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
+each table the budgets' own accounting of each configuration's last run is printed
+(measurement seconds over training seconds, per budget).
 
 All configurations log to a TensorBoard logger in a temporary directory (the
 monitors require a logger); checkpointing, progress bar and model summary are
@@ -46,8 +47,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = ("none", "monitors", "all")
-BUDGET_CONFIGS = ("monitors+budget", "all+budget")
+CONFIGS = ("none", "monitors", "all", "monitors@epoch", "all@epoch")
 DEFAULT_PROBE = 1024  # the callbacks' default probe_size
 EXAMPLE_PROBE = {"digits": 512, "cnn": None, "resnet18": None}  # what each task's example sets (None: the default)
 
@@ -100,84 +100,26 @@ def _datamodule(task: str, num_train: int):
     )
 
 
-def _budgeted_probe(cls):
-    """``cls`` (a probing monitor) scheduled by a MeasurementBudget instead of its fixed schedule."""
-
-    class Budgeted(cls):
-        def __init__(self, budget, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.budget = budget
-
-        def _maybe(self, trainer, pl_module, epoch_end: bool) -> None:
-            if (
-                self.budget.should_measure(trainer, epoch_end=epoch_end)
-                and trainer.global_step != self.last_measured_step
-            ):
-                with self.budget.timed(trainer):
-                    self._run(trainer, pl_module)
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            self._resolve_data(trainer)
-            self._on_probe_ready(trainer, pl_module)
-            self._maybe(trainer, pl_module, False)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self._maybe(trainer, pl_module, False)
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self._maybe(trainer, pl_module, True)
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.budget.report(trainer, type(self).__name__)
-
-    Budgeted.__name__ = cls.__name__
-    return Budgeted
-
-
-def _budgeted_cleanser():
-    from lightning_phases.callbacks import GMMCleanser
-
-    class BudgetedCleanser(GMMCleanser):
-        """GMMCleanser whose loss pass + fit runs at the epoch ends its MeasurementBudget allows."""
-
-        def __init__(self, budget, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.budget = budget
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if self.t_c_step is not None or trainer.current_epoch < self.warmup_epochs:
-                return
-            if self.budget.should_measure(trainer, epoch_end=True):
-                with self.budget.timed(trainer):
-                    self._measure(trainer, pl_module)
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            self.budget.report(trainer, "GMMCleanser")
-
-    return BudgetedCleanser
-
-
 def _callbacks(config: str, probe_size: int | None = None, overhead: float | None = None):
+    """The callbacks of one configuration: their defaults (the overhead budgets), or every epoch (``@epoch``).
+
+    ``overhead`` (``--budget``) replaces the monitors' default budget (0.1) in the budgeted configurations.
+    """
     from lightning_phases.callbacks import GMMCleanser, NoiseSplitTracker, OrderParameterMonitor, PhaseDetector
-    from lightning_phases.callbacks._budget import MeasurementBudget
 
     if config == "none":
         return []
-    kw = {} if probe_size is None else {"probe_size": probe_size}
-    if config.endswith("+budget"):
-        assert overhead is not None
-        shared = MeasurementBudget(overhead=overhead)
-        monitors = [
-            _budgeted_probe(OrderParameterMonitor)(shared, **kw),
-            _budgeted_probe(NoiseSplitTracker)(shared, **kw),
-        ]
-        if config == "monitors+budget":
-            return monitors
-        return monitors + [PhaseDetector(verbose=False), _budgeted_cleanser()(MeasurementBudget(overhead=overhead))]
+    kw: dict = {} if probe_size is None else {"probe_size": probe_size}
+    every_epoch = config.endswith("@epoch")
+    if every_epoch:
+        kw["every_n_epochs"] = 1
+    elif overhead is not None:
+        kw["overhead"] = overhead
     monitors = [OrderParameterMonitor(**kw), NoiseSplitTracker(**kw)]
-    if config == "monitors":
+    if config.startswith("monitors"):
         return monitors
-    return monitors + [PhaseDetector(verbose=False), GMMCleanser()]
+    cleanser = GMMCleanser(overhead=None, every_n_epochs=1) if every_epoch else GMMCleanser()
+    return monitors + [PhaseDetector(verbose=False), cleanser]
 
 
 def fit_once(
@@ -210,7 +152,13 @@ def fit_once(
         )
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        budgets: dict[int, tuple[str, object]] = {}
+        for cb in trainer.callbacks:
+            if hasattr(cb, "budget"):  # a budget shared by the two monitors is named after both
+                name, budget = budgets.get(id(cb.budget), ("", cb.budget))
+                budgets[id(cb.budget)] = (f"{name} + {type(cb).__name__}" if name else type(cb).__name__, budget)
+        return wall, [budget.summary(name) for name, budget in budgets.values()]
 
 
 def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only_budget: bool = False) -> None:
@@ -218,14 +166,13 @@ def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only
 
     The loss pass evaluates every training sample; it runs after every epoch
     (``every_n_epochs=1``, the default), every 2nd or 4th epoch, or at the epoch
-    ends a ``MeasurementBudget(overhead)`` allows, with the default geometric
-    spacing (growth q = 0.1) or without it (q ≈ 0: as often as the budget allows). Uses ``benchmarks/cleansing.py``'s
-    runs (noisy digits, the MLP, ``action="remove"``, patience 3).
+    ends its budget ``GMMCleanser(overhead=OVERHEAD)`` allows (``--budget``, default 0.1). Uses
+    ``benchmarks/cleansing.py``'s runs (noisy digits, the MLP, ``action="remove"``, patience 3).
     """
     import cleansing
     import torch
 
-    from lightning_phases.callbacks._budget import MeasurementBudget
+    from lightning_phases.callbacks import GMMCleanser
     from lightning_phases.data import NoisyDigitsDataModule
     from lightning_phases.functional import detection_metrics
 
@@ -236,17 +183,15 @@ def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only
         f"\n## cleansing quality, rho {rate}, seed {seed}, {epochs} epochs: a_n {100 * a_n:.1f}%, a_p {100 * a_p:.1f}%"
     )
     print(f"{'loss pass':16s} {'passes':>6s} {'pass s':>7s} {'t_c':>4s} {'a_c':>6s} {'Q':>6s}  P/R/F1/AUROC")
-    variants = [(f"every {k} epoch(s)", k, None) for k in (1, 2, 4)]
-    variants += [(f"budget {overhead:g}", None, 0.1), (f"budget {overhead:g} q=0", None, 1e-9)]
+    variants = [(f"every {k} epoch(s)", k) for k in (1, 2, 4)] + [(f"budget {overhead:g}", None)]
     if only_budget:
         variants = variants[3:]
-    for label, every, growth in variants:
+    for label, every in variants:
         common = dict(action="remove", patience=3, max_fraction=0.95)
         if every is None:
-            budget = MeasurementBudget(overhead=overhead, growth=growth)
-            cleanser = _budgeted_cleanser()(budget, **common)
+            cleanser = GMMCleanser(overhead=overhead, **common)
         else:
-            cleanser = _timed_cleanser()(every_n_epochs=every, **common)
+            cleanser = GMMCleanser(overhead=None, every_n_epochs=every, **common)
         dm = NoisyDigitsDataModule(**kw)
         _, a_c = cleansing._fit(dm, epochs, seed, 0.05, [cleanser])
         truth = dm.noisy_train.is_noisy
@@ -254,8 +199,8 @@ def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only
         flags[cleanser.flagged_indices] = True
         gm = detection_metrics(flags, truth)
         q = (a_c - a_n) / (a_p - a_n) if a_p != a_n else float("nan")
-        spent = cleanser.budget.spent if every is None else cleanser.spent
-        count = cleanser.budget.schedule.num_measurements if every is None else cleanser.count
+        spent = cleanser.budget.spent  # the fixed schedule is timed too
+        count = cleanser.budget.schedule.num_measurements
         t_c = "-" if cleanser.t_c_epoch is None else str(cleanser.t_c_epoch)
         auroc = cleanser.last.get("gmm/auroc", float("nan"))
         print(
@@ -263,23 +208,6 @@ def cleansing_quality(rate: float, seed: int, epochs: int, overhead: float, only
             f"{gm.precision:.3f}/{gm.recall:.3f}/{gm.f1:.3f}/{auroc:.3f}",
             flush=True,
         )
-
-
-def _timed_cleanser():
-    """GMMCleanser on its fixed schedule, counting its passes and their time."""
-    from lightning_phases.callbacks import GMMCleanser
-
-    class TimedCleanser(GMMCleanser):
-        spent = 0.0
-        count = 0
-
-        def _measure(self, trainer, pl_module) -> None:
-            start = time.perf_counter()
-            super()._measure(trainer, pl_module)
-            self.spent += time.perf_counter() - start
-            self.count += 1
-
-    return TimedCleanser
 
 
 def main(argv=None) -> None:
@@ -302,7 +230,8 @@ def main(argv=None) -> None:
         type=float,
         default=None,
         metavar="OVERHEAD",
-        help="also run the callbacks scheduled by MeasurementBudget(overhead=OVERHEAD)",
+        help="the monitors' budget in the default configurations (default: theirs, 0.1); with --cleansing, the "
+        "cleanser's",
     )
     parser.add_argument(
         "--cleansing",
@@ -345,16 +274,18 @@ def main(argv=None) -> None:
         epochs = {"digits": args.digits_epochs, "cnn": args.cnn_epochs, "resnet18": args.resnet_epochs}[task]
         num_train = args.resnet_train if task == "resnet18" else args.cnn_train
         probe = args.probe_size if args.probe_size is not None else EXAMPLE_PROBE[task]
-        configs = CONFIGS + (BUDGET_CONFIGS if args.budget is not None else ())
+        configs = CONFIGS
         if args.configs:
             configs = tuple(c for c in configs if c == "none" or c in args.configs)
         runs = [(c, c, probe) for c in configs]
         if probe not in (None, DEFAULT_PROBE) and (not args.configs or "monitors@1024" in args.configs):
             runs.append((f"monitors@{DEFAULT_PROBE}", "monitors", DEFAULT_PROBE))
         best = {label: float("inf") for label, _, _ in runs}
+        accounting: dict[str, list[str]] = {}
         for _ in range(args.repeats):
             for label, config, size in runs:
-                best[label] = min(best[label], fit_once(task, config, epochs, num_train, size, args.budget))
+                wall, accounting[label] = fit_once(task, config, epochs, num_train, size, args.budget)
+                best[label] = min(best[label], wall)
         size = "digits train split" if task == "digits" else f"{num_train} training samples"
         probe_text = f"probe_size {probe or DEFAULT_PROBE}"
         print(f"\n## {task} ({epochs} epochs, {size}, {probe_text}; best of {args.repeats})")
@@ -362,6 +293,9 @@ def main(argv=None) -> None:
         for label, _, _ in runs:
             ratio = best[label] / best["none"]
             print(f"{label:14s} {best[label]:8.2f} {ratio:6.2f}x {100 * (ratio - 1):8.0f}%")
+        for label, lines in accounting.items():
+            for line in lines:
+                print(f"  {label}: {line}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ class PhaseDetector(SafetyNet, Callback):
         self.strict = bool(strict)
         self.verbose = bool(verbose)
         self._seen: dict[str, float] = {}
+        self._quiet: tuple[Any, ...] | None = None  # the published triggers at the last poll that found nothing new
         self._where: tuple[int | None, int | None] = (None, None)  # (step, epoch) of the last completed step
         self._expected: tuple[str, ...] = ()  # measured-step keys the Trainer's callbacks publish (from setup)
         self._trainer: pl.Trainer | None = None
@@ -216,6 +217,7 @@ class PhaseDetector(SafetyNet, Callback):
         """Forget every measurement: a new ``fit`` starts here (a resumed one then loads its checkpoint)."""
         self.tracker.reset()
         self._seen = {}
+        self._quiet = None
         self._where = (None, None)
         self._pending = None
         self.recommended_state_dict = None
@@ -341,12 +343,17 @@ class PhaseDetector(SafetyNet, Callback):
         comes later in the callback list): the measurement waits for the next hook, once, and is then
         taken with whatever has been published (a provider on a slower schedule keeps its last values).
         """
+        # the detector polls at every hook; while the providers have published nothing since the last poll
+        # that found nothing new (the same tensor objects: `publish` makes new ones), nothing is read
+        published = tuple(metrics.get(k) for k in _TRIGGERS)
+        if self._quiet is not None and all(a is b for a, b in zip(published, self._quiet)):
+            return None
         steps = {k: float(metrics[k]) for k in _TRIGGERS if k in metrics}
-        if not steps:
+        if not steps or max(steps.values()) <= self._seen.get("taken", -math.inf):
+            self._quiet = published
             return None
+        self._quiet = None
         newest = max(steps.values())
-        if newest <= self._seen.get("taken", -math.inf):
-            return None
         behind = any(steps.get(k, -math.inf) < newest for k in (*steps, *self._expected))
         if not final and behind and self._seen.get("waited") != newest:
             self._seen["waited"] = newest
@@ -555,6 +562,7 @@ class PhaseDetector(SafetyNet, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict.get("tracker", {}))
         self._seen = {k: float(v) for k, v in state_dict.get("seen", {}).items()}
+        self._quiet = None
         if "taken" not in self._seen and any(
             k in self._seen for k in _TRIGGERS
         ):  # checkpoints written before "taken" was kept

@@ -309,6 +309,42 @@ def test_checkpoints_without_the_taken_step_still_resume():
     )
 
 
+class _CountedStep:
+    """A published ``measured_step`` that counts how often it is read (``float``)."""
+
+    def __init__(self, value: float) -> None:
+        self.value, self.reads = value, 0
+
+    def __float__(self) -> float:
+        self.reads += 1
+        return self.value
+
+
+def test_polls_read_the_published_steps_only_after_a_new_publication():
+    detector = PhaseDetector(verbose=False)
+    order, split = _CountedStep(24.0), _CountedStep(24.0)
+    metrics = {"order/measured_step": order, "split/measured_step": split}
+    assert detector._new_measurement(metrics, False) == 24
+    assert detector._new_measurement(metrics, False) is None  # taken: read once more, found nothing new
+    reads = (order.reads, split.reads)
+    for _ in range(5):  # the hooks between measurements: nothing is read
+        assert detector._new_measurement(metrics, False) is None
+    assert (order.reads, split.reads) == reads
+    # a new publication (new objects, as `publish` makes) is read and taken, once the slower provider caught up
+    metrics["order/measured_step"] = _CountedStep(36.0)
+    assert detector._new_measurement(metrics, False) is None  # the split tracker is behind: wait one hook
+    assert detector._new_measurement(metrics, False) == 36  # taken with what has been published
+    assert detector._new_measurement(metrics, False) is None
+    # the same value published again (new objects) is not taken twice
+    metrics = {"order/measured_step": _CountedStep(36.0), "split/measured_step": _CountedStep(36.0)}
+    assert detector._new_measurement(metrics, False) is None
+    detector.load_state_dict(detector.state_dict())  # a resume forgets the objects, not the taken step
+    assert detector._new_measurement(metrics, False) is None
+    metrics["split/measured_step"] = _CountedStep(48.0)
+    metrics["order/measured_step"] = _CountedStep(48.0)
+    assert detector._new_measurement(metrics, False) == 48
+
+
 def test_setup_names_the_missing_callback(tmp_path):
     with pytest.raises(LightningPhasesError, match="Add OrderParameterMonitor"):
         tr = trainer(tmp_path, [PhaseDetector()], max_epochs=1)
