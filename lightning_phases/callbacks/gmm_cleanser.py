@@ -6,6 +6,7 @@ import contextlib
 import csv
 import math
 import os
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,10 @@ ACTIONS: tuple[Action, ...] = ("flag", "remove", "stop")
 # budget") 0.1 put t_c 17 epochs late at rho = 0.2 (Q 0.73 -> 0.50); 0.2 kept every-epoch quality at
 # rho = 0.2, 0.4, 0.5, 0.6, and the cleanser stops measuring at t_c (realised 5-15 % over those runs).
 DEFAULT_OVERHEAD = 0.2
+# The search for t_c looks at a fixed random subset of this many training samples (all of them when the
+# training set is no larger); the flags at t_c come from one pass over every sample at the peak's weights.
+# A two-component fit to 4096 losses estimates the means to about 2 % of a spread at a 20 % minority.
+DEFAULT_SEARCH_SAMPLES = 4096
 
 
 class GMMCleanser(SafetyNet, Callback):
@@ -118,6 +123,15 @@ class GMMCleanser(SafetyNet, Callback):
     restores the checkpoint's state (``load_state_dict``), so a resumed run
     continues its search (and, after ``"remove"``, drops the same samples again).
 
+    **On a subset while searching.** With more than ``search_samples`` training samples the
+    measurements that search for ``t_c`` evaluate a fixed random subset of that size (4096 by default),
+    so a measurement costs the same on 50 000 samples as on 4096. The module's state at the current
+    peak is kept (a CPU copy of its ``state_dict``); when ``t_c`` is confirmed the cleanser loads it
+    for one pass over every training sample, fits the mixture to all of those losses and flags from
+    that fit, then puts the current state back (the optimizer is not touched). The metrics logged at
+    the confirming measurement (``gmm/num_flagged``, precision, recall, F1, AUROC) are those of the
+    full pass; the others, at every measurement, are the subset's.
+
     **Schedule.** By default (``every_n_epochs=None``) the loss pass keeps within
     an overhead budget: the cleanser measures at the end of the first epoch
     (after ``warmup_epochs``) and then at every epoch end at which its
@@ -166,6 +180,12 @@ class GMMCleanser(SafetyNet, Callback):
         heavy_noise_weight: The mislabeled weight from which ``heavy_noise_separation`` applies, in
             ``(0, 1)``; default 0.2 (fits with a smaller mislabeled weight need ``min_separation``).
         batch_size: Batch size of the loss pass over the training set.
+        search_samples: While it searches for ``t_c``, the cleanser evaluates a fixed random subset of this
+            many training samples (the same at every measurement and on every rank; all of them when the
+            training set is no larger), ``>= 64``; default 4096. At ``t_c`` it evaluates every sample once,
+            at the module's state of the peak (kept as a CPU copy of the ``state_dict`` from the peak to
+            ``t_c``, and in checkpoints made meanwhile), and flags from a fit to all of them. ``None``:
+            every sample at every measurement.
         loss_fn: Per-sample loss ``(output_of_one_sample, target) -> scalar``; default cross-entropy.
         unpack: ``batch -> (inputs, targets)``; default the first two entries.
         forward: ``(pl_module, inputs) -> output`` instead of calling the module (as for the monitors).
@@ -215,6 +235,7 @@ class GMMCleanser(SafetyNet, Callback):
         min_separation: float = 2.0,
         min_weight: float = 0.01,
         batch_size: int = 1024,
+        search_samples: int | None = DEFAULT_SEARCH_SAMPLES,
         loss_fn: LossFn | None = None,
         unpack: Unpack | None = None,
         seed: int = 0,
@@ -250,6 +271,8 @@ class GMMCleanser(SafetyNet, Callback):
             )
         check_int("warmup_epochs", warmup_epochs, minimum=0)
         check_int("batch_size", batch_size, minimum=1)
+        if search_samples is not None:
+            check_int("search_samples", search_samples, minimum=64)
         # the decision's own arguments (patience, max_fraction, separations, weights, smoothing, class check)
         self.tracker = CleansingTracker(
             patience=patience,
@@ -287,6 +310,7 @@ class GMMCleanser(SafetyNet, Callback):
         self.every_n_epochs = every_n_epochs
         self.warmup_epochs = warmup_epochs
         self.batch_size = batch_size
+        self.search_samples = search_samples
         self.loss_fn = loss_fn
         self.unpack = unpack or default_unpack
         self.seed = seed
@@ -305,6 +329,7 @@ class GMMCleanser(SafetyNet, Callback):
         self.skipped: int = 0  # pieces of work that failed and were skipped (logged as gmm/skipped)
         self._candidate: dict[str, Tensor] | None = None  # the per-sample vectors of the fit at the current peak
         self._candidate_fit: LossMixture | None = None
+        self._peak_weights: dict[str, Tensor] | None = None  # the module's state at the peak (subset search only)
         self._warned: set[str] = set()  # rejection reasons already reported (once each)
         self._failed: set[str] = set()  # kinds of failure already warned about (once each)
         self._num_outputs: int | None = None  # the model's outputs per sample, seen in the loss pass
@@ -423,14 +448,28 @@ class GMMCleanser(SafetyNet, Callback):
     def _train_dataset(self, trainer: pl.Trainer) -> Any:
         return self._train_loader(trainer).dataset
 
-    def _all_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
+    def _search_positions(self, n: int) -> Tensor | None:
+        """The training samples the search for ``t_c`` looks at: ``None`` for all ``n``, else sorted indices.
+
+        A fixed random subset of ``search_samples`` indices when ``n`` is larger, the same on every rank and
+        at every measurement (drawn from ``seed`` and ``n``).
+        """
+        if self.search_samples is None or n <= self.search_samples:
+            return None
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, f"gmm_search/{n}"))
+        return torch.randperm(n, generator=generator)[: self.search_samples].sort().values
+
+    def _all_losses(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The loss pass: loss, given label and prediction of every training sample, float64/long ``[N]``.
 
         Eval mode, no gradients, batches of ``batch_size``; rank ``r`` of ``W`` computes samples
         ``r, r + W, ...`` and the shards are summed across ranks in one collective, which also carries
         a failure flag: every rank calls it exactly once, and either every rank returns the same
         vectors or every rank raises :class:`LightningPhasesError` (a failure on one rank never hangs
-        the others). A non-finite loss is a failure.
+        the others). A non-finite loss is a failure. With ``positions`` (dataset indices, long ``[m]``)
+        only those samples are evaluated and the vectors are ``[m]``, in the order of ``positions``.
         """
         loader = self._train_loader(trainer)  # the same answer (or error) on every rank
         dataset = loader.dataset
@@ -445,32 +484,37 @@ class GMMCleanser(SafetyNet, Callback):
         self.adapter.bind(collate_fn=loader.collate_fn, cast_dtype=input_dtype(trainer, pl_module))
         world, rank = max(1, trainer.world_size), trainer.global_rank if trainer.world_size > 1 else 0
         device = pl_module.device
+        indices = list(range(n)) if positions is None else [int(i) for i in positions.tolist()]
+        m = len(indices)
         # [losses | given | pred] of this rank's shard, then (failed, Σ outputs per sample, batches seen)
-        buffer = torch.zeros(3 * n + 3, dtype=torch.float64, device=device)
+        buffer = torch.zeros(3 * m + 3, dtype=torch.float64, device=device)
         error: Exception | None = None
         try:
-            self._shard_losses(dataset, pl_module, list(range(rank, n, world)), buffer)
+            slots = list(range(rank, m, world))
+            self._shard_losses(dataset, pl_module, [indices[s] for s in slots], slots, buffer)
         except Exception as exc:
             error = exc
             buffer.zero_()
-            buffer[3 * n] = 1.0
+            buffer[3 * m] = 1.0
         if world > 1:
             buffer = trainer.strategy.reduce(buffer, reduce_op="sum")
         buffer = buffer.cpu()
-        if float(buffer[3 * n]) > 0:
+        if float(buffer[3 * m]) > 0:
             if error is not None:
                 raise error
             raise LightningPhasesError("the loss pass failed on another rank (that rank's warning says why)")
-        if float(buffer[3 * n + 2]) > 0:
-            self._num_outputs = int(round(float(buffer[3 * n + 1]) / float(buffer[3 * n + 2])))
-        return buffer[:n].clone(), buffer[n : 2 * n].clone(), buffer[2 * n : 3 * n].long()
+        if float(buffer[3 * m + 2]) > 0:
+            self._num_outputs = int(round(float(buffer[3 * m + 1]) / float(buffer[3 * m + 2])))
+        return buffer[:m].clone(), buffer[m : 2 * m].clone(), buffer[2 * m : 3 * m].long()
 
-    def _shard_losses(self, dataset: Any, pl_module: pl.LightningModule, mine: list[int], buffer: Tensor) -> None:
-        """Fill ``buffer`` (see :meth:`_all_losses`) with the losses of the samples ``mine``; no collectives.
+    def _shard_losses(
+        self, dataset: Any, pl_module: pl.LightningModule, mine: list[int], slots: list[int], buffer: Tensor
+    ) -> None:
+        """Fill ``buffer`` (see :meth:`_all_losses`) at ``slots`` with the losses of the samples ``mine``.
 
-        Batches go through the monitors' :class:`~lightning_phases.callbacks.ModelAdapter`: the training
-        DataLoader's ``collate_fn``, ``unpack``, ``forward``, ``output``, the true-precision input cast, and
-        the task's loss (or ``loss_fn``).
+        No collectives. Batches go through the monitors' :class:`~lightning_phases.callbacks.ModelAdapter`:
+        the training DataLoader's ``collate_fn``, ``unpack``, ``forward``, ``output``, the true-precision
+        input cast, and the task's loss (or ``loss_fn``).
         """
         n = (buffer.numel() - 3) // 3
         adapter = self.adapter
@@ -489,7 +533,7 @@ class GMMCleanser(SafetyNet, Callback):
                 adapter.resolve_task(out, y)
                 count = int(y.shape[0])
                 outputs = int(out[0].numel()) if out.ndim > 1 else 1
-                idx = torch.tensor(mine[offset : offset + count], device=device)
+                idx = torch.tensor(slots[offset : offset + count], device=device)
                 offset += count
                 losses = torch.vmap(adapter.loss())(out, y).reshape(-1).to(torch.float64)
                 if not bool(torch.isfinite(losses).all()):
@@ -528,9 +572,12 @@ class GMMCleanser(SafetyNet, Callback):
             return None
         return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
 
-    def _fit(self, trainer: pl.Trainer, losses: Tensor, given: Tensor) -> tuple[LossMixture, float, Any, int | None]:
+    def _fit(
+        self, trainer: pl.Trainer, losses: Tensor, given: Tensor, positions: Tensor | None = None
+    ) -> tuple[LossMixture, float, Any, int | None]:
         """The mixture fit, its class-dependence value, the ground truth (or ``None``) and the number of
-        classes (``None``: the targets are not classes); no collectives."""
+        classes (``None``: the targets are not classes); no collectives. ``positions``: the dataset indices
+        of the losses (``None``: all, in order)."""
         fit = fit_loss_mixture(
             losses,
             seed=self.seed if self.seed < 2**32 else derived_seed(self.seed, "gmm") % 2**32,
@@ -540,7 +587,9 @@ class GMMCleanser(SafetyNet, Callback):
         labels = self._class_labels(given, self._num_outputs)
         dependence = excess_class_dependence(fit, labels)
         truth = find_probe_ground_truth(
-            self._train_dataset(trainer), torch.arange(losses.numel()), getattr(trainer, "datamodule", None)
+            self._train_dataset(trainer),
+            torch.arange(losses.numel()) if positions is None else positions,
+            getattr(trainer, "datamodule", None),
         )
         num_classes = None if labels is None else max(self._num_outputs or 0, int(torch.unique(labels).numel()))
         return fit, dependence, truth, num_classes
@@ -553,13 +602,14 @@ class GMMCleanser(SafetyNet, Callback):
         """
         epoch = trainer.current_epoch
         try:
-            losses, given, pred = self._all_losses(trainer, pl_module)
+            positions = self._search_positions(len(self._train_dataset(trainer)))
+            losses, given, pred = self._all_losses(trainer, pl_module, positions)
         except Exception as failure:  # raised on every rank alike (see _all_losses)
             self._skip(trainer, "the loss pass", failure, epoch)
             return
         error: Exception | None = None
         try:
-            fit, dependence, truth, num_classes = self._fit(trainer, losses, given)
+            fit, dependence, truth, num_classes = self._fit(trainer, losses, given, positions)
         except Exception as exc:
             error = exc
         if self._any_rank(trainer, pl_module, error is not None):
@@ -568,7 +618,8 @@ class GMMCleanser(SafetyNet, Callback):
         decision = self.tracker.update(
             fit, losses, dependence=dependence, step=trainer.global_step, epoch=epoch, num_classes=num_classes
         )
-        if decision.new_peak:
+        flags = decision.flags
+        if decision.new_peak and positions is None:
             self._candidate = {
                 "losses": losses,
                 "given": given,
@@ -577,6 +628,13 @@ class GMMCleanser(SafetyNet, Callback):
                 "posterior": fit.posterior.cpu(),
             }
             self._candidate_fit = fit
+        elif decision.new_peak:  # the full pass waits for confirmation: keep the module's state at the peak
+            self._peak_weights = _module_state(pl_module)
+        if decision.confirmed and positions is not None:
+            self.tracker.flagged_indices = positions[self.tracker.peak_flags]  # if the full pass below fails
+            full = self._flag_every_sample(trainer, pl_module)
+            if full is not None:
+                fit, losses, flags, truth = full
         metrics = {
             keys.gmm("delta_L"): fit.delta_L,
             keys.gmm("threshold"): fit.threshold,
@@ -584,7 +642,7 @@ class GMMCleanser(SafetyNet, Callback):
             keys.gmm("mean_noisy"): fit.mean_noisy,
             keys.gmm("weight_noisy"): fit.weight_noisy,
             keys.gmm("separation"): fit.separation,
-            keys.gmm("num_flagged"): float(decision.num_flagged),
+            keys.gmm("num_flagged"): float(flags.sum()),
             keys.gmm("skipped"): float(self.skipped),
         }
         overhead = self._overhead_before  # measurement seconds / training seconds before this measurement
@@ -593,7 +651,7 @@ class GMMCleanser(SafetyNet, Callback):
         if math.isfinite(dependence):
             metrics[keys.gmm("class_dependence")] = dependence
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
-            det = detection_metrics(decision.flags, truth[0])
+            det = detection_metrics(flags, truth[0])
             scores = fit.posterior if decision.bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
             metrics.update(
@@ -618,6 +676,51 @@ class GMMCleanser(SafetyNet, Callback):
         self._attempt(trainer, "logging the metrics", self._publish, trainer, metrics)
         if decision.confirmed:
             self._on_confirmed(trainer, pl_module)
+
+    def _flag_every_sample(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[LossMixture, Tensor, Tensor, Any] | None:
+        """After a search on a subset: the flags at ``t_c`` from every training sample, at the peak's weights.
+
+        Loads the module's state at the peak, computes every sample's loss, fits the mixture to them and
+        restores the current state; the flags are that fit's (capped as the tracker caps). Sets the
+        tracker's ``flagged_indices`` and the CSV's vectors and returns ``(fit, losses, flags, ground
+        truth)``, or ``None`` when it failed (warned and counted; the flags then stay the searched
+        samples' flags at the peak).
+        """
+        epoch = trainer.current_epoch
+        state, self._peak_weights = self._peak_weights, None
+        if state is None:  # a checkpoint from before the subset search: the peak's weights are unknown
+            rank_zero_info(
+                "GMMCleanser: the module's state at the peak is unknown (resumed from an older checkpoint); the "
+                f"flags at t_c are those of the {self.search_samples} searched samples only."
+            )
+            return None
+        try:
+            with _module_state_loaded(pl_module, state):
+                losses, given, pred = self._all_losses(trainer, pl_module)
+        except Exception as failure:  # raised on every rank alike (see _all_losses)
+            self._skip(trainer, "the loss pass over every sample at t_c", failure, epoch)
+            return None
+        error: Exception | None = None
+        try:
+            fit, _, truth, num_classes = self._fit(trainer, losses, given)
+            flags = self.tracker.capped_flags(fit, losses, num_classes)
+        except Exception as exc:
+            error = exc
+        if self._any_rank(trainer, pl_module, error is not None):
+            self._skip(trainer, "the mixture fit over every sample at t_c", error or "it failed on another rank", epoch)
+            return None
+        self.tracker.flagged_indices = torch.nonzero(flags).flatten().cpu()
+        self._candidate = {
+            "losses": losses,
+            "given": given,
+            "pred": pred,
+            "flags": flags,
+            "posterior": fit.posterior.cpu(),
+        }
+        self._candidate_fit = fit
+        return fit, losses, flags, truth
 
     def _on_confirmed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n_flag = int(self.flagged_indices.numel())
@@ -686,6 +789,7 @@ class GMMCleanser(SafetyNet, Callback):
             "removed": self.removed,
             "skipped": self.skipped,
             "candidate": self._candidate_state(),
+            "peak_weights": None if self.t_c_step is not None else self._peak_weights,
             "budget": self.budget.state_dict(),
         }
 
@@ -708,6 +812,8 @@ class GMMCleanser(SafetyNet, Callback):
         self.skipped = int(state_dict.get("skipped", 0))
         self.budget.load_state_dict(state_dict.get("budget", {}))  # old checkpoints: a fresh budget
         self._candidate, self._candidate_fit = None, None
+        weights = state_dict.get("peak_weights")
+        self._peak_weights = None if weights is None else {k: torch.as_tensor(v) for k, v in weights.items()}
         candidate = state_dict.get("candidate")
         if candidate:
             fit = dict(candidate["fit"])
@@ -717,3 +823,23 @@ class GMMCleanser(SafetyNet, Callback):
                 posterior=self._candidate["posterior"].to(torch.float64),
                 flags=self._candidate["losses"].to(torch.float64) > fit["threshold"],
             )
+
+
+def _module_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of the module's ``state_dict`` (parameters and buffers)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _module_state_loaded(module: torch.nn.Module, state: dict[str, Tensor] | None) -> Iterator[None]:
+    """Within the block the module holds ``state`` (copied into its own tensors, so the optimizer's
+    references stay valid); afterwards its own state again. ``None``: the current state."""
+    if state is None:
+        yield
+        return
+    current = _module_state(module)
+    module.load_state_dict(state)
+    try:
+        yield
+    finally:
+        module.load_state_dict(current)

@@ -47,7 +47,7 @@ class ScriptedCleanser(GMMCleanser):
         kwargs.setdefault("every_n_epochs", 1)  # the scripted series is fitted after every epoch
         super().__init__(*args, **kwargs)
 
-    def _all_losses(self, trainer, pl_module):
+    def _all_losses(self, trainer, pl_module, positions=None):
         ds = self._train_dataset(trainer)
         n = len(ds)
         gen = torch.Generator().manual_seed(trainer.current_epoch)
@@ -116,9 +116,9 @@ class ClockedCleanser(ScriptedCleanser):
         super().__init__(**kwargs)
         self.clock = clock
 
-    def _all_losses(self, trainer, pl_module):
+    def _all_losses(self, trainer, pl_module, positions=None):
         self.clock.now += self.clock.cost
-        return super()._all_losses(trainer, pl_module)
+        return super()._all_losses(trainer, pl_module, positions)
 
 
 def _budget_reference(overhead, cost, steps_per_epoch, epochs, start=0):
@@ -284,7 +284,7 @@ class MajorityCleanser(ScriptedCleanser):
         super().__init__(*args, **kwargs)
         self.num_classes = num_classes
 
-    def _all_losses(self, trainer, pl_module):
+    def _all_losses(self, trainer, pl_module, positions=None):
         n = len(self._train_dataset(trainer))
         gen = torch.Generator().manual_seed(trainer.current_epoch)
         losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
@@ -384,8 +384,8 @@ def test_resume_continues_the_smoothed_delta_L(tmp_path):
 class SporadicCleanser(ScriptedCleanser):
     """Bimodal losses only at epochs 2, 4, 6, ... 10 (a clean run where a fit is bimodal now and then)."""
 
-    def _all_losses(self, trainer, pl_module):
-        losses, given, pred = super()._all_losses(trainer, pl_module)
+    def _all_losses(self, trainer, pl_module, positions=None):
+        losses, given, pred = super()._all_losses(trainer, pl_module, positions)
         if trainer.current_epoch % 2:
             n = losses.numel()  # an exactly normal-shaped (unimodal) sample of losses
             losses = 0.2 + 0.1 * torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
@@ -412,8 +412,8 @@ class ClassSplitCleanser(ScriptedCleanser):
         super().__init__(*args, **kwargs)
         self.labels = labels
 
-    def _all_losses(self, trainer, pl_module):
-        losses, given, pred = super()._all_losses(trainer, pl_module)
+    def _all_losses(self, trainer, pl_module, positions=None):
+        losses, given, pred = super()._all_losses(trainer, pl_module, positions)
         n = losses.numel()
         noisy = torch.as_tensor(NoisyTensorDataset(n=n).is_noisy)
         i = torch.arange(n)
@@ -474,7 +474,7 @@ HEAVY_N = 3000
 class HeavyNoiseCleanser(ScriptedCleanser):
     """Two thirds mislabeled with the populations close: a distinct but not two-humped mixture."""
 
-    def _all_losses(self, trainer, pl_module):
+    def _all_losses(self, trainer, pl_module, positions=None):
         losses = _heavy_losses(trainer.current_epoch, len(self._train_dataset(trainer)))
         given = torch.zeros(losses.numel(), dtype=torch.long)
         return losses, given, given.clone()
@@ -593,7 +593,11 @@ class _Dump(pl.Callback):
 
 @pytest.mark.parametrize(
     "schedule",
-    [dict(every_n_epochs=1), pytest.param(dict(overhead=0.05), marks=pytest.mark.slow, id="budget")],
+    [
+        dict(every_n_epochs=1),
+        pytest.param(dict(overhead=0.05), marks=pytest.mark.slow, id="budget"),
+        pytest.param(dict(every_n_epochs=1, search_samples=100), marks=pytest.mark.slow, id="subset"),
+    ],
 )
 def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch, schedule):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -619,6 +623,10 @@ def test_ddp_ranks_agree_on_flags_and_decision(tmp_path, monkeypatch, schedule):
     with open(tmp_path / "rank0.json") as a, open(tmp_path / "rank1.json") as b:
         r0, r1 = json.load(a), json.load(b)
     assert r0 == r1  # the budget is decided on rank 0 and broadcast: the same epochs are fitted on both ranks
+    if "search_samples" in schedule:  # searched on 100 of the 400, flagged from all 400 at the peak
+        assert r0["t_c"] is not None and any(
+            i not in set(cleanser._search_positions(400).tolist()) for i in r0["flags"]
+        )
     if "every_n_epochs" in schedule:
         assert r0["t_c"] is not None and len(r0["flags"]) > 50 and r0["epoch"] < 29
     else:
@@ -949,3 +957,121 @@ def test_ddp_a_failure_on_one_rank_neither_hangs_nor_splits_the_decision(tmp_pat
     assert r0 == r1  # the healthy rank skipped the same epochs as the failing one and took the same decision
     assert r0["skipped"] == 3 and r0["t_c"] is not None and len(r0["flags"]) > 50
     assert min(epoch for _, epoch, _ in r0["history"]) == 3
+
+
+# ---------------------------------------------------------------------- the search on a subset
+
+
+class _StateRecorder(pl.Callback):
+    """A CPU copy of the module's state after every epoch (before the cleanser's measurement of that epoch)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.states[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def _losses_at(state, ds, indices):
+    """Per-sample cross-entropy of ``ds[indices]`` under ``state``, one sample at a time (the slow reference)."""
+    model = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05)
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return torch.stack(
+            [
+                torch.nn.functional.cross_entropy(model(ds.x[i : i + 1]), ds.noisy_targets[i : i + 1]).double()
+                for i in indices.tolist()
+            ]
+        )
+
+
+def _subset_run(tmp_path, *, epochs=25, ckpt=None, ckpt_path=None, search_samples=200):
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
+    cleanser = GMMCleanser(every_n_epochs=1, patience=2, search_samples=search_samples)
+    recorder = _StateRecorder()
+    pl.seed_everything(0, verbose=False)
+    extra = [ckpt] if ckpt is not None else []
+    model = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.005)  # slow: the smoothed ΔL peaks at epoch 6
+    tr = trainer(tmp_path, [recorder, cleanser, *extra], max_epochs=epochs, enable_checkpointing=ckpt is not None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(model, loader(ds, batch_size=32, shuffle=False), ckpt_path=ckpt_path)
+    return ds, cleanser, recorder, model, tr
+
+
+def test_the_search_runs_on_a_subset_and_the_flags_come_from_every_sample_at_the_peak(tmp_path):
+    from lightning_phases.functional import CleansingTracker, excess_class_dependence
+
+    ds, cleanser, recorder, model, tr = _subset_run(tmp_path)
+    subset = cleanser._search_positions(600)
+    assert subset is not None and subset.numel() == 200 and torch.equal(subset, torch.unique(subset))
+    assert torch.equal(subset, cleanser._search_positions(600))  # fixed: the same samples at every measurement
+    assert cleanser._search_positions(200) is None  # no larger than search_samples: every sample
+    # replay the search on the subset's losses, computed independently from each epoch's state
+    replay = CleansingTracker(patience=2)
+    labels = ds.noisy_targets[subset]
+    for epoch in sorted(recorder.states):
+        losses = _losses_at(recorder.states[epoch], ds, subset)
+        fit = fit_loss_mixture(losses, seed=0)
+        replay.update(
+            fit, losses, dependence=excess_class_dependence(fit, labels), step=epoch, epoch=epoch, num_classes=4
+        )
+        if replay.confirmed:
+            break
+    assert replay.confirmed and cleanser.t_c_epoch == replay.t_c_epoch
+    assert replay.t_c_epoch >= 3  # a peak inside the run, not its first fit
+    assert [d for _, _, d in cleanser.delta_L_history] == pytest.approx(
+        [d for _, _, d in replay.delta_L_history], rel=1e-6
+    )
+    # the flags: a fit to every sample's loss at the peak's state, capped as the tracker caps
+    every = torch.arange(600)
+    losses = _losses_at(recorder.states[replay.t_c_epoch], ds, every)
+    full = fit_loss_mixture(losses, seed=0)
+    assert cleanser._candidate["losses"] == pytest.approx(losses, rel=1e-5)  # the CSV's losses: at the peak
+    confirming = _losses_at(recorder.states[replay.t_c_epoch + 2], ds, every)  # patience 2: confirmed 2 fits on
+    assert cleanser._candidate["losses"] != pytest.approx(confirming, rel=1e-5)
+    expected = torch.nonzero(replay.capped_flags(full, losses, 4)).flatten()
+    assert expected.numel() > 100 and (expected < 600).all()
+    disagree = set(expected.tolist()) ^ set(cleanser.flagged_indices.tolist())
+    assert len(disagree) <= 1, disagree  # float32 batched vs one-at-a-time losses: a tie at the threshold at most
+    assert not (set(cleanser.flagged_indices.tolist()) <= set(subset.tolist()))  # flags outside the subset too
+    logged = dict(series(tr.loggers[0].records, "gmm/num_flagged"))
+    assert logged[max(logged)] == cleanser.flagged_indices.numel()  # the confirming measurement logs the full flags
+    # the pass at the peak's state put the current state back: training went on untouched
+    assert all(torch.equal(v, recorder.states[max(recorder.states)][k]) for k, v in model.state_dict().items())
+    assert cleanser._peak_weights is None and "peak_weights" not in {
+        k for k, v in cleanser.state_dict().items() if v is not None
+    }
+
+
+def test_the_subset_search_trains_exactly_as_without_a_cleanser(tmp_path):
+    _, cleanser, _, with_cleanser, _ = _subset_run(tmp_path / "a", epochs=12)
+    assert cleanser.t_c_epoch is not None  # the full pass at the peak's state ran during training
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
+    pl.seed_everything(0, verbose=False)
+    plain = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path / "b", [], max_epochs=12).fit(plain, loader(ds, batch_size=32, shuffle=False))
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in with_cleanser.state_dict().items())
+
+
+def test_a_run_resumed_between_the_peak_and_t_c_flags_as_the_uninterrupted_one(tmp_path):
+    _, whole, _, _, _ = _subset_run(tmp_path / "whole")
+    assert whole.t_c_epoch is not None
+    cut = whole.t_c_epoch + 1  # the peak seen, one fit after it, not yet confirmed (patience 2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    _, first, recorder, _, _ = _subset_run(tmp_path / "a", epochs=cut + 1, ckpt=ckpt)
+    assert first.t_c_epoch is None and first.best_epoch == whole.t_c_epoch
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]["peak_weights"]
+    assert all(torch.equal(v, recorder.states[whole.t_c_epoch][k]) for k, v in saved.items())
+    _, resumed, _, _, _ = _subset_run(tmp_path / "b", ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert resumed.t_c_epoch == whole.t_c_epoch
+    assert torch.equal(resumed.flagged_indices, whole.flagged_indices)
+
+
+def test_search_samples_is_checked():
+    with pytest.raises(LightningPhasesError, match="search_samples"):
+        GMMCleanser(search_samples=10)
+    assert GMMCleanser(search_samples=None)._search_positions(10**6) is None
