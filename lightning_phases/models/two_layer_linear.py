@@ -31,7 +31,8 @@ class TwoLayerLinearNetwork(pl.LightningModule):
         ``train_loss``: minibatch loss (on the targets the step saw, noisy or not).
         ``two_layer/mean_norm``, ``two_layer/mean_alignment``, ``two_layer/mean_abs_cosine``,
         ``two_layer/distance``: :func:`~lightning_phases.functional.neuron_statistics` of the weights
-        at the start of each training step.
+        at the start of the training steps the Trainer writes to its loggers (every
+        ``log_every_n_steps``; computed and logged only then).
         ``val_loss`` / ``test_loss``: loss on the validation / test split (clean for the datamodule,
         so ``val_loss`` tracks the test loss during training).
 
@@ -100,8 +101,12 @@ class TwoLayerLinearNetwork(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        for name, value in self.statistics().items():
-            self.log(f"two_layer/{name}", value, on_step=True, on_epoch=False)
+        # only at the steps the Trainer writes to its loggers (``log_every_n_steps``), as Lightning's own
+        # LearningRateMonitor does: a ``self.log`` call costs about as much as this small network's step
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if getattr(connector, "should_update_logs", True):
+            for name, value in self.statistics().items():
+                self.log(f"two_layer/{name}", value, on_step=True, on_epoch=False)
         loss = self.loss(x, y)
         self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss

@@ -82,3 +82,36 @@ def test_logged_statistics_are_those_of_the_weights(tmp_path):
         TwoLayerLinearNetwork(optimizer="adam")
     with pytest.raises(LightningPhasesError, match="theta_star"):
         TwoLayerLinearNetwork(dim=3, theta_star=torch.ones(4))
+
+
+def test_statistics_are_logged_only_at_written_steps_and_are_those_of_that_step(tmp_path):
+    """With ``log_every_n_steps=5`` every written value is the statistics of the weights at the start of the
+    very step it is written for (never a stale one from an earlier step), and every written step has them."""
+    dm = SparseLinearRegressionDataModule(dim=10, sparsity=3, num_train=40, num_test=20, batch_size=10, seed=0)
+    model = TwoLayerLinearNetwork(dim=10, width=20, seed=0, lr=0.2)
+    at_start: dict[int, dict[str, float]] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            at_start[trainer.global_step] = pl_module.statistics()
+
+    logger = RecordingLogger(tmp_path / "log.jsonl")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=23,
+        logger=logger,
+        log_every_n_steps=5,
+        callbacks=[Record()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    written = [(step, m) for step, m in logger.records if "train_loss" in m]
+    assert [step for step, _ in written] == [4, 9, 14, 19]  # Lightning writes after steps 5, 10, 15, 20
+    for step, metrics in written:
+        for key, value in at_start[step].items():
+            assert metrics[f"two_layer/{key}"] == pytest.approx(value, rel=1e-6), (step, key)
+        assert metrics["two_layer/mean_norm"] != pytest.approx(at_start[step - 1]["mean_norm"], rel=1e-6)
