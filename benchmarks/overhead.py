@@ -21,7 +21,8 @@ The default configurations run every callback with its default arguments,
 so on its default schedule: the overhead budgets (the two monitors share one
 of ``overhead=0.1``, measuring at the start and then as the budget and the
 geometric spacing allow; GMMCleanser its own of 0.2 for the loss pass and fit,
-at epoch ends). ``monitors@epoch`` and ``all@epoch`` are the same callbacks on
+at epoch ends, searching on 4096 of the training samples). ``all@fullpass`` is ``all`` with
+``GMMCleanser(search_samples=None)``: every training sample at every loss pass. ``monitors@epoch`` and ``all@epoch`` are the same callbacks on
 the fixed schedule ``every_n_epochs=1`` (the monitors also measure at the
 start). ``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
 each table the budgets' own accounting of each configuration's last run is printed
@@ -47,7 +48,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = ("none", "monitors", "all", "monitors@epoch", "all@epoch")
+CONFIGS = ("none", "monitors", "all", "all@fullpass", "monitors@epoch", "all@epoch")
 DEFAULT_PROBE = 1024  # the callbacks' default probe_size
 EXAMPLE_PROBE = {"digits": 512, "cnn": None, "resnet18": None}  # what each task's example sets (None: the default)
 
@@ -118,7 +119,12 @@ def _callbacks(config: str, probe_size: int | None = None, overhead: float | Non
     monitors = [OrderParameterMonitor(**kw), NoiseSplitTracker(**kw)]
     if config.startswith("monitors"):
         return monitors
-    cleanser = GMMCleanser(overhead=None, every_n_epochs=1) if every_epoch else GMMCleanser()
+    if every_epoch:
+        cleanser = GMMCleanser(overhead=None, every_n_epochs=1)
+    elif config == "all@fullpass":  # the search over every training sample (before search_samples)
+        cleanser = GMMCleanser(search_samples=None)
+    else:
+        cleanser = GMMCleanser()
     return monitors + [PhaseDetector(verbose=False), cleanser]
 
 
