@@ -61,10 +61,11 @@ class ScriptedCleanser(GMMCleanser):
 def _fit(tmp_path, cleanser, *, dataset=None, epochs=12, extra=(), **kwargs):
     pl.seed_everything(0, verbose=False)
     model = TinyClassifier()
+    train_loader = kwargs.pop("train_loader", None) or loader(dataset or NoisyTensorDataset(n=300))
     tr = trainer(tmp_path, [cleanser, *extra], max_epochs=epochs, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr.fit(model, kwargs.pop("train_loader", None) or loader(dataset or NoisyTensorDataset(n=300)))
+        tr.fit(model, train_loader)
     return tr, model
 
 
@@ -494,7 +495,8 @@ class HeavyNoiseCleanser(ScriptedCleanser):
 )
 def test_heavy_noise_separation(tmp_path, kwargs, t_c):
     cleanser = HeavyNoiseCleanser(patience=3, **kwargs)
-    tr, _ = _fit(tmp_path, cleanser, dataset=NoisyTensorDataset(n=HEAVY_N))
+    # the losses are scripted per epoch: batches of 100 keep the 12 epochs short
+    tr, _ = _fit(tmp_path, cleanser, train_loader=loader(NoisyTensorDataset(n=HEAVY_N), batch_size=100))
     assert cleanser.t_c_epoch == t_c
     fits = [fit_loss_mixture(_heavy_losses(e)) for e in range(12)]
     sep, weight = kwargs.get("heavy_noise_separation", 1.2), kwargs.get("heavy_noise_weight", 0.2)
