@@ -329,8 +329,22 @@ class PhaseDetector(SafetyNet, Callback):
                 f"PhaseDetector: training ended in phase II; keeping the weights averaged over its "
                 f"{self._weight_count} measurements (no stopping point was recommended)."
             )
+        self._note_too_few_measurements()
         if self.verbose:
             self._attempt(trainer, "the summary", lambda: rank_zero_info(self.summary()))
+
+    def _note_too_few_measurements(self) -> None:
+        """Say so at the end of fitting when the run gave too few measurements for two phase changes."""
+        n, needed = self.tracker.num_measurements, 2 * self.tracker.patience
+        if self.tracker.recommended is not None or n >= needed:
+            return
+        rank_zero_info(
+            f"PhaseDetector: {n} measurement(s) in this run, fewer than the {needed} (2 x patience) in which phase "
+            "II can begin and end, so the phases could not be told apart and no stop was recommended. The "
+            "monitors measure within an overhead budget (by default 10% of the training time; on a short run "
+            "that may be the measurement at the start alone): pass a larger overhead= or every_n_epochs=1 to "
+            "OrderParameterMonitor and NoiseSplitTracker, or a smaller probe_size."
+        )
 
     def _keep_weights(self, pl_module: pl.LightningModule) -> None:
         self.recommended_state_dict = self._kept_weights(pl_module)

@@ -604,3 +604,17 @@ def test_both_lightning_namespaces(tmp_path, namespace):
         tr.fit(Tiny(), loader(NoisyTensorDataset()))
     assert [h["phase"] for h in detector.history] == truth[:13] and tr.current_epoch == 13
     assert detector.recommended.epoch == 12 and os.path.exists(detector.recommended_checkpoint)
+
+
+@pytest.mark.parametrize("epochs,noted", [(3, True), (4, False)])
+def test_a_run_with_too_few_measurements_says_so_at_the_end(tmp_path, caplog, epochs, noted):
+    """patience 2: fewer than 4 measurements cannot hold phase II's start and end; the note names the fix."""
+    detector = PhaseDetector(patience=2, verbose=False)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, detector, epochs=epochs)
+    assert detector.tracker.num_measurements == epochs and detector.recommended is None
+    notes = [r.getMessage() for r in caplog.records if "fewer than the 4 (2 x patience)" in r.getMessage()]
+    assert len(notes) == (1 if noted else 0)
+    if noted:
+        assert f"PhaseDetector: {epochs} measurement(s) in this run" in notes[0]
+        assert "every_n_epochs=1" in notes[0] and "overhead=" in notes[0]
