@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import math
 import os
@@ -130,7 +131,11 @@ class GMMCleanser(SafetyNet, Callback):
     for one pass over every training sample, fits the mixture to all of those losses and flags from
     that fit, then puts the current state back (the optimizer is not touched). The metrics logged at
     the confirming measurement (``gmm/num_flagged``, precision, recall, F1, AUROC) are those of the
-    full pass; the others, at every measurement, are the subset's.
+    full pass; the others, at every measurement, are the subset's. If the peak's state could not be
+    kept or loaded (for example the module gained a buffer since), or the full pass fails, that is
+    warned and counted, the module keeps its own state, and the flags (and ``gmm_flagged.csv``) are
+    those of the searched samples at the peak. A run resumed with another ``search_samples`` flags
+    the right samples either way.
 
     **Schedule.** By default (``every_n_epochs=None``) the loss pass keeps within
     an overhead budget: the cleanser measures at the end of the first epoch
@@ -619,7 +624,7 @@ class GMMCleanser(SafetyNet, Callback):
             fit, losses, dependence=dependence, step=trainer.global_step, epoch=epoch, num_classes=num_classes
         )
         flags = decision.flags
-        if decision.new_peak and positions is None:
+        if decision.new_peak:
             self._candidate = {
                 "losses": losses,
                 "given": given,
@@ -628,13 +633,18 @@ class GMMCleanser(SafetyNet, Callback):
                 "posterior": fit.posterior.cpu(),
             }
             self._candidate_fit = fit
-        elif decision.new_peak:  # the full pass waits for confirmation: keep the module's state at the peak
-            self._peak_weights = _module_state(pl_module)
-        if decision.confirmed and positions is not None:
-            self.tracker.flagged_indices = positions[self.tracker.peak_flags]  # if the full pass below fails
+            self._peak_weights = None
+            if positions is not None:  # the full pass waits for confirmation: keep the module's state at the peak
+                # the tracker's flags are dataset indices whatever the search ran on (a resume may change it)
+                self.tracker.peak_flags = positions[self.tracker.peak_flags]
+                self._candidate["positions"] = positions
+                self._keep_peak_state(trainer, pl_module)
+        scored = (fit, losses)  # the posterior (or losses) the logged AUROC is of
+        if decision.confirmed and self._candidate is not None and "positions" in self._candidate:
             full = self._flag_every_sample(trainer, pl_module)
             if full is not None:
-                fit, losses, flags, truth = full
+                full_fit, full_losses, flags, truth = full
+                scored = (full_fit, full_losses)
         metrics = {
             keys.gmm("delta_L"): fit.delta_L,
             keys.gmm("threshold"): fit.threshold,
@@ -652,7 +662,9 @@ class GMMCleanser(SafetyNet, Callback):
             metrics[keys.gmm("class_dependence")] = dependence
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
             det = detection_metrics(flags, truth[0])
-            scores = fit.posterior if decision.bimodal and bool(torch.isfinite(fit.posterior).all()) else losses
+            scored_fit, scored_losses = scored
+            finite = bool(torch.isfinite(scored_fit.posterior).all())
+            scores = scored_fit.posterior if decision.bimodal and finite else scored_losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
             metrics.update(
                 {
@@ -677,6 +689,15 @@ class GMMCleanser(SafetyNet, Callback):
         if decision.confirmed:
             self._on_confirmed(trainer, pl_module)
 
+    def _keep_peak_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep a CPU copy of the module's state at a new peak of a subset search (``None`` if that failed
+        on any rank: warned and counted, and the flags at t_c are then the subset's)."""
+        kept: list[dict[str, Any]] = []
+        failed = self._attempt(
+            trainer, "keeping the module's state at the peak", lambda: kept.append(_module_state(pl_module))
+        )
+        self._peak_weights = None if self._any_rank(trainer, pl_module, failed) or not kept else kept[0]
+
     def _flag_every_sample(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[LossMixture, Tensor, Tensor, Any] | None:
@@ -690,10 +711,10 @@ class GMMCleanser(SafetyNet, Callback):
         """
         epoch = trainer.current_epoch
         state, self._peak_weights = self._peak_weights, None
-        if state is None:  # a checkpoint from before the subset search: the peak's weights are unknown
+        if state is None:  # it could not be kept (warned then), or the checkpoint resumed from did not hold it
             rank_zero_info(
-                "GMMCleanser: the module's state at the peak is unknown (resumed from an older checkpoint); the "
-                f"flags at t_c are those of the {self.search_samples} searched samples only."
+                "GMMCleanser: the module's state at the peak is unknown, so the flags at t_c are those of the "
+                f"{int(self._candidate['positions'].numel()) if self._candidate else 0} samples searched at the peak."
             )
             return None
         try:
@@ -753,17 +774,20 @@ class GMMCleanser(SafetyNet, Callback):
         if cand is None:
             return
         path = os.path.join(directory, "gmm_flagged.csv")
+        # the vectors are per dataset index, or (the full pass at t_c failed) per searched sample
+        slot = {int(p): j for j, p in enumerate(cand["positions"].tolist())} if "positions" in cand else None
         with atomic_write(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["index", "loss", "posterior", "given_label", "predicted_label"])
             for i in self.flagged_indices.tolist():
+                j = i if slot is None else slot[i]
                 writer.writerow(
                     [
                         i,
-                        f"{float(cand['losses'][i]):.6g}",
-                        f"{float(cand['posterior'][i]):.6g}",
-                        "" if math.isnan(float(cand["given"][i])) else int(cand["given"][i]),
-                        int(cand["pred"][i]),
+                        f"{float(cand['losses'][j]):.6g}",
+                        f"{float(cand['posterior'][j]):.6g}",
+                        "" if math.isnan(float(cand["given"][j])) else int(cand["given"][j]),
+                        int(cand["pred"][j]),
                     ]
                 )
         self.csv_path = path
@@ -825,9 +849,28 @@ class GMMCleanser(SafetyNet, Callback):
             )
 
 
-def _module_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    """A CPU copy of the module's ``state_dict`` (parameters and buffers)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+def _module_state(module: torch.nn.Module) -> dict[str, Any]:
+    """A CPU copy of the module's ``state_dict`` (parameters, buffers and any ``get_extra_state`` object)."""
+    return {
+        k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else copy.deepcopy(v)
+        for k, v in module.state_dict().items()
+    }
+
+
+def _check_state_fits(module: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Raise before anything is loaded when ``state`` does not have the module's keys and shapes."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [
+        k
+        for k in own
+        if k in state and isinstance(own[k], Tensor) and isinstance(state[k], Tensor) and own[k].shape != state[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        raise LightningPhasesError(
+            "the module changed since the peak (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}, reshaped {reshaped[:3]}), so its state there cannot be loaded"
+        )
 
 
 @contextlib.contextmanager
@@ -837,9 +880,10 @@ def _module_state_loaded(module: torch.nn.Module, state: dict[str, Tensor] | Non
     if state is None:
         yield
         return
+    _check_state_fits(module, state)
     current = _module_state(module)
-    module.load_state_dict(state)
     try:
+        module.load_state_dict(state)
         yield
-    finally:
+    finally:  # also after a load that failed part of the way
         module.load_state_dict(current)

@@ -12,11 +12,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_phases import GMMCleanser
 from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional import (
+    CleansingTracker,
     class_dependence,
     detection_metrics,
     fit_loss_mixture,
@@ -971,7 +973,9 @@ class _StateRecorder(pl.Callback):
         self.states: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.states[trainer.current_epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.states[trainer.current_epoch] = {
+            k: v.detach().clone() for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor)
+        }
 
 
 def _losses_at(state, ds, indices):
@@ -988,13 +992,14 @@ def _losses_at(state, ds, indices):
         )
 
 
-def _subset_run(tmp_path, *, epochs=25, ckpt=None, ckpt_path=None, search_samples=200):
+def _subset_run(tmp_path, *, epochs=25, ckpt=None, ckpt_path=None, search_samples=200, model=None, extra=()):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
     cleanser = GMMCleanser(every_n_epochs=1, patience=2, search_samples=search_samples)
     recorder = _StateRecorder()
     pl.seed_everything(0, verbose=False)
-    extra = [ckpt] if ckpt is not None else []
-    model = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.005)  # slow: the smoothed ΔL peaks at epoch 6
+    extra = [*extra, ckpt] if ckpt is not None else list(extra)
+    if model is None:
+        model = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.005)  # slow: the smoothed ΔL peaks at epoch 6
     tr = trainer(tmp_path, [recorder, cleanser, *extra], max_epochs=epochs, enable_checkpointing=ckpt is not None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1077,3 +1082,92 @@ def test_search_samples_is_checked():
     with pytest.raises(LightningPhasesError, match="search_samples"):
         GMMCleanser(search_samples=10)
     assert GMMCleanser(search_samples=None)._search_positions(10**6) is None
+
+
+@pytest.mark.parametrize("before,after", [(None, 200), (200, None)])
+def test_a_resume_that_changes_search_samples_flags_the_right_samples(tmp_path, before, after):
+    """The peak's flags are dataset indices whichever sample set the search ran on: a checkpoint of a search on
+    every sample (as every checkpoint before the subset search) resumed with the subset, and the reverse, flag
+    exactly as the uninterrupted run (the peak and t_c fall on the same epochs here)."""
+    _, whole, _, _, _ = _subset_run(tmp_path / "whole", search_samples=before)
+    assert whole.t_c_epoch is not None and whole.flagged_indices.numel() > 100
+    cut = whole.t_c_epoch + 1
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_epochs=1)
+    _, first, _, _, _ = _subset_run(tmp_path / "a", epochs=cut + 1, ckpt=ckpt, search_samples=before)
+    assert first.t_c_epoch is None and first.best_epoch == whole.t_c_epoch
+    _, resumed, _, _, _ = _subset_run(
+        tmp_path / "b", ckpt_path=str(tmp_path / "ck" / "last.ckpt"), search_samples=after
+    )
+    assert resumed.t_c_epoch == whole.t_c_epoch
+    assert torch.equal(resumed.flagged_indices, whole.flagged_indices)
+    with open(resumed.csv_path) as fh:
+        assert [int(row.split(",")[0]) for row in fh.read().splitlines()[1:]] == whole.flagged_indices.tolist()
+
+
+class _Tagged(nn.Module):
+    """A module whose ``get_extra_state`` is a plain dict (PyTorch allows any object)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta = {"version": 1}
+
+    def forward(self, x):
+        return x
+
+    def get_extra_state(self):
+        return self.meta
+
+    def set_extra_state(self, state) -> None:
+        self.meta = state
+
+
+class _TaggedClassifier(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__(dim=8, num_classes=4, hidden=32, lr=0.005)
+        self.tag = _Tagged()
+
+
+def test_a_module_with_non_tensor_extra_state_is_searched_on_a_subset(tmp_path):
+    _, plain, _, _, _ = _subset_run(tmp_path / "plain")
+    pl.seed_everything(0, verbose=False)  # the same initial weights as the plain run's network
+    model = _TaggedClassifier()
+    assert any(k.endswith("_extra_state") for k in model.state_dict())
+    _, cleanser, _, _, _ = _subset_run(tmp_path / "tagged", model=model)
+    assert cleanser.skipped == 0 and cleanser.t_c_epoch == plain.t_c_epoch
+    assert torch.equal(cleanser.flagged_indices, plain.flagged_indices)  # the same network, the same flags
+    assert model.tag.meta == {"version": 1}
+
+
+class _GrowsABuffer(pl.Callback):
+    """Registers a new buffer after ``epoch``: the module's state no longer fits the one kept at the peak."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            pl_module.register_buffer("grown", torch.ones(3))
+
+
+def test_a_module_changed_since_the_peak_keeps_training_and_flags_the_searched_samples(tmp_path):
+    _, whole, _, _, _ = _subset_run(tmp_path / "whole")
+    peak = whole.t_c_epoch
+    after = _StateRecorder()  # runs after the cleanser's measurement at each epoch end (the recorder before it)
+    ds, cleanser, recorder, model, _ = _subset_run(tmp_path / "grown", extra=[_GrowsABuffer(peak + 1), after])
+    assert cleanser.t_c_epoch == peak and cleanser.skipped == 1  # the pass at the peak's state: warned, skipped
+    # the flags fall back to those of the searched samples at the peak: a fit to their losses there
+    subset = cleanser._search_positions(600)
+    losses = _losses_at({k: v for k, v in recorder.states[peak].items() if k != "grown"}, ds, subset)
+    expected = subset[CleansingTracker(patience=2).capped_flags(fit_loss_mixture(losses, seed=0), losses, 4)]
+    assert len(set(expected.tolist()) ^ set(cleanser.flagged_indices.tolist())) <= 1
+    assert set(cleanser.flagged_indices.tolist()) <= set(subset.tolist())
+    # no measurement changed the module (the failed one at t_c included), and the CSV lists the searched
+    # samples' values at the peak
+    assert "grown" in after.states[peak + 2] and sorted(after.states) == sorted(recorder.states)
+    for epoch, state in after.states.items():
+        assert all(torch.equal(v, recorder.states[epoch][k]) for k, v in state.items()), epoch
+    with open(cleanser.csv_path) as fh:
+        rows = [row.split(",") for row in fh.read().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == cleanser.flagged_indices.tolist()
+    by_index = dict(zip(subset.tolist(), losses.tolist()))
+    assert all(float(r[1]) == pytest.approx(by_index[int(r[0])], rel=1e-4) for r in rows)
