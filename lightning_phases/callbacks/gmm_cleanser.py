@@ -135,7 +135,8 @@ class GMMCleanser(SafetyNet, Callback):
     kept or loaded (for example the module gained a buffer since), or the full pass fails, that is
     warned and counted, the module keeps its own state, and the flags (and ``gmm_flagged.csv``) are
     those of the searched samples at the peak. A run resumed with another ``search_samples`` flags
-    the right samples either way.
+    the right samples either way. So does a fit to every sample that the rules would not count as
+    bimodal (stated at t_c).
 
     **Schedule.** By default (``every_n_epochs=None``) the loss pass keeps within
     an overhead budget: the cleanser measures at the end of the first epoch
@@ -725,12 +726,20 @@ class GMMCleanser(SafetyNet, Callback):
             return None
         error: Exception | None = None
         try:
-            fit, _, truth, num_classes = self._fit(trainer, losses, given)
+            fit, dependence, truth, num_classes = self._fit(trainer, losses, given)
             flags = self.tracker.capped_flags(fit, losses, num_classes)
         except Exception as exc:
             error = exc
         if self._any_rank(trainer, pl_module, error is not None):
             self._skip(trainer, "the mixture fit over every sample at t_c", error or "it failed on another rank", epoch)
+            return None
+        rejected = self.tracker.rejection(fit, dependence)  # the same on every rank: the losses are all-reduced
+        if rejected is not None:
+            rank_zero_info(
+                f"GMMCleanser: the fit to every training sample at the peak is not bimodal ({rejected[1]}); the "
+                f"flags at t_c are those of the {int(self._candidate['positions'].numel()) if self._candidate else 0} "
+                "samples searched at the peak."
+            )
             return None
         self.tracker.flagged_indices = torch.nonzero(flags).flatten().cpu()
         self._candidate = {

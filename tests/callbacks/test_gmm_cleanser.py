@@ -1171,3 +1171,25 @@ def test_a_module_changed_since_the_peak_keeps_training_and_flags_the_searched_s
     assert [int(r[0]) for r in rows] == cleanser.flagged_indices.tolist()
     by_index = dict(zip(subset.tolist(), losses.tolist()))
     assert all(float(r[1]) == pytest.approx(by_index[int(r[0])], rel=1e-4) for r in rows)
+
+
+class _BimodalOnlyOnTheSubset(ScriptedCleanser):
+    """The scripted two populations on the searched samples; one Gaussian over every sample (the pass at t_c)."""
+
+    def _all_losses(self, trainer, pl_module, positions=None):
+        losses, given, pred = super()._all_losses(trainer, pl_module)
+        if positions is None:
+            gen = torch.Generator().manual_seed(99)
+            return 0.2 + 0.1 * torch.randn(losses.numel(), generator=gen, dtype=torch.float64), given, pred
+        return losses[positions], given[positions], pred[positions]
+
+
+def test_a_fit_to_every_sample_that_is_not_bimodal_keeps_the_searched_samples_flags(tmp_path, caplog):
+    cleanser = _BimodalOnlyOnTheSubset(patience=3, search_samples=100)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, cleanser)
+    assert cleanser.t_c_epoch == 3 and cleanser.skipped == 0
+    subset = cleanser._search_positions(300)
+    noisy = NoisyTensorDataset(n=300).is_noisy
+    assert torch.equal(cleanser.flagged_indices, subset[noisy[subset]])  # the searched mislabeled samples
+    assert "the fit to every training sample at the peak is not bimodal" in caplog.text
