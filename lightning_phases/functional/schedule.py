@@ -144,6 +144,11 @@ class BudgetSchedule:
         self.spent += cost
         self.last_train_time = float(train_time)
 
+    def bill(self, cost: float) -> None:
+        """A one-off cost that is not a measurement (setup work): it counts in ``spent``, and so against
+        the budget, but is not taken as the estimate of the next measurement's cost."""
+        self.spent += max(0.0, float(cost))
+
     def realised_overhead(self, train_time: float) -> float:
         """``spent / train_time`` (NaN before any training)."""
         return self.spent / train_time if train_time > 0 else math.nan

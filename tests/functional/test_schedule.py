@@ -44,6 +44,18 @@ def test_written_out_sequence():
     assert measured == [0, 8, 12, 18, 27, 41, 62, 93]
 
 
+def test_a_one_off_bill_counts_against_the_budget_but_not_as_the_next_cost():
+    # the written-out sequence above with 4 s of setup billed before training: measurement m + 1 (cost 1 s)
+    # now needs 4·(4 + m + 2) s of training → steps 24, 28, 32, ...; the spacing (≥ 1.5·s) → 24, 36, 54, 81
+    sched = BudgetSchedule(0.25, growth=0.5)
+    sched.bill(4.0)
+    assert (sched.spent, sched.last_cost, sched.num_measurements) == (4.0, 0.0, 0)
+    measured, train_time = _simulate(sched, lambda s: 1.0, lambda k: 1.0, 100)
+    assert measured == [0, 24, 36, 54, 81]
+    assert sched.spent == 4.0 + len(measured) and sched.last_cost == 1.0
+    assert sched.realised_overhead(train_time) == pytest.approx((4.0 + 5) / 100)
+
+
 @pytest.mark.parametrize("planned", [False, True])
 @pytest.mark.parametrize("overhead", [0.05, 0.1, 0.3])
 def test_overhead_within_budget_and_dense_early(overhead, planned):
