@@ -640,12 +640,11 @@ class GMMCleanser(SafetyNet, Callback):
                 self.tracker.peak_flags = positions[self.tracker.peak_flags]
                 self._candidate["positions"] = positions
                 self._keep_peak_state(trainer, pl_module)
-        scored = (fit, losses)  # the posterior (or losses) the logged AUROC is of
+        scored_fit, scored_losses = fit, losses  # the posterior (or losses) the logged AUROC is of
         if decision.confirmed and self._candidate is not None and "positions" in self._candidate:
             full = self._flag_every_sample(trainer, pl_module)
             if full is not None:
-                full_fit, full_losses, flags, truth = full
-                scored = (full_fit, full_losses)
+                scored_fit, scored_losses, flags, truth = full
         metrics = {
             keys.gmm("delta_L"): fit.delta_L,
             keys.gmm("threshold"): fit.threshold,
@@ -663,7 +662,6 @@ class GMMCleanser(SafetyNet, Callback):
             metrics[keys.gmm("class_dependence")] = dependence
         if truth is not None and 0 < int(truth[0].sum()) < truth[0].numel():
             det = detection_metrics(flags, truth[0])
-            scored_fit, scored_losses = scored
             finite = bool(torch.isfinite(scored_fit.posterior).all())
             scores = scored_fit.posterior if decision.bimodal and finite else scored_losses
             auroc = detection_metrics(scores.to(torch.float64), truth[0]).auroc
@@ -699,6 +697,10 @@ class GMMCleanser(SafetyNet, Callback):
         )
         self._peak_weights = None if self._any_rank(trainer, pl_module, failed) or not kept else kept[0]
 
+    def _num_searched(self) -> int:
+        """How many samples the subset search measured at the current peak."""
+        return int(self._candidate["positions"].numel()) if self._candidate else 0
+
     def _flag_every_sample(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[LossMixture, Tensor, Tensor, Any] | None:
@@ -715,7 +717,7 @@ class GMMCleanser(SafetyNet, Callback):
         if state is None:  # it could not be kept (warned then), or the checkpoint resumed from did not hold it
             rank_zero_info(
                 "GMMCleanser: the module's state at the peak is unknown, so the flags at t_c are those of the "
-                f"{int(self._candidate['positions'].numel()) if self._candidate else 0} samples searched at the peak."
+                f"{self._num_searched()} samples searched at the peak."
             )
             return None
         try:
@@ -737,8 +739,7 @@ class GMMCleanser(SafetyNet, Callback):
         if rejected is not None:
             rank_zero_info(
                 f"GMMCleanser: the fit to every training sample at the peak is not bimodal ({rejected[1]}); the "
-                f"flags at t_c are those of the {int(self._candidate['positions'].numel()) if self._candidate else 0} "
-                "samples searched at the peak."
+                f"flags at t_c are those of the {self._num_searched()} samples searched at the peak."
             )
             return None
         self.tracker.flagged_indices = torch.nonzero(flags).flatten().cpu()
@@ -866,33 +867,15 @@ def _module_state(module: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def _check_state_fits(module: torch.nn.Module, state: dict[str, Any]) -> None:
-    """Raise before anything is loaded when ``state`` does not have the module's keys and shapes."""
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    reshaped = [
-        k
-        for k in own
-        if k in state and isinstance(own[k], Tensor) and isinstance(state[k], Tensor) and own[k].shape != state[k].shape
-    ]
-    if missing or unexpected or reshaped:
-        raise LightningPhasesError(
-            "the module changed since the peak (missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}, reshaped {reshaped[:3]}), so its state there cannot be loaded"
-        )
-
-
 @contextlib.contextmanager
-def _module_state_loaded(module: torch.nn.Module, state: dict[str, Tensor] | None) -> Iterator[None]:
+def _module_state_loaded(module: torch.nn.Module, state: dict[str, Any]) -> Iterator[None]:
     """Within the block the module holds ``state`` (copied into its own tensors, so the optimizer's
-    references stay valid); afterwards its own state again. ``None``: the current state."""
-    if state is None:
-        yield
-        return
-    _check_state_fits(module, state)
+    references stay valid); afterwards its own state again, also when loading fails part of the way
+    (``load_state_dict`` copies every matching tensor before it raises on missing, unexpected or
+    reshaped keys)."""
     current = _module_state(module)
     try:
         module.load_state_dict(state)
         yield
-    finally:  # also after a load that failed part of the way
+    finally:
         module.load_state_dict(current)
