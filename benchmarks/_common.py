@@ -200,6 +200,7 @@ class PerSampleLossRecorder(pl.Callback):
         self.auroc: dict[int, float] = {}
         self.gap: dict[int, float] = {}
         self.losses: dict[int, torch.Tensor] = {}  # with keep=True: the per-sample losses [n] of every epoch
+        self.correct: dict[int, torch.Tensor] = {}  # with keep=True: argmax == served label [n] of every epoch
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         from sklearn.metrics import roc_auc_score
@@ -210,15 +211,18 @@ class PerSampleLossRecorder(pl.Callback):
             return
         was = pl_module.training
         pl_module.eval()
-        losses = []
+        losses, correct = [], []
         with torch.no_grad():
             for x, y in DataLoader(self.dataset, batch_size=self.batch_size):
-                losses.append(nn.functional.cross_entropy(pl_module(x), y, reduction="none"))
+                logits = pl_module(x)
+                losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
+                correct.append(logits.argmax(-1) == y)
         pl_module.train(was)
         loss = torch.cat(losses).double()
         epoch = trainer.current_epoch
         if self.keep:
             self.losses[epoch] = loss.float()
+            self.correct[epoch] = torch.cat(correct)
         if not bool(truth.any()) or bool(truth.all()):
             return
         self.auroc[epoch] = float(roc_auc_score(truth.numpy(), loss.numpy()))

@@ -278,6 +278,20 @@ class ValLossRecorder(pl.Callback):
             self.by_epoch[trainer.current_epoch] = float(trainer.callback_metrics["val_loss"])
 
 
+class LoggedRecorder(pl.Callback):
+    """The monitors' logged statistics (``split/*``, ``order/*``) as they stand at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, float]] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.by_epoch[trainer.current_epoch] = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("split/", "order/")) and torch.as_tensor(v).numel() == 1
+        }
+
+
 class ParameterRecorder(pl.Callback):
     """The flattened parameters after every training epoch (for replaying weight averages offline)."""
 
@@ -331,7 +345,7 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
     record = args.record is not None
     recorder, val_losses = TestAccuracyRecorder(test_loader), ValLossRecorder()
     losses = PerSampleLossRecorder(train, keep=record)
-    params = ParameterRecorder()
+    params, logged = ParameterRecorder(), LoggedRecorder()
     detector = PhaseDetector(verbose=False)
     tracker_inputs = record_tracker_inputs(detector)
     cleanser = GMMCleanser(action="flag", **({"every_n_epochs": 1} if args.every_epoch else {}))
@@ -346,7 +360,16 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
         seed,
         s.epochs,
         datamodule=dm,
-        callbacks=[*monitors, detector, cleanser, es, val_losses, recorder, losses, *([params] if record else [])],
+        callbacks=[
+            *monitors,
+            detector,
+            cleanser,
+            es,
+            val_losses,
+            recorder,
+            losses,
+            *([params, logged] if record else []),
+        ],
         limit_val_batches=1.0,
         logger=pl.loggers.CSVLogger(args.log_dir or os.path.join(os.getcwd(), "lightning_logs_generalization")),
     )
@@ -369,6 +392,8 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
             dict(
                 cell=(dataset, noise, rate, seed),
                 losses=torch.stack([losses.losses[e] for e in sorted(losses.losses)]),
+                correct=torch.stack([losses.correct[e] for e in sorted(losses.correct)]),
+                logged=[logged.by_epoch[e] for e in sorted(logged.by_epoch)],
                 truth=truth.clone(),
                 labels=train.noisy_targets.clone(),
                 test_acc=torch.tensor(curve),
@@ -520,6 +545,15 @@ def rescore_cell(r: dict, args) -> dict:
     return out
 
 
+def stop_bound(curve: list[float], oracle: float, early_stopping_acc: float, window: int = 5) -> tuple[int, float]:
+    """What bounds the stop target in one cell: the number of epochs whose test accuracy is within 1.5
+    points of the oracle and at least EarlyStopping's, and the best ``window``-epoch mean accuracy."""
+    met = sum(1 for a in curve if oracle - a <= 0.015 and a >= early_stopping_acc)
+    w = min(window, len(curve))
+    best = max(sum(curve[i : i + w]) / w for i in range(len(curve) - w + 1))
+    return met, best
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(values) / len(values) if values else math.nan
@@ -576,6 +610,25 @@ def report(rows: list[dict]) -> None:
             f"{100 * _mean([r['oracle'] - r['recommended_acc'] for r in stops]):.2f}, mean ES - kept "
             f"{100 * _mean([r['early_stopping_acc'] - r['recommended_acc'] for r in stops]):.2f} points"
         )
+        # what bounds it: how many epochs of the run would meet the target at all, and the best
+        # 5-epoch mean of the test accuracy (a stop that cannot see the test set lands on a window)
+        fractions = []
+        for r in stops:
+            if r in both:
+                continue
+            met, window = stop_bound(r["test_acc_curve"], r["oracle"], r["early_stopping_acc"])
+            fractions.append(met / len(r["test_acc_curve"]))
+            print(
+                f"   miss {r['dataset']}:{r['noise']}:{r['rho']:g}:{r['seed']}  kept {100 * r['recommended_acc']:.1f} "
+                f"oracle {100 * r['oracle']:.1f} ES {100 * r['early_stopping_acc']:.1f}  bound: {met}/"
+                f"{len(r['test_acc_curve'])} epochs meet it, best 5-epoch mean {100 * window:.1f}"
+            )
+        if fractions:
+            fractions.sort()
+            print(
+                f"   misses: median fraction of epochs that meet the target {fractions[len(fractions) // 2]:.3f}; "
+                f"under 10 % in {sum(f < 0.1 for f in fractions)}/{len(fractions)}"
+            )
         clean = [r for r in part if r["rho"] == 0]
         ok = [r for r in clean if r["flagged_fraction"] < 0.01 and r["phase_model"] == "two"]
         print(

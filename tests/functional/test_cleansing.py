@@ -15,6 +15,7 @@ from lightning_phases.functional import (
     class_dependence,
     default_max_fraction,
     excess_class_dependence,
+    fit_loss_mixture,
     symmetric_noise_class_dependence,
 )
 
@@ -321,3 +322,41 @@ def test_a_single_gaussian_split_in_two_is_not_bimodal_under_the_heavy_noise_rul
         assert (fit.bic_gain > 0) == bimodal
         assert (CleansingTracker().rejection(fit) is None) == bimodal
     assert 1.2 <= fit_loss_mixture(one).separation < 2  # D alone would have passed the heavy-noise bar
+
+
+def _hard_class_losses(high_mean: float, *, class_dependent: bool, seed: int, n: int = 4000):
+    """Clean-data-like losses: about 20 % of the samples high, either gathered in three "hard" classes
+    (45 % of those, 10 % of the rest: a weak network's misclassified samples) or independent of the class
+    (symmetric noise at the same rate). -> (losses [n], labels [n])."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    rate = torch.where(labels < 3, 0.45, 0.1) if class_dependent else torch.full((n,), 0.205)
+    high = torch.rand(n, generator=gen) < rate
+    low = 0.3 * torch.rand(n, generator=gen)
+    losses = torch.where(high, high_mean + 0.5 * torch.randn(n, generator=gen), low).abs().double()
+    return losses, labels
+
+
+@pytest.mark.parametrize("class_dependent", [True, False])
+def test_default_class_rule_rejects_hard_classes_of_clean_data(class_dependent):
+    # ΔL rises to index 2 and falls; the smoothed ΔL (EMA 0.5) peaks at index 3
+    means = [1.5, 2.0, 2.5, 2.3, 2.2, 2.1, 2.0]
+    default, old = CleansingTracker(), CleansingTracker(max_class_dependence=0.2)
+    values = []
+    for i, mean in enumerate(means):
+        losses, labels = _hard_class_losses(mean, class_dependent=class_dependent, seed=i)
+        fit = fit_loss_mixture(losses, seed=0)
+        dependence = excess_class_dependence(fit, labels)
+        values.append(dependence)
+        decision = default.update(fit, losses, dependence=dependence, step=i, epoch=i, num_classes=10)
+        if not old.confirmed:
+            old.update(fit, losses, dependence=dependence, step=i, epoch=i, num_classes=10)
+        assert decision.bimodal is not class_dependent
+        assert decision.rejection == ("class" if class_dependent else None)
+    if class_dependent:
+        # between the new default (0.1) and the old one (0.2): the old default flagged clean samples
+        assert all(0.1 < v < 0.2 for v in values), values
+        assert not default.confirmed and old.confirmed and old.t_c_epoch == 3
+    else:
+        assert all(v < 0.05 for v in values), values
+        assert default.confirmed and default.t_c_epoch == 3
