@@ -545,10 +545,15 @@ def rescore_cell(r: dict, args) -> dict:
     return out
 
 
+def meets_stop_target(acc: float, oracle: float, early_stopping_acc: float) -> bool:
+    """Issue 15's stop target: within 1.5 points of the oracle and at least EarlyStopping's accuracy."""
+    return oracle - acc <= 0.015 and acc >= early_stopping_acc
+
+
 def stop_bound(curve: list[float], oracle: float, early_stopping_acc: float, window: int = 5) -> tuple[int, float]:
-    """What bounds the stop target in one cell: the number of epochs whose test accuracy is within 1.5
-    points of the oracle and at least EarlyStopping's, and the best ``window``-epoch mean accuracy."""
-    met = sum(1 for a in curve if oracle - a <= 0.015 and a >= early_stopping_acc)
+    """What bounds the stop target in one cell: the number of epochs that meet it
+    (:func:`meets_stop_target`) and the best ``window``-epoch mean accuracy."""
+    met = sum(meets_stop_target(a, oracle, early_stopping_acc) for a in curve)
     w = min(window, len(curve))
     best = max(sum(curve[i : i + w]) / w for i in range(len(curve) - w + 1))
     return met, best
@@ -603,7 +608,7 @@ def report(rows: list[dict]) -> None:
         stops = [r for r in part if r["rho"] > 0]
         close = [r for r in stops if r["oracle"] - r["recommended_acc"] <= 0.015]
         ahead = [r for r in stops if r["recommended_acc"] >= r["early_stopping_acc"]]
-        both = [r for r in stops if r in close and r in ahead]
+        both = [r for r in stops if meets_stop_target(r["recommended_acc"], r["oracle"], r["early_stopping_acc"])]
         print(
             f"stop within 1.5 of the oracle {len(close)}/{len(stops)}, at least EarlyStopping {len(ahead)}/{len(stops)}, "
             f"both {len(both)}/{len(stops)}; mean oracle - kept "
@@ -614,7 +619,7 @@ def report(rows: list[dict]) -> None:
         # 5-epoch mean of the test accuracy (a stop that cannot see the test set lands on a window)
         fractions = []
         for r in stops:
-            if r in both:
+            if meets_stop_target(r["recommended_acc"], r["oracle"], r["early_stopping_acc"]):
                 continue
             met, window = stop_bound(r["test_acc_curve"], r["oracle"], r["early_stopping_acc"])
             fractions.append(met / len(r["test_acc_curve"]))
