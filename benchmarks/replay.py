@@ -35,7 +35,11 @@ import torch  # noqa: E402
 from _common import accuracy  # noqa: E402
 
 from lightning_phases.functional import detection_metrics, fit_loss_mixture  # noqa: E402
-from lightning_phases.functional.cleansing import CleansingTracker, excess_class_dependence  # noqa: E402
+from lightning_phases.functional.cleansing import (  # noqa: E402
+    CleansingTracker,
+    class_wise_flags,
+    excess_class_dependence,
+)
 from lightning_phases.functional.phases import PhaseTracker  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -81,7 +85,32 @@ def fits(rec: dict):
     return out
 
 
-def replay_cleansing(rec: dict, epochs: list[int] | None = None, return_flags: bool = False, **tracker_kwargs) -> dict:
+def flags_at(rec: dict, epoch: int, tracker: CleansingTracker | None = None, class_wise: bool = True) -> torch.Tensor:
+    """GMMCleanser's flags at ``t_c = epoch`` from the recorded losses of that epoch: one mixture per given
+    class (``class_wise``, the default) or the global fit's, capped as ``tracker`` (default settings) caps."""
+    tracker = tracker or CleansingTracker()
+    fit, _ = fits(rec)[epoch]
+    losses = rec["losses"][epoch].double()
+    cap = tracker.cap_fraction(rec["num_classes"])
+    if class_wise:
+        return class_wise_flags(losses, rec["labels"], fit, max_fraction=cap)[0]
+    return tracker.capped_flags(fit, losses, rec["num_classes"])
+
+
+def best_threshold_f1(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """The oracle bound of a loss threshold: the largest F1 of flagging the k highest scores, over every k."""
+    hits = truth[torch.argsort(scores, descending=True)].double()
+    k = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
+    return float((2 * torch.cumsum(hits, 0) / (k + hits.sum())).max())
+
+
+def replay_cleansing(
+    rec: dict,
+    epochs: list[int] | None = None,
+    return_flags: bool = False,
+    class_wise: bool = True,
+    **tracker_kwargs,
+) -> dict:
     tracker = CleansingTracker(**tracker_kwargs)
     all_fits = fits(rec)
     for e in epochs if epochs is not None else range(len(all_fits)):
@@ -92,7 +121,10 @@ def replay_cleansing(rec: dict, epochs: list[int] | None = None, return_flags: b
     n = rec["losses"].shape[1]
     flags = torch.zeros(n, dtype=torch.bool)
     if tracker.confirmed:
-        flags[tracker.flagged_indices] = True
+        if class_wise:
+            flags = flags_at(rec, tracker.t_c_epoch, tracker)
+        else:
+            flags[tracker.flagged_indices] = True
     truth = rec["truth"]
     res = dict(t_c=tracker.t_c_epoch, flagged=float(flags.float().mean()))
     if return_flags:
@@ -193,6 +225,13 @@ def main() -> None:
         help="cleansing: only the records with more samples, each on a fixed random subset of this many",
     )
     parser.add_argument(
+        "--at-runs",
+        default=None,
+        help="generalization.py --out file of these recorded runs: detection at their t_c (global vs class-wise) "
+        "and the oracle bounds of a loss threshold",
+    )
+    parser.add_argument("--cleanlab", default=None, help="with --at-runs: --out file whose cells carry cleanlab's F1")
+    parser.add_argument(
         "--compare",
         default=None,
         help="generalization.py --out file of the same runs: GMMCleanser at its budget there vs every epoch here",
@@ -203,6 +242,9 @@ def main() -> None:
     print(f"{len(recs)} records")
     if args.compare:
         compare_schedules(recs, args.compare)
+        return
+    if args.at_runs:
+        flags_at_runs(recs, args.at_runs, args.cleanlab)
         return
     if args.what in ("phases", "both"):
         for name, kw in PHASE_VARIANTS.items():
@@ -249,6 +291,72 @@ def main() -> None:
             )
 
 
+def _read_runs(path: str) -> dict[str, dict]:
+    import json
+
+    runs = {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            runs[f"{r['dataset']}:{r['noise']}:{r['rho']:g}:{r['seed']}"] = r
+    return runs
+
+
+def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None) -> None:
+    """Detection at the t_c of real runs (``generalization.py --record --out FILE``): the global threshold
+    and one mixture per class on the recorded losses of that epoch, the oracle bounds of a loss threshold
+    (at that epoch; at any epoch), and cleanlab's F1 (``--cleanlab FILE``: ``--out`` lines with ``cleanlab``)."""
+    runs = _read_runs(path)
+    cleanlab = _read_runs(cleanlab_path) if cleanlab_path else {}
+    print(f"{'cell':<30s} t_c | run F1 global class-wise | oracle at t_c, anywhere | cleanlab")
+    groups: dict[tuple, list[tuple]] = {}
+    rho0 = []
+    for rec in recs:
+        run = runs.get(rec["name"])
+        if run is None:
+            continue
+        t_c, truth = run["t_c_epoch"], rec["truth"]
+        dataset, noise, rate, _ = rec["cell"]
+        if rate == 0:
+            rho0.append(0.0 if t_c is None else float(flags_at(rec, t_c).float().mean()))
+            continue
+        anywhere = max(best_threshold_f1(rec["losses"][e].double(), truth) for e in range(rec["losses"].shape[0]))
+        if t_c is None:
+            row = (0.0, 0.0, 0.0, math.nan, anywhere)
+        else:
+            row = (
+                (run["gmm"] or {}).get("f1", 0.0),
+                detection_metrics(flags_at(rec, t_c, class_wise=False), truth).f1,
+                detection_metrics(flags_at(rec, t_c), truth).f1,
+                best_threshold_f1(rec["losses"][t_c].double(), truth),
+                anywhere,
+            )
+        cl = (cleanlab.get(rec["name"]) or {}).get("cleanlab") or {}
+        row = (*row, cl.get("f1", math.nan))
+        groups.setdefault((dataset, noise, rate), []).append(row)
+        print(
+            f"{rec['name']:<30s} {str(t_c):>3s} | {row[0]:.3f} {row[1]:.3f} {row[2]:.3f} | {row[3]:.3f} {row[4]:.3f} | "
+            f"{row[5]:.3f}"
+        )
+    print("\nmean over seeds at rho 0.2 / 0.4: global, class-wise, oracle threshold at t_c, at any epoch | cleanlab")
+    wins = [0, 0]
+    counted = 0
+    for key, rows in sorted(groups.items()):
+        if key[2] not in (0.2, 0.4):
+            continue
+        m = [sum(r[i] for r in rows) / len(rows) for i in range(6)]
+        counted += 1
+        wins[0] += m[1] >= m[5]
+        wins[1] += m[2] >= m[5]
+        print(
+            f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}  {m[1]:.3f} {m[2]:.3f}  {m[3]:.3f} {m[4]:.3f} | {m[5]:.3f}"
+            f"  {'ok' if m[2] >= m[5] else 'behind'}{'' if m[4] >= m[5] else ' (bounded: no loss threshold of any epoch reaches it)'}"
+        )
+    print(f"at least cleanlab's: global {wins[0]}/{counted}, class-wise {wins[1]}/{counted}")
+    if rho0:
+        print(f"rho = 0: max flagged (class-wise, at the runs' t_c) {max(rho0):.3f} over {len(rho0)} cells")
+
+
 def compare_schedules(recs: list[dict], path: str) -> None:
     """GMMCleanser's decision under its default budget (the recorded run) against every epoch (this replay)."""
     import json
@@ -290,8 +398,9 @@ CLEANSING_VARIANTS: dict[str, dict] = {
     "old": {"max_fraction": 0.5, "heavy_noise_separation": None},  # the defaults before issue 15's tuning
     "cap(C-1)/C": {"heavy_noise_separation": None},
     **{f"cap+heavy{h}": {"heavy_noise_separation": h} for h in (1.0, 1.4)},
-    "default": {},  # the shipped defaults
-    **{f"cd{c}": {"max_class_dependence": c} for c in (0.2, 0.15, 0.05)},
+    "default": {},  # the shipped defaults (flags at t_c from one mixture per class)
+    "global": {"class_wise": False},  # the global threshold l_c at t_c (before class_wise)
+    **{f"cd{c}": {"max_class_dependence": c, "class_wise": False} for c in (0.2, 0.15, 0.05)},  # README table
     "heavy1.2w0.2": {"heavy_noise_weight": 0.2},
     **{f"cap+sep{h}": {"heavy_noise_separation": None, "min_separation": h} for h in (1.6, 1.8)},
     "cap+cd0.1": {"heavy_noise_separation": None, "max_class_dependence": 0.1},

@@ -7,6 +7,7 @@ it never imports Lightning, so it can be used from any training loop.
 from lightning_phases.functional.cleansing import (
     CleansingDecision,
     CleansingTracker,
+    class_wise_flags,
     default_max_fraction,
     excess_class_dependence,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "detection_metrics",
     "CleansingTracker",
     "CleansingDecision",
+    "class_wise_flags",
     "excess_class_dependence",
     "default_max_fraction",
     "PhaseTracker",

@@ -20,6 +20,7 @@ from lightning_phases.errors import LightningPhasesError
 from lightning_phases.functional import (
     CleansingTracker,
     class_dependence,
+    class_wise_flags,
     detection_metrics,
     fit_loss_mixture,
     symmetric_noise_class_dependence,
@@ -560,6 +561,31 @@ def test_real_training_finds_the_mislabeled_samples(tmp_path):
     assert cleanser._num_outputs == 4  # seen in the loss pass: the class check knows these are class labels
 
 
+def test_class_wise_flags_at_t_c_in_a_real_run(tmp_path):
+    """Two cleansers watch one run: the class-wise one flags what one mixture per class of the peak's
+    losses flags (functional.class_wise_flags), the other the global fit's flags; the t_c is the same."""
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
+    per_class = GMMCleanser(every_n_epochs=1, patience=2)  # class_wise=True is the default
+    global_ = GMMCleanser(every_n_epochs=1, patience=2, class_wise=False)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [per_class, global_], max_epochs=25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=32))
+    assert per_class.t_c_epoch is not None and per_class.t_c_epoch == global_.t_c_epoch
+    cand, fit = global_._candidate, global_._candidate_fit
+    assert torch.equal(global_._candidate["losses"], per_class._candidate["losses"])
+    assert sorted(global_.flagged_indices.tolist()) == torch.nonzero(fit.flags).flatten().tolist()  # under the cap
+    expected, posterior = class_wise_flags(cand["losses"], cand["given"].long(), fit, max_fraction=0.75)
+    assert sorted(per_class.flagged_indices.tolist()) == torch.nonzero(expected).flatten().tolist()
+    assert not torch.equal(expected, fit.flags)  # the classes' thresholds differ from the global one here
+    assert torch.allclose(per_class._candidate["posterior"], posterior)  # the CSV's posterior column
+    flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, per_class.flagged_indices, True)
+    # logged at t_c (both cleansers log under the same keys: each one's own values are in .last)
+    assert math.isclose(per_class.last["gmm/f1"], detection_metrics(flags, ds.is_noisy).f1, rel_tol=1e-6)
+    assert per_class.last["gmm/f1"] > global_.last["gmm/f1"]
+
+
 def test_clean_data_flags_almost_nothing(tmp_path):
     ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.0, seed=1)
     cleanser = GMMCleanser(every_n_epochs=1, patience=2)
@@ -595,6 +621,7 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(seed=-1), "seed"),
         (dict(loss_fn="ce"), "loss_fn"),
         (dict(normalize="yes"), "normalize"),
+        (dict(class_wise="yes"), "class_wise"),
     ],
 )
 def test_bad_arguments(kwargs, match):

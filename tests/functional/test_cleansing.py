@@ -13,7 +13,9 @@ from lightning_phases.functional import (
     CleansingTracker,
     LossMixture,
     class_dependence,
+    class_wise_flags,
     default_max_fraction,
+    detection_metrics,
     excess_class_dependence,
     fit_loss_mixture,
     symmetric_noise_class_dependence,
@@ -360,3 +362,59 @@ def test_default_class_rule_rejects_hard_classes_of_clean_data(class_dependent):
     else:
         assert all(v < 0.05 for v in values), values
         assert default.confirmed and default.t_c_epoch == 3
+
+
+def _two_difficulties(n_per_class: int = 400, rate: float = 0.3, seed: int = 0):
+    """An easy class (clean losses ~0.2, mislabeled ~1.2) and a hard one (clean ~1.0, mislabeled ~2.2)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(2 * n_per_class) % 2
+    noisy = torch.rand(2 * n_per_class, generator=gen) < rate
+    clean_level = torch.where(labels == 0, 0.2, 1.0).double()
+    losses = clean_level + 1.0 * noisy + 0.08 * torch.randn(2 * n_per_class, generator=gen, dtype=torch.float64)
+    return losses, labels, noisy
+
+
+def test_class_wise_flags_are_each_class_fitted_on_its_own():
+    losses, labels, noisy = _two_difficulties()
+    global_fit = fit_loss_mixture(losses, seed=0)
+    flags, posterior = class_wise_flags(losses, labels, global_fit, max_fraction=0.5)
+    for c in (0, 1):  # the reference: one fit per class, written out
+        members = torch.nonzero(labels == c).flatten()
+        fit = fit_loss_mixture(losses[members], seed=0)
+        assert torch.equal(flags[members], fit.flags)
+        assert torch.allclose(posterior[members], fit.posterior)
+    # one threshold for both classes cannot separate the easy class's mislabeled (1.2) from the hard
+    # class's clean (1.0) samples; a threshold per class does
+    assert detection_metrics(flags, noisy).f1 == 1.0
+    assert detection_metrics(global_fit.flags, noisy).f1 < 0.8
+
+
+def test_class_wise_flags_fall_back_to_the_global_fit_and_keep_the_cap():
+    losses, labels, noisy = _two_difficulties()
+    labels = labels.clone()
+    labels[:10] = 2  # a class of 10 samples: below min_class_size, it keeps the global flags
+    labels[10:40] = 3
+    losses[10:40] = 0.5  # a class of constant losses: cannot be fitted, keeps the global flags
+    global_fit = fit_loss_mixture(losses, seed=0)
+    flags, posterior = class_wise_flags(losses, labels, global_fit, max_fraction=0.5, min_class_size=20)
+    assert torch.equal(flags[:40], global_fit.flags[:40])
+    assert torch.equal(posterior[:40], global_fit.posterior[:40])
+    # the cap: the highest posteriors (ties by the higher loss) of the uncapped class-wise flags
+    uncapped, post = class_wise_flags(losses, labels, global_fit, max_fraction=1.0)
+    capped, _ = class_wise_flags(losses, labels, global_fit, max_fraction=0.1)
+    cap = math.floor(0.1 * losses.numel())
+    assert int(uncapped.sum()) > cap and int(capped.sum()) == cap
+    top = sorted(range(losses.numel()), key=lambda i: (-float(post[i]), -float(losses[i]), i))[:cap]
+    assert sorted(torch.nonzero(capped).flatten().tolist()) == sorted(top)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match", [(dict(min_class_size=1), "min_class_size"), (dict(labels_len=5), "one length")]
+)
+def test_class_wise_flags_bad_arguments(kwargs, match):
+    losses, labels, _ = _two_difficulties(n_per_class=20)
+    fit = fit_loss_mixture(losses, seed=0)
+    if "labels_len" in kwargs:
+        labels = labels[: kwargs.pop("labels_len")]
+    with pytest.raises(LightningPhasesError, match=match):
+        class_wise_flags(losses, labels, fit, max_fraction=0.5, **kwargs)
