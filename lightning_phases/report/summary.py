@@ -505,8 +505,12 @@ def _summary(data: RunData, spans, model: str, notes: list[str]) -> dict[str, An
     rec = _int_or_none(data.last(keys.phase("recommended_step")))
     cleansing: dict[str, Any] = {}
     if t_c is not None:
-        for key in ("num_flagged", "precision", "recall", "f1", "auroc", "delta_L", "threshold"):
+        for key in ("delta_L", "threshold"):
             cleansing[key] = data.at(keys.gmm(key), t_c)  # the values of the fit at t_c
+        # the flags are final only at the confirmation, the cleanser's last measurement (per class, or from
+        # every sample after a subset search): their count and quality are the last logged values
+        for key in ("num_flagged", "precision", "recall", "f1", "auroc"):
+            cleansing[key] = data.last(keys.gmm(key))
     final = {
         tag: pts[-1][1]
         for tag, pts in data.scalars.items()
