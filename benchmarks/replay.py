@@ -292,6 +292,7 @@ def main() -> None:
 
 
 def _read_runs(path: str) -> dict[str, dict]:
+    """``generalization.py --out`` lines by cell name (``dataset:noise:rho:seed``)."""
     import json
 
     runs = {}
@@ -359,13 +360,7 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
 
 def compare_schedules(recs: list[dict], path: str) -> None:
     """GMMCleanser's decision under its default budget (the recorded run) against every epoch (this replay)."""
-    import json
-
-    runs = {}
-    with open(path) as fh:
-        for line in fh:
-            r = json.loads(line)
-            runs[f"{r['dataset']}:{r['noise']}:{r['rho']:g}:{r['seed']}"] = r
+    runs = _read_runs(path)
     print(f"{'cell':<28s} | budget t_c  F1   | every epoch t_c  F1")
     pairs = []
     for rec in recs:

@@ -590,6 +590,10 @@ class GMMCleanser(SafetyNet, Callback):
             return None
         return labels if 2 * torch.unique(labels).numel() <= labels.numel() else None
 
+    def _num_classes(self, labels: Tensor) -> int:
+        """The number of classes of class-label targets: the model's outputs, or the labels seen if more."""
+        return max(self._num_outputs or 0, int(torch.unique(labels).numel()))
+
     @property
     def _fit_seed(self) -> int:
         """scikit-learn's ``random_state`` of every mixture fit (``seed``, hashed into its range from 2**32 on)."""
@@ -614,7 +618,7 @@ class GMMCleanser(SafetyNet, Callback):
             torch.arange(losses.numel()) if positions is None else positions,
             getattr(trainer, "datamodule", None),
         )
-        num_classes = None if labels is None else max(self._num_outputs or 0, int(torch.unique(labels).numel()))
+        num_classes = None if labels is None else self._num_classes(labels)
         return fit, dependence, truth, num_classes
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -667,7 +671,9 @@ class GMMCleanser(SafetyNet, Callback):
             if refined is not None:
                 flags = refined
                 if truth is not None and truth[0].numel() != flags.numel():
-                    truth = None  # the subset's ground truth; the flags are every sample's
+                    # this measurement searched a subset but the peak was every sample's (a resume that
+                    # changed search_samples): the subset's ground truth does not score these flags
+                    truth = None
         metrics = {
             keys.gmm("delta_L"): fit.delta_L,
             keys.gmm("threshold"): fit.threshold,
@@ -790,7 +796,6 @@ class GMMCleanser(SafetyNet, Callback):
         if labels is None:
             return None
         out: list[tuple[Tensor, Tensor]] = []
-        num_classes = max(self._num_outputs or 0, int(torch.unique(labels).numel()))
         failed = self._attempt(
             trainer,
             "the class-wise mixture fits at t_c",
@@ -799,7 +804,7 @@ class GMMCleanser(SafetyNet, Callback):
                     cand["losses"],
                     labels,
                     fit,
-                    max_fraction=self.tracker.cap_fraction(num_classes),
+                    max_fraction=self.tracker.cap_fraction(self._num_classes(labels)),
                     seed=self._fit_seed,
                     normalize=self.normalize,
                     clip_percentiles=self.clip_percentiles,

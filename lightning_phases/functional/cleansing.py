@@ -142,10 +142,10 @@ def class_wise_flags(
         with warnings.catch_warnings():  # a constant class: it keeps the global flags (said in the docstring)
             warnings.simplefilter("ignore", PhaseStatisticsWarning)
             fit = fit_loss_mixture(loss[members], seed=seed, normalize=normalize, clip_percentiles=clip_percentiles)
-        if not (math.isfinite(fit.threshold) and bool(torch.isfinite(fit.posterior).all())):
+        if not bool(torch.isfinite(fit.posterior).all()):  # unfitted (NaN fields)
             continue
-        flags[members] = fit.flags.cpu()
-        posterior[members] = fit.posterior.to("cpu", torch.float64)
+        flags[members] = fit.flags
+        posterior[members] = fit.posterior
     return _capped(flags, posterior, loss, max_fraction), posterior
 
 
