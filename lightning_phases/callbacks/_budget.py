@@ -159,15 +159,12 @@ class MeasurementBudget:
         return bool(decision)
 
     @contextmanager
-    def timed(self, trainer: pl.Trainer, *, one_off: bool = False) -> Iterator[None]:
+    def timed(self, trainer: pl.Trainer) -> Iterator[None]:
         """Time the block as (part of) the measurement at the current step.
 
         On a GPU the device is synchronised before and after, so queued
         training kernels are not billed to the measurement and its own
         kernels are. After the block the next planned step is updated.
-        ``one_off=True``: the block is setup work, not a measurement; its
-        time counts against the budget (:meth:`BudgetSchedule.bill`) and in
-        :attr:`spent`, and nothing else changes.
         """
         self.start()
         gpu = _on_gpu(trainer)
@@ -181,15 +178,12 @@ class MeasurementBudget:
                 torch.cuda.synchronize()
             cost = time.perf_counter() - start
             self._spent_here += cost
-            if one_off:
-                self.schedule.bill(cost)
-            else:
-                step = int(trainer.global_step)
-                self.schedule.record(step=step, cost=cost, train_time=self.train_time())
-                if self.budgeted:
-                    # the plan must be the same on every rank: the earliest step the spacing allows (a
-                    # function of the step alone); rank 0 looks at its clock only when that step comes
-                    self._plan = self.schedule.earliest_step()
+            step = int(trainer.global_step)
+            self.schedule.record(step=step, cost=cost, train_time=self.train_time())
+            if self.budgeted:
+                # the plan must be the same on every rank: the earliest step the spacing allows (a
+                # function of the step alone); rank 0 looks at its clock only when that step comes
+                self._plan = self.schedule.earliest_step()
 
     # ------------------------------------------------------------------ reporting and state
     def summary(self, name: str) -> str:

@@ -56,7 +56,7 @@ class GMMCleanser(SafetyNet, Callback):
     SPEC.md §4 (Feng & Tu 2021, section 5). On its schedule the cleanser
     computes the loss of every training sample (eval mode, batched, no
     gradients; sharded across ranks and summed), fits
-    ``l ~ (1−r)N(m_c, s_c²) + r N(m_w, s_w²)`` with scikit-learn, and tracks
+    ``l ~ (1−r)N(m_c, s_c²) + r N(m_w, s_w²)`` by EM, and tracks
     ``ΔL = m_w − m_c``. The cleansing time ``t_c`` is the peak of ``ΔL``,
     confirmed once ``patience`` further bimodal fits have not exceeded it
     (measurements before ``warmup_epochs`` are ignored). The peak is taken on
@@ -211,8 +211,8 @@ class GMMCleanser(SafetyNet, Callback):
             DataLoader's ``collate_fn`` and casts floating inputs under true-precision plugins, like the
             monitors' probe. A DataLoader whose sampler serves only part of its dataset is refused (warned
             once, skipped): pass a ``Subset`` instead, so that no never-trained sample can be flagged.
-        seed: ``random_state`` of the mixture fit, any non-negative int (from ``2**32`` on it is hashed
-            into scikit-learn's range).
+        seed: Seed of the mixture fit's random starts (``n_init > 1`` only), any non-negative int (from
+            ``2**32`` on it is hashed into ``[0, 2**32)``).
         clip_percentiles, normalize: Passed to :func:`~lightning_phases.functional.fit_loss_mixture`.
         smoothing: EMA weight of the newest ΔL in the peak search, in ``(0, 1]`` (1: raw ΔL).
 
@@ -427,13 +427,7 @@ class GMMCleanser(SafetyNet, Callback):
                 self.removed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # One-off costs (importing scikit-learn, its first fit; 1.5 s where nothing imported scikit-learn
-        # before): counted against the budget, but not as a measurement -- billed to the first measurement
-        # they made it cost ~7x the next ones on digits (0.30 s vs 0.04 s), and the budget takes the last
-        # cost as the estimate of the next, which delayed the second fit by tens of epochs.
         self.budget.start()  # the budget's training clock starts with training (not at the first epoch end)
-        with self.budget.timed(trainer, one_off=True), contextlib.suppress(Exception):
-            fit_loss_mixture(torch.linspace(0.0, 1.0, 64, dtype=torch.float64), seed=0)  # a failure shows later
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -596,7 +590,7 @@ class GMMCleanser(SafetyNet, Callback):
 
     @property
     def _fit_seed(self) -> int:
-        """scikit-learn's ``random_state`` of every mixture fit (``seed``, hashed into its range from 2**32 on)."""
+        """The seed of every mixture fit (``seed``, hashed into ``[0, 2**32)`` from 2**32 on)."""
         return self.seed if self.seed < 2**32 else derived_seed(self.seed, "gmm") % 2**32
 
     def _fit(

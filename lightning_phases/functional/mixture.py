@@ -1,8 +1,8 @@
 """Two-component loss mixture, cleansing threshold and detection metrics.
 
 SPEC.md §4 (Feng & Tu 2021, section 5). The per-sample training losses are
-fitted with ``l ~ (1−r)·N(m_c, s_c²) + r·N(m_w, s_w²)`` (scikit-learn's
-``GaussianMixture``); the component with the larger mean is the mislabeled
+fitted with ``l ~ (1−r)·N(m_c, s_c²) + r·N(m_w, s_w²)`` (EM in numpy, the
+steps of scikit-learn's ``GaussianMixture``); the component with the larger mean is the mislabeled
 one and ``ΔL = m_w − m_c``. The threshold ``l_c`` is where the two weighted
 densities are equal between the means (falling back to ``(m_c + m_w)/2``);
 samples with loss above it are flagged.
@@ -127,6 +127,100 @@ def _nan_mixture(n: int, device: torch.device) -> LossMixture:
     )
 
 
+@dataclass(frozen=True)
+class _Gaussians2:
+    """Two fitted 1-D Gaussians (weights, means, variances ``[2]``) and the mean log-likelihood."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+    mean_log_likelihood: float
+    converged: bool
+
+    def log_weighted(self, z: np.ndarray) -> np.ndarray:
+        """``log w_k + log N(z; m_k, v_k)``, ``[n, 2]``."""
+        return (
+            np.log(self.weights)
+            - 0.5 * (math.log(2 * math.pi) + np.log(self.variances))
+            - 0.5 * (z[:, None] - self.means) ** 2 / self.variances
+        )
+
+
+def _two_means_split(z: np.ndarray) -> np.ndarray:
+    """Responsibilities ``[n, 2]`` of the optimal two-means partition of 1-D ``z`` (at least two values).
+
+    The exact minimum of the within-cluster sum of squares (what k-means looks for): over the splits of
+    the sorted values between distinct neighbours, the one maximising ``S₁²/k + S₂²/(n − k)``.
+    """
+    order = np.sort(z)
+    n = order.shape[0]
+    prefix = np.cumsum(order)[:-1]  # the sums of the k smallest, k = 1 .. n-1
+    k = np.arange(1, n, dtype=np.float64)
+    score = prefix**2 / k + (order.sum() - prefix) ** 2 / (n - k)
+    score[order[1:] <= order[:-1]] = -np.inf  # equal values stay together
+    cut = order[int(np.argmax(score)) + 1]
+    upper = (z >= cut).astype(np.float64)
+    return np.stack([1.0 - upper, upper], axis=1)
+
+
+def _m_step(z: np.ndarray, resp: np.ndarray, reg_covar: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nk = resp.sum(axis=0) + 10 * np.finfo(np.float64).eps
+    means = (resp * z[:, None]).sum(axis=0) / nk  # elementwise: no BLAS pool
+    variances = (resp * (z[:, None] - means) ** 2).sum(axis=0) / nk + reg_covar
+    return nk / nk.sum(), means, variances
+
+
+def _em_from(z: np.ndarray, resp: np.ndarray, *, max_iter: int, tol: float, reg_covar: float) -> _Gaussians2:
+    """EM from the start responsibilities ``resp`` ``[n, 2]`` until the mean log-likelihood changes by less
+    than ``tol`` (``mean_log_likelihood``: the value at the last E step, scikit-learn's lower bound)."""
+    weights, means, variances = _m_step(z, resp, reg_covar)
+    lower, converged = -math.inf, False
+    for _ in range(max_iter):
+        log_w = _Gaussians2(weights, means, variances, lower, converged).log_weighted(z)
+        norm = np.logaddexp(log_w[:, 0], log_w[:, 1])
+        weights, means, variances = _m_step(z, np.exp(log_w - norm[:, None]), reg_covar)
+        previous, lower = lower, float(norm.mean())
+        if abs(lower - previous) < tol:
+            converged = True
+            break
+    return _Gaussians2(weights, means, variances, lower, converged)
+
+
+def _em_two_gaussians(
+    z: np.ndarray, *, max_iter: int, tol: float, reg_covar: float, n_init: int, seed: int
+) -> _Gaussians2:
+    """EM for a two-component 1-D Gaussian mixture, with the steps of ``sklearn.mixture.GaussianMixture``.
+
+    The same E and M steps as scikit-learn's ``covariance_type="full"`` fit, in numpy without importing
+    scikit-learn (its import and first fit cost 0.15-0.6 s, more than a whole loss pass on small data).
+    Two deterministic starts cover the two ways two Gaussians on a line differ from one: by location
+    (the optimal two-means partition of ``z``, what scikit-learn's k-means start looks for) and by scale
+    (the optimal two-means partition of ``|z - median|``: a narrow core and wide shoulders); ``n_init - 1``
+    random responsibilities drawn from ``seed`` follow. The fit with the highest likelihood is kept
+    (scikit-learn's rule for its ``n_init`` starts), so a worse local optimum of one start is not returned
+    when the other finds a better one.
+    """
+    rng = np.random.default_rng(seed)
+    starts = [_two_means_split(z)]
+    deviation = np.abs(z - np.median(z))
+    if np.unique(deviation).shape[0] > 1:
+        starts.append(_two_means_split(deviation))
+    best: _Gaussians2 | None = None
+    for start in range(len(starts) + n_init - 1):
+        if start < len(starts):
+            resp = starts[start]
+        else:
+            resp = rng.uniform(size=(z.shape[0], 2))
+            resp /= resp.sum(axis=1, keepdims=True)
+        fitted = _em_from(z, resp, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
+        if best is None or fitted.mean_log_likelihood > best.mean_log_likelihood:
+            best = fitted
+    assert best is not None  # at least the location start
+    final = best.log_weighted(z)  # the likelihood at the returned parameters (scikit-learn's score)
+    norm = np.logaddexp(final[:, 0], final[:, 1])
+    return _Gaussians2(best.weights, best.means, best.variances, float(norm.mean()), best.converged)
+
+
 def fit_loss_mixture(
     losses: Tensor,
     *,
@@ -147,10 +241,14 @@ def fit_loss_mixture(
         clip_percentiles: e.g. ``(5, 95)`` to clip the losses to those
             percentiles before fitting (Arazo et al. 2019). Posteriors and flags
             are still computed for every sample.
-        max_iter, tol, reg_covar, n_init: Passed to
-            ``sklearn.mixture.GaussianMixture`` (``reg_covar`` is on the
+        max_iter, tol, reg_covar: The EM settings, with the meaning they have
+            in ``sklearn.mixture.GaussianMixture`` (``reg_covar`` is on the
             normalised scale when ``normalize``).
-        seed: ``random_state`` of the fit (no global random state is used).
+        n_init: One more than the number of random starts tried after the
+            two deterministic ones (the most likely fit is kept).
+        seed: Seed of the random starts when ``n_init > 1`` (EM always also
+            starts from the two deterministic partitions, by location and by
+            scale; no global random state is used).
 
     Returns:
         :class:`LossMixture`. If the losses contain NaN/inf or are (almost)
@@ -159,15 +257,15 @@ def fit_loss_mixture(
 
     Raises:
         DegenerateInputError: ``losses`` is not 1-D or has fewer than 2 samples,
-            or ``clip_percentiles`` is not ``(lo, hi)`` with ``0 <= lo < hi <= 100``.
+            ``clip_percentiles`` is not ``(lo, hi)`` with ``0 <= lo < hi <= 100``,
+            or ``max_iter`` or ``n_init`` is not an int of at least 1.
     """
-    from sklearn.mixture import GaussianMixture
-
-    from lightning_phases.functional._threads import torch_threads
-
     t = torch.as_tensor(losses)
     if t.ndim != 1 or t.shape[0] < 2:
         raise DegenerateInputError(f"losses must be a 1-D tensor of at least 2 values; got shape {tuple(t.shape)}.")
+    for name, value in (("max_iter", max_iter), ("n_init", n_init)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DegenerateInputError(f"{name} must be an int of at least 1; got {value!r}.")
     if clip_percentiles is not None:
         lo_p, hi_p = clip_percentiles
         if not 0 <= lo_p < hi_p <= 100:
@@ -189,27 +287,24 @@ def fit_loss_mixture(
         _warn("Losses are (almost) constant, so not bimodal; the loss mixture is not fitted (NaN fields, no flags).")
         return _nan_mixture(n, t.device)
     shift, unit = (lo_v, scale) if normalize else (0.0, 1.0)
-    z_fit = ((fit_x - shift) / unit).reshape(-1, 1)
-    z_all = ((x - shift) / unit).reshape(-1, 1)
-    gmm = GaussianMixture(
-        n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, random_state=seed
-    )
-    with torch_threads():  # scikit-learn's BLAS/OpenMP pools: at most torch's thread count
-        gmm.fit(z_fit)
-    means = gmm.means_.reshape(-1)
-    stds = np.sqrt(gmm.covariances_.reshape(-1))
+    z_fit = (fit_x - shift) / unit
+    z_all = (x - shift) / unit
+    fitted = _em_two_gaussians(z_fit, max_iter=max_iter, tol=tol, reg_covar=reg_covar, n_init=n_init, seed=seed)
+    means = fitted.means
+    stds = np.sqrt(fitted.variances)
     noisy = int(np.argmax(means))
     clean = 1 - noisy
-    post = gmm.predict_proba(z_all)[:, noisy]
+    log_w = fitted.log_weighted(z_all)
+    post = np.exp(log_w[:, noisy] - np.logaddexp(log_w[:, 0], log_w[:, 1]))
     mc, mw = shift + unit * float(means[clean]), shift + unit * float(means[noisy])
     sc, sw = unit * float(stds[clean]), unit * float(stds[noisy])
-    r = float(gmm.weights_[noisy])
+    r = float(fitted.weights[noisy])
     threshold = mixture_threshold(r, mc, mw, sc, sw)
     # one Gaussian (maximum likelihood, the same reg_covar) against the two-component fit, on the fitted values
     var0 = float(np.var(z_fit))
     var1 = var0 + reg_covar
     ll1 = -0.5 * z_fit.shape[0] * (math.log(2 * math.pi * var1) + var0 / var1)
-    ll2 = float(gmm.score(z_fit)) * z_fit.shape[0]
+    ll2 = fitted.mean_log_likelihood * z_fit.shape[0]
     bic_gain = 2.0 * (ll2 - ll1) - 3.0 * math.log(z_fit.shape[0])
     return LossMixture(
         weight_noisy=r,
@@ -220,7 +315,7 @@ def fit_loss_mixture(
         threshold=threshold,
         posterior=torch.as_tensor(post, dtype=torch.float64, device=t.device),
         flags=t.detach().to(torch.float64) > threshold,
-        converged=bool(gmm.converged_),
+        converged=fitted.converged,
         bic_gain=bic_gain,
     )
 

@@ -125,13 +125,12 @@ class ClockedCleanser(ScriptedCleanser):
         return super()._all_losses(trainer, pl_module, positions)
 
 
-def _budget_reference(overhead, cost, steps_per_epoch, epochs, start=0, setup=0.0):
+def _budget_reference(overhead, cost, steps_per_epoch, epochs, start=0):
     """The budget rule written out: fit at the first epoch end, then whenever spent + cost <= overhead * T.
 
-    ``setup``: seconds spent before training (counted in ``spent``). Returns the fitted epochs and, for each,
-    the realised overhead before it (spent / T, the logged value).
+    Returns the fitted epochs and, for each, the realised overhead before it (spent / T, the logged value).
     """
-    fitted, before, spent = [], [], setup
+    fitted, before, spent = [], [], 0.0
     for epoch in range(start, epochs):
         train = steps_per_epoch * (epoch + 1)
         if not fitted or spent + cost <= overhead * train:
@@ -161,30 +160,6 @@ def test_the_budget_spaces_the_fits(tmp_path, clock):
     logged = [v for _, v in series(tr.loggers[0].records, "gmm/overhead")]
     assert logged == pytest.approx(before)
     assert cleanser.budget.overhead == pytest.approx(40.0 / (12 * 38))  # four passes over twelve epochs
-
-
-def test_the_warm_up_at_the_start_counts_against_the_budget(tmp_path, clock, monkeypatch):
-    """The one-off scikit-learn import and first fit in on_train_start (here 60 s of the fake clock) are part
-    of the cleanser's overhead, but not the estimate of a loss pass's cost (10 s)."""
-    from lightning_phases.callbacks import gmm_cleanser
-
-    real = gmm_cleanser.fit_loss_mixture
-
-    def slow_first_fit(losses, **kwargs):
-        if losses.numel() == 64:  # the warm-up's fit
-            clock.now += 60.0
-        return real(losses, **kwargs)
-
-    monkeypatch.setattr(gmm_cleanser, "fit_loss_mixture", slow_first_fit)
-    cleanser = ClockedCleanser(clock, patience=2, overhead=0.2)
-    tr, _ = _fit(tmp_path, cleanser, extra=[_Tick(clock)])
-    fitted, before = _budget_reference(0.2, 10.0, 38, 12, setup=60.0)
-    assert fitted == [0, 10, 11]  # without the 60 s: 0, 2, 3, 5, 6, 7, 9, 10, 11
-    assert fitted != _budget_reference(0.2, 10.0, 38, 12)[0][: len(fitted)]
-    assert [step for step, _ in series(tr.loggers[0].records, "gmm/delta_L")] == [38 * (e + 1) for e in fitted]
-    assert [v for _, v in series(tr.loggers[0].records, "gmm/overhead")] == pytest.approx(before)
-    assert cleanser.budget.spent == pytest.approx(60.0 + 10.0 * len(fitted))
-    assert cleanser.budget.schedule.last_cost == pytest.approx(10.0)
 
 
 def test_a_tiny_overhead_fits_only_the_first_epoch(tmp_path, clock, caplog):
