@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lightning_phases.functional import logit_margin
+
 
 class Classifier(pl.LightningModule):
     """Cross-entropy training of any ``net`` with plain SGD; logs train_loss, and val_loss/val_err when validating."""
@@ -201,6 +203,7 @@ class PerSampleLossRecorder(pl.Callback):
         self.gap: dict[int, float] = {}
         self.losses: dict[int, torch.Tensor] = {}  # with keep=True: the per-sample losses [n] of every epoch
         self.correct: dict[int, torch.Tensor] = {}  # with keep=True: argmax == served label [n] of every epoch
+        self.margins: dict[int, torch.Tensor] = {}  # with keep=True: functional.logit_margin [n] of every epoch
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         from sklearn.metrics import roc_auc_score
@@ -211,18 +214,20 @@ class PerSampleLossRecorder(pl.Callback):
             return
         was = pl_module.training
         pl_module.eval()
-        losses, correct = [], []
+        losses, correct, margins = [], [], []
         with torch.no_grad():
             for x, y in DataLoader(self.dataset, batch_size=self.batch_size):
                 logits = pl_module(x)
                 losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
                 correct.append(logits.argmax(-1) == y)
+                margins.append(logit_margin(logits, y))
         pl_module.train(was)
         loss = torch.cat(losses).double()
         epoch = trainer.current_epoch
         if self.keep:
             self.losses[epoch] = loss.float()
             self.correct[epoch] = torch.cat(correct)
+            self.margins[epoch] = torch.cat(margins).float()
         if not bool(truth.any()) or bool(truth.all()):
             return
         self.auroc[epoch] = float(roc_auc_score(truth.numpy(), loss.numpy()))

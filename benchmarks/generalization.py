@@ -393,6 +393,7 @@ def run_cell(dataset: str, noise: str, rate: float, seed: int, args) -> dict:
                 cell=(dataset, noise, rate, seed),
                 losses=torch.stack([losses.losses[e] for e in sorted(losses.losses)]),
                 correct=torch.stack([losses.correct[e] for e in sorted(losses.correct)]),
+                margins=torch.stack([losses.margins[e] for e in sorted(losses.margins)]),
                 logged=[logged.by_epoch[e] for e in sorted(logged.by_epoch)],
                 truth=truth.clone(),
                 labels=train.noisy_targets.clone(),

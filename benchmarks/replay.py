@@ -85,16 +85,58 @@ def fits(rec: dict):
     return out
 
 
-def flags_at(rec: dict, epoch: int, tracker: CleansingTracker | None = None, class_wise: bool = True) -> torch.Tensor:
-    """GMMCleanser's flags at ``t_c = epoch`` from the recorded losses of that epoch: one mixture per given
-    class (``class_wise``, the default) or the global fit's, capped as ``tracker`` (default settings) caps."""
+def flags_at(
+    rec: dict,
+    epoch: int,
+    tracker: CleansingTracker | None = None,
+    class_wise: bool = True,
+    flag_score: str = "auto",
+) -> torch.Tensor:
+    """GMMCleanser's flags at ``t_c = epoch`` from the recorded series of that epoch: one mixture per given
+    class (``class_wise``, the default) of the logit margins (``flag_score="auto"``, where the record has
+    them: records from 2026-12-05 on) or of the losses (``"loss"``), or the global fit's flags, capped as
+    ``tracker`` (default settings) caps."""
     tracker = tracker or CleansingTracker()
     fit, _ = fits(rec)[epoch]
     losses = rec["losses"][epoch].double()
     cap = tracker.cap_fraction(rec["num_classes"])
     if class_wise:
-        return class_wise_flags(losses, rec["labels"], fit, max_fraction=cap)[0]
+        scores = margins_at(rec, epoch) if flag_score == "auto" else losses
+        return class_wise_flags(scores, rec["labels"], fit, max_fraction=cap)[0]
     return tracker.capped_flags(fit, losses, rec["num_classes"])
+
+
+_MARGINS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def margins_at(rec: dict, epoch: int) -> torch.Tensor:
+    """The logit margins ``[n]`` (float64) of the training samples after ``epoch``: recorded (records from
+    2026-12-05 on), or computed from the recorded weights of that epoch on the cell's training set, rebuilt
+    with ``generalization.make`` (earlier records; the recomputed losses are checked against the recorded)."""
+    if "margins" in rec:
+        return rec["margins"][epoch].double()
+    key = (rec["name"], epoch)
+    if key not in _MARGINS:
+        from types import SimpleNamespace
+
+        from generalization import make
+        from torch.utils.data import DataLoader
+
+        from lightning_phases.functional import logit_margin
+
+        dataset, noise, rate, seed = rec["cell"]
+        setting = make(dataset, noise, rate, seed, SimpleNamespace(epochs=None, mnist1d_samples=10000))
+        setting.datamodule.setup("fit")
+        model = setting.model_fn()
+        torch.nn.utils.vector_to_parameters(rec["params"][epoch], model.parameters())
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat([model(x) for x, _ in DataLoader(setting.datamodule.noisy_train, batch_size=1024)])
+        losses = torch.nn.functional.cross_entropy(logits, rec["labels"], reduction="none")
+        if float((losses - rec["losses"][epoch]).abs().max()) > 1e-4:
+            raise SystemExit(f"{rec['name']}: the rebuilt model's losses at epoch {epoch} differ from the record")
+        _MARGINS[key] = logit_margin(logits, rec["labels"])
+    return _MARGINS[key]
 
 
 def best_threshold_f1(scores: torch.Tensor, truth: torch.Tensor) -> float:
@@ -309,7 +351,7 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
     (at that epoch; at any epoch), and cleanlab's F1 (``--cleanlab FILE``: ``--out`` lines with ``cleanlab``)."""
     runs = _read_runs(path)
     cleanlab = _read_runs(cleanlab_path) if cleanlab_path else {}
-    print(f"{'cell':<30s} t_c | run F1 global class-wise | oracle at t_c, anywhere | cleanlab")
+    print(f"{'cell':<30s} t_c | run F1 global class-wise(loss) (margin) | oracle at t_c, anywhere | cleanlab")
     groups: dict[tuple, list[tuple]] = {}
     rho0 = []
     for rec in recs:
@@ -323,11 +365,12 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
             continue
         anywhere = max(best_threshold_f1(rec["losses"][e].double(), truth) for e in range(rec["losses"].shape[0]))
         if t_c is None:
-            row = (0.0, 0.0, 0.0, math.nan, anywhere)
+            row = (0.0, 0.0, 0.0, 0.0, math.nan, anywhere)
         else:
             row = (
                 (run["gmm"] or {}).get("f1", 0.0),
                 detection_metrics(flags_at(rec, t_c, class_wise=False), truth).f1,
+                detection_metrics(flags_at(rec, t_c, flag_score="loss"), truth).f1,
                 detection_metrics(flags_at(rec, t_c), truth).f1,
                 best_threshold_f1(rec["losses"][t_c].double(), truth),
                 anywhere,
@@ -336,24 +379,38 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
         row = (*row, cl.get("f1", math.nan))
         groups.setdefault((dataset, noise, rate), []).append(row)
         print(
-            f"{rec['name']:<30s} {str(t_c):>3s} | {row[0]:.3f} {row[1]:.3f} {row[2]:.3f} | {row[3]:.3f} {row[4]:.3f} | "
-            f"{row[5]:.3f}"
+            f"{rec['name']:<30s} {str(t_c):>3s} | {row[0]:.3f} {row[1]:.3f} {row[2]:.3f} {row[3]:.3f} | "
+            f"{row[4]:.3f} {row[5]:.3f} | {row[6]:.3f}"
         )
-    print("\nmean over seeds at rho 0.2 / 0.4: global, class-wise, oracle threshold at t_c, at any epoch | cleanlab")
-    wins = [0, 0]
+    print(
+        "\nmean over seeds at rho 0.2 / 0.4: global, class-wise (loss), class-wise (margin), "
+        "oracle loss threshold at t_c, at any epoch | cleanlab"
+    )
+    wins = [0, 0, 0]
+    means = [0.0, 0.0, 0.0]
     counted = 0
     for key, rows in sorted(groups.items()):
         if key[2] not in (0.2, 0.4):
             continue
-        m = [sum(r[i] for r in rows) / len(rows) for i in range(6)]
+        m = [sum(r[i] for r in rows) / len(rows) for i in range(7)]
         counted += 1
-        wins[0] += m[1] >= m[5]
-        wins[1] += m[2] >= m[5]
+        for i in range(3):
+            wins[i] += m[1 + i] >= m[6]
+            means[i] += m[1 + i]
         print(
-            f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}  {m[1]:.3f} {m[2]:.3f}  {m[3]:.3f} {m[4]:.3f} | {m[5]:.3f}"
-            f"  {'ok' if m[2] >= m[5] else 'behind'}{'' if m[4] >= m[5] else ' (bounded: no loss threshold of any epoch reaches it)'}"
+            f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}  {m[1]:.3f} {m[2]:.3f} {m[3]:.3f}  {m[4]:.3f} {m[5]:.3f} | "
+            f"{m[6]:.3f}  {'ok' if m[3] >= m[6] else 'behind'}"
+            f"{'' if m[5] >= m[6] else ' (no loss threshold of any epoch reaches it)'}"
         )
-    print(f"at least cleanlab's: global {wins[0]}/{counted}, class-wise {wins[1]}/{counted}")
+    if counted:
+        print(
+            f"mean F1: global {means[0] / counted:.3f}, class-wise (loss) {means[1] / counted:.3f}, "
+            f"class-wise (margin) {means[2] / counted:.3f}"
+        )
+    print(
+        f"at least cleanlab's: global {wins[0]}/{counted}, class-wise (loss) {wins[1]}/{counted}, "
+        f"class-wise (margin) {wins[2]}/{counted}"
+    )
     if rho0:
         print(f"rho = 0: max flagged (class-wise, at the runs' t_c) {max(rho0):.3f} over {len(rho0)} cells")
 

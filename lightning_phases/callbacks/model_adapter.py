@@ -17,6 +17,7 @@ from torch.utils.data import default_collate
 
 from lightning_phases._validation import check_choice
 from lightning_phases.errors import LightningPhasesError
+from lightning_phases.functional.cleansing import logit_margin
 from lightning_phases.functional.per_sample import LossFn, default_forward, default_loss, eval_mode
 
 __all__ = ["ModelAdapter", "Task", "Unpack", "OutputSelector", "default_unpack"]
@@ -280,6 +281,16 @@ class ModelAdapter:
         if self.resolved_task == "regression":
             return regression_loss
         return default_loss
+
+    def margins(self, output: Tensor, targets: Tensor) -> Tensor | None:
+        """Per-sample logit margins ``[n]`` (float64, :func:`~lightning_phases.functional.logit_margin`), or ``None``.
+
+        Only where the outputs are the logits of the loss: the resolved task is multi-class or binary
+        and no ``loss_fn`` is given (a custom loss may read its outputs as anything).
+        """
+        if self.loss_fn is not None or self.resolved_task not in ("multiclass", "binary"):
+            return None
+        return logit_margin(output.reshape(output.shape[0], -1), targets.reshape(-1))
 
     def errors(self, output: Tensor, targets: Tensor) -> Tensor | None:
         """Per-sample error ``[n]`` (float64) against the given targets, or ``None`` where it has no meaning.

@@ -10,6 +10,7 @@ from lightning_phases.functional.cleansing import (
     class_wise_flags,
     default_max_fraction,
     excess_class_dependence,
+    logit_margin,
 )
 from lightning_phases.functional.ensemble import (
     OrderParameters,
@@ -96,6 +97,7 @@ __all__ = [
     "CleansingDecision",
     "class_wise_flags",
     "excess_class_dependence",
+    "logit_margin",
     "default_max_fraction",
     "PhaseTracker",
     "PhaseTransition",

@@ -36,6 +36,12 @@ from tests.callbacks.helpers import (
     trainer,
 )
 
+
+def _no_margins(losses: torch.Tensor) -> torch.Tensor:
+    """The loss pass's logit margins where there are none (scripted losses): NaN, so flags come from the losses."""
+    return torch.full_like(losses, math.nan)
+
+
 DELTAS = [0.5, 1.0, 1.5, 2.0, 1.9, 1.95, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3]  # peak at epoch 3
 
 
@@ -58,7 +64,7 @@ class ScriptedCleanser(GMMCleanser):
         losses = 0.2 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
         losses[noisy] += DELTAS[trainer.current_epoch]
         given = torch.zeros(n, dtype=torch.long)
-        return losses, given, given.clone()
+        return losses, given, given.clone(), _no_margins(losses)
 
 
 def _fit(tmp_path, cleanser, *, dataset=None, epochs=12, extra=(), **kwargs):
@@ -254,7 +260,7 @@ def test_flag_action_writes_csv_metrics_and_figure(tmp_path):
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["index"]) for r in rows] == cleanser.flagged_indices.tolist()
-    assert set(rows[0]) == {"index", "loss", "posterior", "given_label", "predicted_label"}
+    assert set(rows[0]) == {"index", "loss", "posterior", "given_label", "predicted_label", "margin"}
     assert all(float(r["posterior"]) > 0.5 for r in rows)
     assert cleanser.last["gmm/precision"] > 0.97 and cleanser.last["gmm/num_flagged"] == len(rows)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -295,7 +301,7 @@ class MajorityCleanser(ScriptedCleanser):
         noisy = torch.randperm(n, generator=torch.Generator().manual_seed(123))[: 7 * n // 10]  # not by class
         losses[noisy] += DELTAS[trainer.current_epoch]
         given = torch.arange(n) % self.num_classes
-        return losses, given, given.clone()
+        return losses, given, given.clone(), _no_margins(losses)
 
 
 @pytest.mark.parametrize("num_classes,cap", [(10, 0.9), (4, 0.75), (3, 2 / 3)])
@@ -389,11 +395,11 @@ class SporadicCleanser(ScriptedCleanser):
     """Bimodal losses only at epochs 2, 4, 6, ... 10 (a clean run where a fit is bimodal now and then)."""
 
     def _all_losses(self, trainer, pl_module, positions=None):
-        losses, given, pred = super()._all_losses(trainer, pl_module, positions)
+        losses, given, pred, margins = super()._all_losses(trainer, pl_module, positions)
         if trainer.current_epoch % 2:
             n = losses.numel()  # an exactly normal-shaped (unimodal) sample of losses
             losses = 0.2 + 0.1 * torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
-        return losses, given, pred
+        return losses, given, pred, margins
 
 
 def test_sporadic_bimodal_fits_confirm_nothing_and_flag_nothing(tmp_path, caplog):
@@ -417,7 +423,7 @@ class ClassSplitCleanser(ScriptedCleanser):
         self.labels = labels
 
     def _all_losses(self, trainer, pl_module, positions=None):
-        losses, given, pred = super()._all_losses(trainer, pl_module, positions)
+        losses, given, pred, margins = super()._all_losses(trainer, pl_module, positions)
         n = losses.numel()
         noisy = torch.as_tensor(NoisyTensorDataset(n=n).is_noisy)
         i = torch.arange(n)
@@ -427,7 +433,12 @@ class ClassSplitCleanser(ScriptedCleanser):
             given = (i % 5 == 0).long() ^ noisy.long()  # depend on the class through the class sizes only
         else:  # five classes, each with its share of high-loss samples
             given = i % 5
-        return losses, given, (7 * i) % 5  # predictions unrelated to the given labels: the check uses the latter
+        return (
+            losses,
+            given,
+            (7 * i) % 5,
+            margins,
+        )  # predictions unrelated to the given labels: the check uses the latter
 
 
 def test_a_split_that_follows_the_given_class_is_not_bimodal(tmp_path, caplog):
@@ -481,7 +492,7 @@ class HeavyNoiseCleanser(ScriptedCleanser):
     def _all_losses(self, trainer, pl_module, positions=None):
         losses = _heavy_losses(trainer.current_epoch, len(self._train_dataset(trainer)))
         given = torch.zeros(losses.numel(), dtype=torch.long)
-        return losses, given, given.clone()
+        return losses, given, given.clone(), _no_margins(losses)
 
 
 @pytest.mark.parametrize(
@@ -537,28 +548,69 @@ def test_real_training_finds_the_mislabeled_samples(tmp_path):
 
 
 def test_class_wise_flags_at_t_c_in_a_real_run(tmp_path):
-    """Two cleansers watch one run: the class-wise one flags what one mixture per class of the peak's
-    losses flags (functional.class_wise_flags), the other the global fit's flags; the t_c is the same."""
-    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.4, seed=1)
-    per_class = GMMCleanser(every_n_epochs=1, patience=2)  # class_wise=True is the default
+    """Three cleansers watch one run: the class-wise ones flag what one mixture per class of the peak's
+    losses, or of its logit margins (the default), flags (functional.class_wise_flags), the third the
+    global fit's flags; the t_c is the same."""
+    ds = NoisyTensorDataset(n=600, dim=8, num_classes=4, rate=0.3, seed=2)
+    ds.noisy_targets = torch.where(ds.is_noisy, (ds.true_targets + 1) % 4, ds.true_targets)  # pair flips
+    by_margin = GMMCleanser(every_n_epochs=1, patience=2)  # class_wise=True, flag_score="auto": the margins
+    by_loss = GMMCleanser(every_n_epochs=1, patience=2, flag_score="loss")
     global_ = GMMCleanser(every_n_epochs=1, patience=2, class_wise=False)
     pl.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path, [per_class, global_], max_epochs=25)
+    tr = trainer(tmp_path, [by_margin, by_loss, global_], max_epochs=25)
+    model = TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr.fit(TinyClassifier(dim=8, num_classes=4, hidden=32, lr=0.05), loader(ds, batch_size=32))
-    assert per_class.t_c_epoch is not None and per_class.t_c_epoch == global_.t_c_epoch
+        tr.fit(model, loader(ds, batch_size=32))
+    assert by_loss.t_c_epoch is not None and by_loss.t_c_epoch == global_.t_c_epoch == by_margin.t_c_epoch
     cand, fit = global_._candidate, global_._candidate_fit
-    assert torch.equal(global_._candidate["losses"], per_class._candidate["losses"])
+    assert torch.equal(global_._candidate["losses"], by_loss._candidate["losses"])
     assert sorted(global_.flagged_indices.tolist()) == torch.nonzero(fit.flags).flatten().tolist()  # under the cap
     expected, posterior = class_wise_flags(cand["losses"], cand["given"].long(), fit, max_fraction=0.75)
-    assert sorted(per_class.flagged_indices.tolist()) == torch.nonzero(expected).flatten().tolist()
+    assert sorted(by_loss.flagged_indices.tolist()) == torch.nonzero(expected).flatten().tolist()
     assert not torch.equal(expected, fit.flags)  # the classes' thresholds differ from the global one here
-    assert torch.allclose(per_class._candidate["posterior"], posterior)  # the CSV's posterior column
-    flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, per_class.flagged_indices, True)
-    # logged at t_c (both cleansers log under the same keys: each one's own values are in .last)
-    assert math.isclose(per_class.last["gmm/f1"], detection_metrics(flags, ds.is_noisy).f1, rel_tol=1e-6)
-    assert per_class.last["gmm/f1"] > global_.last["gmm/f1"]
+    assert torch.allclose(by_loss._candidate["posterior"], posterior)  # the CSV's posterior column
+    flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, by_loss.flagged_indices, True)
+    # logged at t_c (the cleansers log under the same keys: each one's own values are in .last)
+    assert math.isclose(by_loss.last["gmm/f1"], detection_metrics(flags, ds.is_noisy).f1, rel_tol=1e-6)
+    assert by_loss.last["gmm/f1"] > global_.last["gmm/f1"]
+    # the margins of the peak: positive exactly where the peak's prediction is another class than the given
+    margin, given = by_margin._candidate["margin"], by_margin._candidate["given"].long()
+    assert torch.isfinite(margin).all() and torch.equal(margin > 0, by_margin._candidate["pred"] != given)
+    expected, posterior = class_wise_flags(margin, given, by_margin._candidate_fit, max_fraction=0.75)
+    assert sorted(by_margin.flagged_indices.tolist()) == torch.nonzero(expected).flatten().tolist()
+    assert not torch.equal(expected, flags)
+    assert torch.allclose(by_margin._candidate["posterior"], posterior)
+    flags = torch.zeros(600, dtype=torch.bool).index_fill_(0, by_margin.flagged_indices, True)
+    assert math.isclose(by_margin.last["gmm/f1"], detection_metrics(flags, ds.is_noisy).f1, rel_tol=1e-6)
+
+
+def test_the_loss_pass_margins_are_the_best_other_labels_loss_advantage(tmp_path):
+    """The loss pass's margins against a per-sample loop: the given label's cross-entropy minus the least
+    cross-entropy of any other label; NaN under a custom loss_fn (its outputs need not be logits)."""
+    ds = NoisyTensorDataset(n=200, dim=8, num_classes=4, rate=0.3, seed=2)
+    cleanser = GMMCleanser(every_n_epochs=1)
+    custom = GMMCleanser(
+        every_n_epochs=1, flag_score="loss", loss_fn=lambda out, y: nn.functional.cross_entropy(out, y)
+    )
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cleanser, custom], max_epochs=2)
+    model = TinyClassifier(dim=8, num_classes=4, hidden=16, lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr.fit(model, loader(ds, batch_size=32))
+        losses, given, _, margins = cleanser._all_losses(tr, model)
+        margins_custom = custom._all_losses(tr, model)[3]
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            x, y = ds[i]
+            z = model(x[None])[0]
+            ce = [float(nn.functional.cross_entropy(z, torch.tensor(j))) for j in range(4)]
+            expected.append(ce[int(y)] - min(c for j, c in enumerate(ce) if j != int(y)))
+    assert torch.allclose(margins, torch.tensor(expected, dtype=torch.float64), atol=1e-5)
+    assert torch.isnan(margins_custom).all()
 
 
 def test_clean_data_flags_almost_nothing(tmp_path):
@@ -581,6 +633,7 @@ def test_clean_data_flags_almost_nothing(tmp_path):
         (dict(max_fraction=0.0), "max_fraction"),
         (dict(max_fraction=1.5), "max_fraction"),
         (dict(action="delete"), "action must be one of"),
+        (dict(flag_score="margin"), "flag_score must be one of"),
         (dict(every_n_epochs=0), "every_n_epochs"),
         (dict(smoothing=0.0), "smoothing"),
         (dict(smoothing=1.5), "smoothing"),
@@ -1204,11 +1257,11 @@ class _BimodalOnlyOnTheSubset(ScriptedCleanser):
     """The scripted two populations on the searched samples; one Gaussian over every sample (the pass at t_c)."""
 
     def _all_losses(self, trainer, pl_module, positions=None):
-        losses, given, pred = super()._all_losses(trainer, pl_module)
+        losses, given, pred, margins = super()._all_losses(trainer, pl_module)
         if positions is None:
             gen = torch.Generator().manual_seed(99)
-            return 0.2 + 0.1 * torch.randn(losses.numel(), generator=gen, dtype=torch.float64), given, pred
-        return losses[positions], given[positions], pred[positions]
+            return 0.2 + 0.1 * torch.randn(losses.numel(), generator=gen, dtype=torch.float64), given, pred, margins
+        return losses[positions], given[positions], pred[positions], margins[positions]
 
 
 def test_a_fit_to_every_sample_that_is_not_bimodal_keeps_the_searched_samples_flags(tmp_path, caplog):

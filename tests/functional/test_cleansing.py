@@ -19,6 +19,7 @@ from lightning_phases.functional import (
     detection_metrics,
     excess_class_dependence,
     fit_loss_mixture,
+    logit_margin,
     symmetric_noise_class_dependence,
 )
 
@@ -438,3 +439,39 @@ def test_class_wise_flags_bad_arguments(kwargs, match):
         labels = labels[: kwargs.pop("labels_len")]
     with pytest.raises(LightningPhasesError, match=match):
         class_wise_flags(losses, labels, fit, max_fraction=0.5, **kwargs)
+
+
+def test_logit_margin_is_the_best_other_labels_loss_advantage():
+    """``s_i`` against a loop: the given label's cross-entropy minus the least cross-entropy of any other."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(50, 5, generator=gen)
+    labels = torch.randint(0, 5, (50,), generator=gen)
+    expected = []
+    for z, y in zip(logits, labels.tolist()):
+        ce = [float(torch.nn.functional.cross_entropy(z, torch.tensor(j))) for j in range(5)]
+        expected.append(ce[y] - min(c for j, c in enumerate(ce) if j != y))
+    got = logit_margin(logits, labels)
+    assert got.dtype == torch.float64 and torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(got > 0, logits.argmax(1) != labels)  # positive exactly where another class is predicted
+    # one logistic logit: the other label's logistic loss advantage, for [n] and [n, 1] and float labels
+    z = 2 * torch.randn(40, generator=gen)
+    y = torch.randint(0, 2, (40,), generator=gen)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(z, y.float(), reduction="none") - bce(z, 1 - y.float(), reduction="none")
+    for logit, label in ((z, y), (z[:, None], y.float())):
+        assert torch.allclose(logit_margin(logit, label), expected.double(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "logits,labels,match",
+    [
+        (torch.zeros(4, 3), torch.tensor([0, 1, 3, 0]), r"class indices in \[0, 3\)"),
+        (torch.zeros(4, 3), torch.tensor([0, 1]), "logits"),
+        (torch.zeros(4, 3), torch.tensor([0.0, 1.5, 2.0, 0.0]), "class indices"),
+        (torch.zeros(4), torch.tensor([0, 1, 2, 1]), r"in \{0, 1\}"),
+        (torch.zeros(2, 3, 4), torch.tensor([0, 1]), "logits"),
+    ],
+)
+def test_logit_margin_refuses_labels_that_are_not_classes_of_the_logits(logits, labels, match):
+    with pytest.raises(LightningPhasesError, match=match):
+        logit_margin(logits, labels)
