@@ -220,7 +220,8 @@ class PerSampleLossRecorder(pl.Callback):
                 logits = pl_module(x)
                 losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
                 correct.append(logits.argmax(-1) == y)
-                margins.append(logit_margin(logits, y))
+                if self.keep:
+                    margins.append(logit_margin(logits, y))
         pl_module.train(was)
         loss = torch.cat(losses).double()
         epoch = trainer.current_epoch

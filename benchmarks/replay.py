@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from _common import accuracy  # noqa: E402
 
-from lightning_phases.functional import detection_metrics, fit_loss_mixture  # noqa: E402
+from lightning_phases.functional import detection_metrics, fit_loss_mixture, logit_margin  # noqa: E402
 from lightning_phases.functional.cleansing import (  # noqa: E402
     CleansingTracker,
     class_wise_flags,
@@ -121,8 +121,6 @@ def margins_at(rec: dict, epoch: int) -> torch.Tensor:
 
         from generalization import make
         from torch.utils.data import DataLoader
-
-        from lightning_phases.functional import logit_margin
 
         dataset, noise, rate, seed = rec["cell"]
         setting = make(dataset, noise, rate, seed, SimpleNamespace(epochs=None, mnist1d_samples=10000))

@@ -825,12 +825,7 @@ class GMMCleanser(SafetyNet, Callback):
             return None
         scores = cand["losses"]
         margin = cand.get("margin")  # absent in checkpoints of earlier versions
-        if (
-            self.flag_score == "auto"
-            and margin is not None
-            and margin.numel() == scores.numel()
-            and bool(torch.isfinite(margin).all())
-        ):
+        if self.flag_score == "auto" and margin is not None and bool(torch.isfinite(margin).all()):
             scores = margin.to(torch.float64)
         out: list[tuple[Tensor, Tensor]] = []
         failed = self._attempt(
