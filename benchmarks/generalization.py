@@ -483,7 +483,7 @@ HEADER = (
 def row(r: dict) -> str:
     gmm, cl = r["gmm"], r["cleanlab"]
     g = "-" if gmm is None else f"{gmm['precision']:.2f}/{gmm['recall']:.2f}/{gmm['f1']:.2f}"
-    c = "-" if cl is None else f"{cl['precision']:.2f}/{cl['recall']:.2f}/{cl['f1']:.2f}"
+    c = "-" if cl is None else "/".join(_f(cl.get(k), "{:.2f}", 1) for k in ("precision", "recall", "f1"))
     phases = " ".join(f"{p}:{a}-{b}" for p, a, b in r["phases"]) or "-"
     if r["rho"] == 0:
         phases += f" [{r['phase_model']}; flagged {100 * r['flagged_fraction']:.1f}%]"
@@ -492,7 +492,7 @@ def row(r: dict) -> str:
         f"{r['half']:<7s} {r['dataset']:<11s} {r['noise']:<9s} {r['rho']:3.1f} {r['seed']:1d} | "
         f"{_f(r['a_n'])} {_f(r['a_c'])} {_f(r['a_p'])} {_f(r['Q'], '{:5.2f}', 1)} {_f(r['Q_oracle_bound'], '{:5.2f}', 1)} | "
         f"{r['t_c_epoch'] if r['t_c_epoch'] is not None else '-':>3} {g:>14s} {_f(r['loss_auroc_at_t_c'], '{:4.2f}', 1):>4s} | "
-        f"{c:>15s} {_f(cl and cl['auroc'], '{:4.2f}', 1):>4s} | "
+        f"{c:>15s} {_f(cl and cl.get('auroc'), '{:4.2f}', 1):>4s} | "
         f"{_f(r['oracle'])}({r['oracle_epoch']:>2}) {_f(r['recommended_acc'])}({rec:>2}) "
         f"{_f(r['early_stopping_acc'])}({r['early_stopping_best_epoch'] if r['early_stopping_best_epoch'] is not None else '-':>2}) | "
         f"{phases}  [{r['seconds']:.0f}s]"
@@ -504,7 +504,8 @@ def rescore_cell(r: dict, args) -> dict:
     noisy run (every epoch, the recorded per-sample losses) and ``a_c`` retrained where the flags changed.
 
     Everything else of the cell (the noisy run, ``a_p``, cleanlab, the stop) does not depend on the
-    cleansing rule (the cleanser only flags in the noisy run), so it is kept.
+    cleansing rule (the cleanser only flags in the noisy run), so it is kept. A cell run with
+    ``--noisy-only`` has no ``a_p`` or ``a_c``: both are trained here (cleanlab stays absent).
     """
     from replay import replay_cleansing  # noqa: PLC0415 - replay.py imports this module
 
@@ -521,21 +522,29 @@ def rescore_cell(r: dict, args) -> dict:
     new = replay_cleansing(rec, return_flags=True)
     flags = new["flags"]
     out = dict(r, rescored=True, gmm_schedule="every epoch, replayed on the recorded losses")
-    same = new["t_c"] == r["t_c_epoch"] and int(flags.sum()) == r["flagged"]
-    if not same and int(flags.sum()):
+    truth = rec["truth"]
+    same = new["t_c"] == r["t_c_epoch"] and int(flags.sum()) == r["flagged"] and not math.isnan(r["a_c"])
+    need_a_p = math.isnan(r["a_p"]) and bool(truth.any())
+    if (not same and int(flags.sum())) or need_a_p:
         s = make(r["dataset"], r["noise"], r["rho"], r["seed"], args)
         s.datamodule.setup("fit")
         s.datamodule.setup("test")
-        out["a_c"] = retrained_accuracy(
-            s, s.datamodule.noisy_train, torch.nonzero(flags).flatten(), r["seed"], s.datamodule.test_dataloader()
-        )
-    elif not int(flags.sum()):
+        train, test_loader = s.datamodule.noisy_train, s.datamodule.test_dataloader()
+        if not bool((train.is_noisy == truth.bool()).all()):
+            raise SystemExit(f"{rec['name']}: the rebuilt training set's noise is not the record's")
+        if not same and int(flags.sum()):
+            out["a_c"] = retrained_accuracy(s, train, torch.nonzero(flags).flatten(), r["seed"], test_loader)
+        if need_a_p:
+            out["a_p"] = retrained_accuracy(s, train, train.noisy_indices, r["seed"], test_loader)
+    if not int(flags.sum()):
         out["a_c"] = r["a_n"]
-    out["Q"] = _q(out["a_c"], r["a_n"], r["a_p"])
+    if not bool(truth.any()):
+        out["a_p"] = r["a_n"]
+    out["Q"] = _q(out["a_c"], r["a_n"], out["a_p"])
+    out["Q_oracle_bound"] = _q(r["oracle"], r["a_n"], out["a_p"])
     out["t_c_epoch"] = new["t_c"]
     out["flagged"] = int(flags.sum())
     out["flagged_fraction"] = float(flags.float().mean())
-    truth = rec["truth"]
     if new["t_c"] is not None and bool(truth.any()):
         det = detection_metrics(flags, truth)
         out["gmm"] = dict(precision=det.precision, recall=det.recall, f1=det.f1)
