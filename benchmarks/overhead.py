@@ -24,7 +24,8 @@ geometric spacing allow; GMMCleanser its own of 0.2 for the loss pass and fit,
 at epoch ends, searching on 4096 of the training samples). ``all@fullpass`` is ``all`` with
 ``GMMCleanser(search_samples=None)``: every training sample at every loss pass. ``monitors@epoch`` and ``all@epoch`` are the same callbacks on
 the fixed schedule ``every_n_epochs=1`` (the monitors also measure at the
-start). ``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
+start); ``all@loss@epoch`` (only by ``--configs``) is ``all@epoch`` with
+``GMMCleanser(flag_score="loss")``, whose loss pass computes no logit margins. ``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
 each table the budgets' own accounting of each configuration's last run is printed
 (measurement seconds over training seconds, per budget).
 
@@ -49,6 +50,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ("none", "monitors", "all", "all@fullpass", "monitors@epoch", "all@epoch")
+EXTRA_CONFIGS = ("all@loss@epoch",)  # by --configs only
 DEFAULT_PROBE = 1024  # the callbacks' default probe_size
 EXAMPLE_PROBE = {"digits": 512, "cnn": None, "resnet18": None}  # what each task's example sets (None: the default)
 
@@ -120,7 +122,8 @@ def _callbacks(config: str, probe_size: int | None = None, overhead: float | Non
     if config.startswith("monitors"):
         return monitors
     if every_epoch:
-        cleanser = GMMCleanser(overhead=None, every_n_epochs=1)
+        # ``all@loss@epoch``: flags from the loss (no logit margins in the loss pass), to price the margins
+        cleanser = GMMCleanser(overhead=None, every_n_epochs=1, flag_score="loss" if "@loss" in config else "auto")
     elif config == "all@fullpass":  # the search over every training sample (before search_samples)
         cleanser = GMMCleanser(search_samples=None)
     else:
@@ -282,7 +285,7 @@ def main(argv=None) -> None:
         probe = args.probe_size if args.probe_size is not None else EXAMPLE_PROBE[task]
         configs = CONFIGS
         if args.configs:
-            configs = tuple(c for c in configs if c == "none" or c in args.configs)
+            configs = tuple(c for c in configs + EXTRA_CONFIGS if c == "none" or c in args.configs)
         runs = [(c, c, probe) for c in configs]
         if probe not in (None, DEFAULT_PROBE) and (not args.configs or "monitors@1024" in args.configs):
             runs.append((f"monitors@{DEFAULT_PROBE}", "monitors", DEFAULT_PROBE))
