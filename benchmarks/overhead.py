@@ -25,7 +25,8 @@ at epoch ends, searching on 4096 of the training samples). ``all@fullpass`` is `
 ``GMMCleanser(search_samples=None)``: every training sample at every loss pass. ``monitors@epoch`` and ``all@epoch`` are the same callbacks on
 the fixed schedule ``every_n_epochs=1`` (the monitors also measure at the
 start); ``all@loss@epoch`` (only by ``--configs``) is ``all@epoch`` with
-``GMMCleanser(flag_score="loss")``, whose loss pass computes no logit margins. ``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
+``GMMCleanser(flag_score="loss")``, whose loss pass computes no logit margins.
+``--budget OVERHEAD`` sets the monitors' budget instead of 0.1. After
 each table the budgets' own accounting of each configuration's last run is printed
 (measurement seconds over training seconds, per budget).
 
