@@ -625,6 +625,12 @@ def report(rows: list[dict]) -> None:
             f"{100 * _mean([r['oracle'] - r['recommended_acc'] for r in stops]):.2f}, mean ES - kept "
             f"{100 * _mean([r['early_stopping_acc'] - r['recommended_acc'] for r in stops]):.2f} points"
         )
+        # the reference itself: how often a stop on the noisy validation loss is within 1.5 points
+        es_close = [r for r in stops if r["oracle"] - r["early_stopping_acc"] <= 0.015]
+        print(
+            f"   EarlyStopping itself within 1.5 of the oracle {len(es_close)}/{len(stops)}; mean oracle - ES "
+            f"{100 * _mean([r['oracle'] - r['early_stopping_acc'] for r in stops]):.2f} points"
+        )
         # what bounds it: how many epochs of the run would meet the target at all, and the best
         # 5-epoch mean of the test accuracy (a stop that cannot see the test set lands on a window)
         fractions = []

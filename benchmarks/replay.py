@@ -144,6 +144,36 @@ def best_threshold_f1(scores: torch.Tensor, truth: torch.Tensor) -> float:
     return float((2 * torch.cumsum(hits, 0) / (k + hits.sum())).max())
 
 
+def best_class_wise_f1(scores: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor) -> float:
+    """The oracle bound of any per-class threshold: the largest F1 of flagging, in each given class, its
+    ``k_c`` highest scores, over every choice of the ``k_c`` together.
+
+    F1 = 2·TP / (|S| + P) is a ratio, so it is maximised by Dinkelbach's iteration: for a trial value λ,
+    ``2·TP − λ·(|S| + P)`` separates into one best prefix per class (``Σ_top-k (2·t_i − λ)``); λ is then
+    set to the F1 of those prefixes, which increases until it is the maximum (exact; checked against
+    enumeration of every prefix combination on small cases).
+    """
+    per_class = []
+    for c in torch.unique(labels).tolist():
+        members = labels == c
+        per_class.append(truth[members][torch.argsort(scores[members], descending=True)].double())
+    positives = float(truth.sum())
+    lam = 0.0
+    for _ in range(100):
+        tp = size = 0.0
+        for hits in per_class:
+            gain = torch.cumsum(2 * hits - lam, 0)
+            j = int(torch.argmax(gain))
+            if float(gain[j]) > 0:
+                tp += float(hits[: j + 1].sum())
+                size += j + 1
+        new = 2 * tp / (size + positives)
+        if abs(new - lam) < 1e-12:
+            break
+        lam = new
+    return lam
+
+
 def replay_cleansing(
     rec: dict,
     epochs: list[int] | None = None,
@@ -276,12 +306,20 @@ def main() -> None:
         default=None,
         help="generalization.py --out file of the same runs: GMMCleanser at its budget there vs every epoch here",
     )
+    parser.add_argument(
+        "--flag-candidates",
+        default=None,
+        help="generalization.py --out file of these recorded runs: other flag rules at their t_c vs the shipped one",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     recs = load(args.records, args.split)
     print(f"{len(recs)} records")
     if args.compare:
         compare_schedules(recs, args.compare)
+        return
+    if args.flag_candidates:
+        flag_candidates(recs, args.flag_candidates)
         return
     if args.at_runs:
         flags_at_runs(recs, args.at_runs, args.cleanlab)
@@ -346,24 +384,30 @@ def _read_runs(path: str) -> dict[str, dict]:
 def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None) -> None:
     """Detection at the t_c of real runs (``generalization.py --record --out FILE``): the global threshold
     and one mixture per class on the recorded losses of that epoch, the oracle bounds of a loss threshold
-    (at that epoch; at any epoch), and cleanlab's F1 (``--cleanlab FILE``: ``--out`` lines with ``cleanlab``)."""
+    (at that epoch; at any epoch) and of per-class thresholds on the logit margin (the shipped score; at
+    that epoch; at any epoch), and cleanlab's F1 (``--cleanlab FILE``: ``--out`` lines with ``cleanlab``)."""
     runs = _read_runs(path)
     cleanlab = _read_runs(cleanlab_path) if cleanlab_path else {}
-    print(f"{'cell':<30s} t_c | run F1 global class-wise(loss) (margin) | oracle at t_c, anywhere | cleanlab")
+    print(
+        f"{'cell':<30s} t_c | run F1 global class-wise(loss) (margin) | oracle loss at t_c, anywhere | "
+        "oracle class-wise margin at t_c, anywhere | cleanlab"
+    )
     groups: dict[tuple, list[tuple]] = {}
     rho0 = []
     for rec in recs:
         run = runs.get(rec["name"])
         if run is None:
             continue
-        t_c, truth = run["t_c_epoch"], rec["truth"]
+        t_c, truth, labels = run["t_c_epoch"], rec["truth"], rec["labels"]
         dataset, noise, rate, _ = rec["cell"]
         if rate == 0:
             rho0.append(0.0 if t_c is None else float(flags_at(rec, t_c).float().mean()))
             continue
-        anywhere = max(best_threshold_f1(rec["losses"][e].double(), truth) for e in range(rec["losses"].shape[0]))
+        epochs = range(rec["losses"].shape[0])
+        anywhere = max(best_threshold_f1(rec["losses"][e].double(), truth) for e in epochs)
+        margin_anywhere = max(best_class_wise_f1(margins_at(rec, e), truth, labels) for e in epochs)
         if t_c is None:
-            row = (0.0, 0.0, 0.0, 0.0, math.nan, anywhere)
+            row = (0.0, 0.0, 0.0, 0.0, math.nan, anywhere, math.nan, margin_anywhere)
         else:
             row = (
                 (run["gmm"] or {}).get("f1", 0.0),
@@ -372,38 +416,44 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
                 detection_metrics(flags_at(rec, t_c), truth).f1,
                 best_threshold_f1(rec["losses"][t_c].double(), truth),
                 anywhere,
+                best_class_wise_f1(margins_at(rec, t_c), truth, labels),
+                margin_anywhere,
             )
         cl = (cleanlab.get(rec["name"]) or {}).get("cleanlab") or {}
         row = (*row, cl.get("f1", math.nan))
         groups.setdefault((dataset, noise, rate), []).append(row)
         print(
             f"{rec['name']:<30s} {str(t_c):>3s} | {row[0]:.3f} {row[1]:.3f} {row[2]:.3f} {row[3]:.3f} | "
-            f"{row[4]:.3f} {row[5]:.3f} | {row[6]:.3f}"
+            f"{row[4]:.3f} {row[5]:.3f} | {row[6]:.3f} {row[7]:.3f} | {row[8]:.3f}"
         )
     print(
-        "\nmean over seeds at rho 0.2 / 0.4: global, class-wise (loss), class-wise (margin), "
-        "oracle loss threshold at t_c, at any epoch | cleanlab"
+        "\nmean over seeds at rho 0.2 / 0.4: global, class-wise (loss), class-wise (margin) | oracle loss "
+        "threshold at t_c, at any epoch | oracle class-wise margin thresholds at t_c, at any epoch | cleanlab"
     )
     wins = [0, 0, 0]
     means = [0.0, 0.0, 0.0]
+    bounds: list[list[float]] = [[], []]
     counted = 0
     for key, rows in sorted(groups.items()):
         if key[2] not in (0.2, 0.4):
             continue
-        m = [sum(r[i] for r in rows) / len(rows) for i in range(7)]
+        m = [_nanmean([r[i] for r in rows]) for i in range(9)]
         counted += 1
         for i in range(3):
-            wins[i] += m[1 + i] >= m[6]
+            wins[i] += m[1 + i] >= m[8]
             means[i] += m[1 + i]
+        bounds[0].append(m[6])
+        bounds[1].append(m[7])
         print(
-            f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}  {m[1]:.3f} {m[2]:.3f} {m[3]:.3f}  {m[4]:.3f} {m[5]:.3f} | "
-            f"{m[6]:.3f}  {'ok' if m[3] >= m[6] else 'behind'}"
-            f"{'' if m[5] >= m[6] else ' (no loss threshold of any epoch reaches it)'}"
+            f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}  {m[1]:.3f} {m[2]:.3f} {m[3]:.3f} | {m[4]:.3f} {m[5]:.3f} | "
+            f"{m[6]:.3f} {m[7]:.3f} | {m[8]:.3f}  {'ok' if m[3] >= m[8] else 'behind'}"
+            f"{'' if m[7] >= m[8] else ' (no class-wise margin threshold of any epoch reaches it)'}"
         )
     if counted:
         print(
             f"mean F1: global {means[0] / counted:.3f}, class-wise (loss) {means[1] / counted:.3f}, "
-            f"class-wise (margin) {means[2] / counted:.3f}"
+            f"class-wise (margin) {means[2] / counted:.3f}; oracle class-wise margin thresholds "
+            f"{_nanmean(bounds[0]):.3f} at t_c, {_nanmean(bounds[1]):.3f} at any epoch"
         )
     print(
         f"at least cleanlab's: global {wins[0]}/{counted}, class-wise (loss) {wins[1]}/{counted}, "
@@ -411,6 +461,113 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
     )
     if rho0:
         print(f"rho = 0: max flagged (class-wise, at the runs' t_c) {max(rho0):.3f} over {len(rho0)} cells")
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def _class_fits(scores: torch.Tensor, labels: torch.Tensor) -> dict[int, tuple[torch.Tensor, object]]:
+    """One two-component mixture per given class of ``scores`` (classes of at least 20 samples, fitted)."""
+    out = {}
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        if members.numel() < 20:
+            continue
+        fit = fit_loss_mixture(scores[members], seed=0)
+        if math.isfinite(fit.mean_clean):
+            out[c] = (members, fit)
+    return out
+
+
+def _separation(fits_by_class: dict) -> tuple[float, float]:
+    """Sample-weighted mean Ashman's D and BIC gain per sample of per-class mixtures (both scale-free)."""
+    n = d = bic = 0.0
+    for members, fit in fits_by_class.values():
+        k = members.numel()
+        spread = math.sqrt((fit.std_clean**2 + fit.std_noisy**2) / 2) or math.inf
+        d += k * abs(fit.mean_noisy - fit.mean_clean) / spread
+        bic += fit.bic_gain
+        n += k
+    return d / max(n, 1.0), bic / max(n, 1.0)
+
+
+def _cap(flags: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``flags`` with at most ``floor(fraction · n)`` set: the flagged samples of the highest ``scores``."""
+    cap = int(math.floor(fraction * flags.numel()))
+    if int(flags.sum()) <= cap:
+        return flags
+    kept = torch.zeros_like(flags)
+    kept[torch.argsort(torch.where(flags, scores, -math.inf), descending=True)[:cap]] = True
+    return kept
+
+
+def _f1_optimal_cut(posterior: torch.Tensor) -> torch.Tensor:
+    """Flags ``p_i > F1*/2``: the threshold that maximises the plug-in expected F1 of the posteriors
+    (Lipton et al. 2014: the F1-optimal threshold of calibrated probabilities is half the optimal F1)."""
+    lam = 0.0
+    for _ in range(100):
+        sel = posterior > lam / 2
+        new = float(2 * posterior[sel].sum() / (sel.sum() + posterior.sum()))
+        if abs(new - lam) < 1e-12:
+            break
+        lam = new
+    return posterior > lam / 2
+
+
+def flag_candidates(recs: list[dict], path: str) -> None:
+    """Other flag rules at the t_c of real runs (``generalization.py --record --out FILE``), against the
+    shipped one (one mixture per given class of the logit margin, flags at equal weighted densities):
+
+    * ``choose-D`` / ``choose-BIC``: per run, the margin or the loss, whichever score's per-class mixtures
+      are better separated (mean Ashman's D; BIC gain per sample);
+    * ``F1*/2``: the shipped per-class posteriors, flagged above half the plug-in optimal F1;
+    * ``count``: per class, the ``round(r_c · n_c)`` highest margins (the mixture's own estimate of how
+      many are mislabeled, as cleanlab's ``prune_by_noise_rate`` removes its estimated count).
+
+    All are capped as the shipped rule is. Mean F1 per group at ρ = 0.2 and 0.4 (0 where no t_c)."""
+    runs = _read_runs(path)
+    names = ("shipped", "choose-D", "choose-BIC", "F1*/2", "count")
+    groups: dict[tuple, list[list[float]]] = {}
+    for rec in recs:
+        run = runs.get(rec["name"])
+        dataset, noise, rate, _ = rec["cell"]
+        if run is None or rate not in (0.2, 0.4):
+            continue
+        t_c, truth, labels = run["t_c_epoch"], rec["truth"], rec["labels"]
+        if t_c is None:
+            groups.setdefault((dataset, noise, rate), []).append([0.0] * len(names))
+            continue
+        tracker = CleansingTracker()
+        cap = tracker.cap_fraction(rec["num_classes"])
+        fit, _ = fits(rec)[t_c]
+        margins, losses = margins_at(rec, t_c), rec["losses"][t_c].double()
+        shipped, posterior = class_wise_flags(margins, labels, fit, max_fraction=cap)
+        by_loss = flags_at(rec, t_c, tracker, flag_score="loss")
+        sep_margin, sep_loss = _separation(_class_fits(margins, labels)), _separation(_class_fits(losses, labels))
+        count = shipped.clone()
+        for members, class_fit in _class_fits(margins, labels).values():
+            count[members] = False
+            keep = int(round(class_fit.weight_noisy * members.numel()))
+            count[members[torch.argsort(margins[members], descending=True)[:keep]]] = True
+        flags = [
+            shipped,
+            shipped if sep_margin[0] >= sep_loss[0] else by_loss,
+            shipped if sep_margin[1] >= sep_loss[1] else by_loss,
+            _cap(_f1_optimal_cut(posterior), posterior, cap),
+            _cap(count, margins, cap),
+        ]
+        groups.setdefault((dataset, noise, rate), []).append([detection_metrics(f, truth).f1 for f in flags])
+    print(f"{'group':<32s} " + " ".join(f"{n:>10s}" for n in names))
+    totals = [0.0] * len(names)
+    for key, rows in sorted(groups.items()):
+        m = [sum(r[i] for r in rows) / len(rows) for i in range(len(names))]
+        totals = [a + b for a, b in zip(totals, m)]
+        print(f"   {key[0]:<12s} {key[1]:<9s} {key[2]:.1f}    " + " ".join(f"{v:10.3f}" for v in m))
+    if groups:
+        print(f"{'mean F1':<32s} " + " ".join(f"{t / len(groups):10.3f}" for t in totals))
 
 
 def compare_schedules(recs: list[dict], path: str) -> None:
