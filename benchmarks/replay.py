@@ -464,9 +464,10 @@ def flags_at_runs(recs: list[dict], path: str, cleanlab_path: str | None = None)
 
 
 def _nanmean(values: list[float]) -> float:
-    """The mean of the values that are not NaN (NaN when none is)."""
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan
+    """The mean of the values that are not NaN (NaN when none is): ``generalization._mean``."""
+    from generalization import _mean
+
+    return _mean(values)
 
 
 def _class_fits(scores: torch.Tensor, labels: torch.Tensor) -> dict[int, tuple[torch.Tensor, object]]:
@@ -546,9 +547,10 @@ def flag_candidates(recs: list[dict], path: str) -> None:
         margins, losses = margins_at(rec, t_c), rec["losses"][t_c].double()
         shipped, posterior = class_wise_flags(margins, labels, fit, max_fraction=cap)
         by_loss = flags_at(rec, t_c, tracker, flag_score="loss")
-        sep_margin, sep_loss = _separation(_class_fits(margins, labels)), _separation(_class_fits(losses, labels))
+        margin_fits = _class_fits(margins, labels)
+        sep_margin, sep_loss = _separation(margin_fits), _separation(_class_fits(losses, labels))
         count = shipped.clone()
-        for members, class_fit in _class_fits(margins, labels).values():
+        for members, class_fit in margin_fits.values():
             count[members] = False
             keep = int(round(class_fit.weight_noisy * members.numel()))
             count[members[torch.argsort(margins[members], descending=True)[:keep]]] = True
