@@ -145,8 +145,15 @@ def best_threshold_f1(scores: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def best_class_wise_f1(scores: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor) -> float:
+    """The oracle bound of any per-class threshold: :func:`best_class_wise_flags`'s F1."""
+    return best_class_wise_flags(scores, truth, labels)[0]
+
+
+def best_class_wise_flags(
+    scores: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, torch.Tensor]:
     """The oracle bound of any per-class threshold: the largest F1 of flagging, in each given class, its
-    ``k_c`` highest scores, over every choice of the ``k_c`` together.
+    ``k_c`` highest scores, over every choice of the ``k_c`` together, and those flags (``[n]`` bool).
 
     F1 = 2·TP / (|S| + P) is a ratio, so it is maximised by Dinkelbach's iteration: for a trial value λ,
     ``2·TP − λ·(|S| + P)`` separates into one best prefix per class (``Σ_top-k (2·t_i − λ)``); λ is then
@@ -155,23 +162,27 @@ def best_class_wise_f1(scores: torch.Tensor, truth: torch.Tensor, labels: torch.
     """
     per_class = []
     for c in torch.unique(labels).tolist():
-        members = labels == c
-        per_class.append(truth[members][torch.argsort(scores[members], descending=True)].double())
+        members = torch.nonzero(labels == c).flatten()
+        order = members[torch.argsort(scores[members], descending=True)]
+        per_class.append((order, truth[order].double()))
     positives = float(truth.sum())
     lam = 0.0
+    flags = torch.zeros(labels.numel(), dtype=torch.bool)
     for _ in range(100):
         tp = size = 0.0
-        for hits in per_class:
+        chosen = torch.zeros(labels.numel(), dtype=torch.bool)
+        for order, hits in per_class:
             gain = torch.cumsum(2 * hits - lam, 0)
             j = int(torch.argmax(gain))
             if float(gain[j]) > 0:
                 tp += float(hits[: j + 1].sum())
                 size += j + 1
+                chosen[order[: j + 1]] = True
         new = 2 * tp / (size + positives)
         if abs(new - lam) < 1e-12:
             break
-        lam = new
-    return lam
+        lam, flags = new, chosen
+    return lam, flags
 
 
 def replay_cleansing(
