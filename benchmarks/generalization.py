@@ -570,9 +570,11 @@ def q_bound_cell(r: dict, args) -> dict:
     Each ``--retrain-seeds`` seed retrains ``a_c`` (GMMCleanser's flags) and ``a_p`` again, so ``Q_seeds``
     shows how far retraining noise alone moves Q (``a_n`` stays the noisy run's).
 
-    The verdict names the first bound that holds: the noisy run itself (``Qorc`` < 0.5), met, the score
-    (``Q_best_any`` < 0.5), the time (``Q_best_t_c`` < 0.5 ≤ ``Q_best_any``), the threshold placement
-    (``Q`` < 0.5 ≤ ``Q_best_t_c``); "retrain noise" is added where another retrain seed crosses 0.5.
+    The verdict names the first that holds: met, the score (``Q_best_any`` < 0.5: no per-class
+    threshold on the margin of any epoch reaches it), the time (``Q_best_t_c`` < 0.5 ≤ ``Q_best_any``),
+    the threshold placement (``Q`` < 0.5 ≤ ``Q_best_t_c``). It adds where the best stop is short too
+    (``Qorc`` < 0.5: not a bound on a retrain, which the best flags beat in several cells) and where
+    another retrain seed crosses 0.5 ("retrain noise").
     """
     from replay import best_class_wise_flags, flags_at, margins_at  # noqa: PLC0415 - replay.py imports this module
 
@@ -601,6 +603,8 @@ def q_bound_cell(r: dict, args) -> dict:
 
     def a_c(flags: torch.Tensor, seed: int) -> float:
         drop = torch.nonzero(flags).flatten()
+        if drop.numel() == len(train):  # nothing left to train on (the best F1 can flag every sample)
+            return math.nan
         return retrained_accuracy(s, train, drop, seed, test_loader) if drop.numel() else a_n
 
     a_p = retrained_accuracy(s, train, train.noisy_indices, r["seed"], test_loader)
@@ -637,17 +641,21 @@ def q_bound_cell(r: dict, args) -> dict:
 
 def q_verdict(b: dict, target: float = 0.5) -> str:
     """The bound :func:`q_bound_cell` found for one cell (see there)."""
-    if b["Q_oracle_bound"] < target:
-        verdict = "the noisy run (Qorc)"
-    elif b["Q_shipped"] >= target:
+
+    def reaches(q: float) -> bool:  # NaN (no retrain possible) does not
+        return q >= target
+
+    if reaches(b["Q_shipped"]):
         verdict = "met"
-    elif b["Q_best_any"] < target:
+    elif not reaches(b["Q_best_any"]):
         verdict = "the score (no per-class margin threshold of any epoch)"
-    elif b["Q_best_t_c"] < target:
+    elif not reaches(b["Q_best_t_c"]):
         verdict = f"the time (the best thresholds of epoch {b['best_any_epoch']} reach it)"
     else:
         verdict = "the threshold placement at t_c"
-    crossing = any((q >= target) != (b["Q_shipped"] >= target) for q in b["Q_seeds"][1:])
+    if not reaches(b["Q_oracle_bound"]):
+        verdict += "; Qorc < 0.5 too"
+    crossing = any(reaches(q) != reaches(b["Q_shipped"]) for q in b["Q_seeds"][1:])
     return verdict + ("; retrain noise (another retrain seed crosses it)" if crossing else "")
 
 
@@ -663,7 +671,7 @@ def q_bound_row(b: dict) -> str:
         f"{name:<28s} {str(b['t_c_epoch']):>3s} {_f(b['a_n'])} {_f(b['a_p'])} | {_f(b['Q_shipped'], '{:5.2f}', 1)} "
         f"{_f(b['F1_shipped'], '{:5.3f}', 1)} | {_f(b['Q_best_t_c'], '{:5.2f}', 1)} {_f(b['F1_best_t_c'], '{:5.3f}', 1)} | "
         f"{_f(b['Q_best_any'], '{:5.2f}', 1)} {_f(b['F1_best_any'], '{:5.3f}', 1)} {b['best_any_epoch']:>3d} | "
-        f"{_f(b['Q_oracle_bound'], '{:5.2f}', 1)} | {' '.join(f'{q:.2f}' for q in b['Q_seeds']):<20s} | {b['verdict']}"
+        f"{_f(b['Q_oracle_bound'], '{:5.2f}', 1)} | {' '.join(f'{q:.2f}' for q in b['Q_seeds']):<20s} | {q_verdict(b)}"
     )
 
 
@@ -691,12 +699,24 @@ def q_bound_report(rows: list[dict]) -> None:
         print(f"Q >= 0.5: {len(cells) - len(misses)}/{len(cells)} target cells; the misses are bounded by")
         counts: dict[str, int] = {}
         for b in misses:
-            key = b["verdict"].split(" (")[0].split(";")[0]
+            verdict = q_verdict(b)
+            key = verdict.split(" (")[0].split(";")[0] + (", Qorc < 0.5 too" if "Qorc" in verdict else "")
             counts[key] = counts.get(key, 0) + 1
         for key, count in sorted(counts.items(), key=lambda kv: -kv[1]):
             print(f"   {key}: {count}")
-        noisy = sum("retrain noise" in b["verdict"] for b in misses)
+        noisy = sum("retrain noise" in q_verdict(b) for b in misses)
         print(f"   of these, another retrain seed crosses 0.5 in {noisy}")
+        deltas = sorted(abs(b["Q_seeds"][0] - q) for b in part for q in b["Q_seeds"][1:] if math.isfinite(q))
+        if deltas:
+            print(
+                f"   |Q(seed) - Q(other retrain seed)| over all {len(part)} cells: median {deltas[len(deltas) // 2]:.3f}, "
+                f"mean {sum(deltas) / len(deltas):.3f}, max {deltas[-1]:.3f}"
+            )
+        best = sum(b["Q_best_any"] >= 0.5 for b in cells)
+        print(
+            f"   the best flags of any epoch reach 0.5 in {best}/{len(cells)}, the best stop (Qorc) in "
+            f"{sum(b['Q_oracle_bound'] >= 0.5 for b in cells)}/{len(cells)}"
+        )
 
 
 def meets_stop_target(acc: float, oracle: float, early_stopping_acc: float) -> bool:
