@@ -829,6 +829,22 @@ def _matches(pattern: str, cell: tuple[str, str, float, int]) -> bool:
     )
 
 
+def _over_lines(path: str, args, work, header: str, fmt, noisy_only: bool = False) -> None:
+    """Run ``work(line, args)`` on each ``--out`` line of ``path`` that ``--only`` selects (the noisy cells
+    only with ``noisy_only``), append each result to ``--out`` and print it with ``fmt``."""
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [r for r in rows if r["rho"] > 0 or not noisy_only]
+    if args.only:
+        rows = [r for r in rows if any(_matches(p, (r["dataset"], r["noise"], r["rho"], r["seed"])) for p in args.only)]
+    print(header, flush=True)
+    for r in rows:
+        out = work(r, args)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(out) + "\n")
+        print(fmt(out), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=("tuning", "heldout", "all"), default="all")
@@ -882,33 +898,10 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     if args.q_bounds:
-        with open(args.q_bounds) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        rows = [r for r in rows if r["rho"] > 0]
-        if args.only:
-            rows = [
-                r for r in rows if any(_matches(p, (r["dataset"], r["noise"], r["rho"], r["seed"])) for p in args.only)
-            ]
-        print(Q_BOUND_HEADER, flush=True)
-        for r in rows:
-            b = q_bound_cell(r, args)
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(b) + "\n")
-            print(q_bound_row(b), flush=True)
+        _over_lines(args.q_bounds, args, q_bound_cell, Q_BOUND_HEADER, q_bound_row, noisy_only=True)
         return
     if args.rescore:
-        with open(args.rescore) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        if args.only:
-            rows = [
-                r for r in rows if any(_matches(p, (r["dataset"], r["noise"], r["rho"], r["seed"])) for p in args.only)
-            ]
-        print(HEADER, flush=True)
-        for r in rows:
-            out = rescore_cell(r, args)
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(out) + "\n")
-            print(row(out), flush=True)
+        _over_lines(args.rescore, args, rescore_cell, HEADER, row)
         return
     cells = [
         (d, noise, rate, seed)
